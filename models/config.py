@@ -1,0 +1,413 @@
+"""Model configuration: frozen, validated dataclasses and the one loader that builds them.
+
+Three input forms all end in the same `ModelConfig`:
+  (a) homogeneous flat flags, as the seed README names them:
+        ModelConfig.from_dict({"n_layer": 6, "attn": "gqa", "n_head": 8, "n_kv_heads": 2, ...})
+  (b) heterogeneous stacks: a list of per-layer dicts (seed JSONL format, one layer per line)
+        ModelConfig.from_dict({"n_embd": 256, "layers": [{...}, {...}]})
+        ModelConfig.from_layer_file("configs/hetero.jsonl", n_embd=256, block_size=256)
+  (c) the resolved config JSON (`cfg.to_dict()`), which round-trips exactly and travels with
+      every checkpoint.
+
+Layer keys given at the top level are defaults for every layer; a layer dict overrides them.
+Unknown keys are errors (with a "did you mean" hint). Keys that belong to another mechanism
+than the one a layer uses (seed layer files list MLA latent dims on GQA layers) are accepted
+and dropped from the resolved config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type, or inconsistent."""
+
+
+# --- names that are valid in one place only ---------------------------------------------------
+ATTN_TYPES = ("mha", "mqa", "gqa", "mla")
+POS_EMBS = ("learn", "sin", "rope")
+NORMS = ("layernorm", "rmsnorm")
+_NORM_ALIASES = {"layer": "layernorm", "ln": "layernorm", "rms": "rmsnorm"}
+ACTIVATIONS = ("relu", "gelu", "silu", "swish", "mish", "selu", "celu", "elu", "lrelu",
+               "tanh", "sigmoid", "glu", "swiglu")
+
+# seed defaults (train.py of the seed repository)
+GLOBAL_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=50304, block_size=1024, n_embd=256, n_layer=6, dropout=0.0,
+    pos_emb="rope", norm="layernorm", act_recomp=False,
+)
+ATTN_DEFAULTS: dict[str, Any] = dict(
+    attn="mla", n_head=8, n_kv_heads=4, q_latent_dim=32, kv_latent_dim=32, rope_head_dim=16,
+)
+FFN_DEFAULTS: dict[str, Any] = dict(
+    moe=False, up_dim=512, non_linearity="swiglu", n_exp=8, n_shared=1, n_act=4,
+    coeff=0.01, aux_free=False, alpha=0.0001, gamma=0.001,
+)
+LAYER_KEYS = frozenset(ATTN_DEFAULTS) | frozenset(FFN_DEFAULTS) | {"dropout"}
+GLOBAL_KEYS = frozenset(GLOBAL_DEFAULTS)
+ALL_FLAT_KEYS = GLOBAL_KEYS | LAYER_KEYS
+
+_TYPES: dict[str, type] = {
+    "vocab_size": int, "block_size": int, "n_embd": int, "n_layer": int, "dropout": float,
+    "pos_emb": str, "norm": str, "act_recomp": bool,
+    "attn": str, "n_head": int, "n_kv_heads": int, "q_latent_dim": int, "kv_latent_dim": int,
+    "rope_head_dim": int,
+    "moe": bool, "up_dim": int, "non_linearity": str, "n_exp": int, "n_shared": int,
+    "n_act": int, "coeff": float, "aux_free": bool, "alpha": float, "gamma": float,
+}
+
+
+def _check_type(where: str, key: str, value: Any) -> Any:
+    """Return value coerced to the key's type (int -> float only), or raise ConfigError."""
+    want = _TYPES[key]
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{where}{key}={value!r} must be of type {want.__name__}, "
+                          f"got {type(value).__name__}")
+    if want is float and not math.isfinite(value):
+        raise ConfigError(f"{where}{key}={value!r} must be a finite number")
+    return value
+
+
+def _unknown(where: str, key: str, valid) -> ConfigError:
+    hint = difflib.get_close_matches(key, sorted(valid), n=1)
+    extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return ConfigError(f"{where}unknown key {key!r}{extra}; valid keys: {', '.join(sorted(valid))}")
+
+
+def _positive(where: str, **kv: int) -> None:
+    for k, v in kv.items():
+        if v < 1:
+            raise ConfigError(f"{where}{k}={v} must be >= 1")
+
+
+# --- per-mechanism configs ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttnConfig:
+    """One layer's attention. mha/mqa/gqa use n_kv_heads; mla uses the latent dims.
+
+    `rope_head_dim` is MLA's decoupled RoPE width; it is 0 unless the model uses RoPE.
+    Fields that the mechanism does not use are normalised (None) so equal layers compare equal.
+    """
+    attn: str = "gqa"
+    n_head: int = 8
+    n_kv_heads: int | None = None
+    q_latent_dim: int | None = None
+    kv_latent_dim: int | None = None
+    rope_head_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        w = "attn: "
+        if self.attn not in ATTN_TYPES:
+            raise ConfigError(f"{w}unknown attention {self.attn!r}; choose one of {', '.join(ATTN_TYPES)}")
+        _positive(w, n_head=self.n_head)
+        if self.attn == "mla":
+            if self.q_latent_dim is None or self.kv_latent_dim is None or self.rope_head_dim is None:
+                raise ConfigError(f"{w}mla needs q_latent_dim, kv_latent_dim and rope_head_dim")
+            _positive(w, q_latent_dim=self.q_latent_dim, kv_latent_dim=self.kv_latent_dim)
+            if self.rope_head_dim < 0 or self.rope_head_dim % 2:
+                raise ConfigError(f"{w}rope_head_dim={self.rope_head_dim} must be an even number >= 0")
+            if self.n_kv_heads is not None:
+                raise ConfigError(f"{w}mla does not use n_kv_heads (leave it None)")
+        else:
+            if self.n_kv_heads is None:
+                raise ConfigError(f"{w}{self.attn} needs n_kv_heads")
+            _positive(w, n_kv_heads=self.n_kv_heads)
+            if self.attn == "mha" and self.n_kv_heads != self.n_head:
+                raise ConfigError(f"{w}mha needs n_kv_heads == n_head, got {self.n_kv_heads} != {self.n_head}")
+            if self.attn == "mqa" and self.n_kv_heads != 1:
+                raise ConfigError(f"{w}mqa needs n_kv_heads == 1, got {self.n_kv_heads}")
+            if self.n_kv_heads > self.n_head:
+                raise ConfigError(f"{w}n_kv_heads={self.n_kv_heads} must be <= n_head={self.n_head}")
+            if self.n_head % self.n_kv_heads:
+                raise ConfigError(f"{w}n_head={self.n_head} is not divisible by n_kv_heads={self.n_kv_heads}")
+            if any(v is not None for v in (self.q_latent_dim, self.kv_latent_dim, self.rope_head_dim)):
+                raise ConfigError(f"{w}{self.attn} does not use MLA latent dims (leave them None)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class FFNConfig:
+    """One layer's feed-forward network: a dense MLP, or a mixture of experts (moe=True).
+
+    MoE: `n_exp` experts of hidden width `up_dim`, `n_shared` of them always active, and the
+    router picks top-(n_act - n_shared) of the other n_exp - n_shared. Balancing is either the
+    auxiliary loss (`coeff`) or auxiliary-loss-free bias updates (`aux_free`: `gamma` step size
+    and the small sequence-wise loss `alpha`). Unused fields are None.
+    """
+    moe: bool = False
+    up_dim: int = 512
+    non_linearity: str = "swiglu"
+    n_exp: int | None = None
+    n_shared: int | None = None
+    n_act: int | None = None
+    aux_free: bool | None = None
+    coeff: float | None = None
+    alpha: float | None = None
+    gamma: float | None = None
+
+    def __post_init__(self) -> None:
+        w = "ffn: "
+        _positive(w, up_dim=self.up_dim)
+        if self.non_linearity not in ACTIVATIONS:
+            raise ConfigError(f"{w}unknown non_linearity {self.non_linearity!r}; "
+                              f"choose one of {', '.join(ACTIVATIONS)}")
+        moe_fields = (self.n_exp, self.n_shared, self.n_act, self.aux_free)
+        if not self.moe:
+            if any(v is not None for v in moe_fields + (self.coeff, self.alpha, self.gamma)):
+                raise ConfigError(f"{w}a dense MLP does not use MoE fields (leave them None)")
+            return
+        if any(v is None for v in moe_fields):
+            raise ConfigError(f"{w}moe needs n_exp, n_shared, n_act and aux_free")
+        if self.n_exp < 2:
+            raise ConfigError(f"{w}n_exp={self.n_exp} must be >= 2")
+        if not 0 <= self.n_shared < self.n_exp:
+            raise ConfigError(f"{w}n_shared={self.n_shared} must be in [0, n_exp={self.n_exp})")
+        if not self.n_shared < self.n_act <= self.n_exp:
+            raise ConfigError(f"{w}n_act={self.n_act} must be > n_shared={self.n_shared} (at least one "
+                              f"routed expert) and <= n_exp={self.n_exp}")
+        if self.aux_free:
+            if self.alpha is None or self.gamma is None or self.coeff is not None:
+                raise ConfigError(f"{w}aux_free moe uses alpha and gamma (and not coeff)")
+            for k in ("alpha", "gamma"):
+                if getattr(self, k) < 0:
+                    raise ConfigError(f"{w}{k}={getattr(self, k)} must be >= 0")
+        else:
+            if self.coeff is None or self.alpha is not None or self.gamma is not None:
+                raise ConfigError(f"{w}aux-loss moe uses coeff (and not alpha/gamma)")
+            if self.coeff < 0:
+                raise ConfigError(f"{w}coeff={self.coeff} must be >= 0")
+
+    @property
+    def n_routed(self) -> int:
+        return (self.n_exp - self.n_shared) if self.moe else 0
+
+    @property
+    def top_k(self) -> int:
+        return (self.n_act - self.n_shared) if self.moe else 0
+
+    @property
+    def gated(self) -> bool:
+        return self.non_linearity in ("glu", "swiglu")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """One transformer block: attention + FFN, with its own residual dropout."""
+    attn: AttnConfig
+    ffn: FFNConfig
+    dropout: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.attn.to_dict(), **self.ffn.to_dict(), "dropout": self.dropout}
+
+    def summary(self) -> str:
+        """Short label, e.g. `mla+moe8/2`, `gqa2+mlp`, `mha+mlp`."""
+        a = self.attn
+        att = f"gqa{a.n_kv_heads}" if a.attn == "gqa" else a.attn
+        f = self.ffn
+        ffn = f"moe{f.n_exp}/{f.n_act}" if f.moe else "mlp"
+        return f"{att}+{ffn}"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The whole model: global settings plus one BlockConfig per layer."""
+    layers: tuple[BlockConfig, ...]
+    vocab_size: int = 50304
+    block_size: int = 1024
+    n_embd: int = 256
+    n_layer: int = 6
+    dropout: float = 0.0
+    pos_emb: str = "rope"
+    norm: str = "layernorm"
+    act_recomp: bool = False
+
+    def __post_init__(self) -> None:
+        # the one place where cross-field rules live; every message names path and values
+        if not isinstance(self.layers, tuple) or not all(isinstance(b, BlockConfig) for b in self.layers):
+            raise ConfigError("layers must be a tuple of BlockConfig")
+        for k in GLOBAL_KEYS:
+            _check_type("", k, getattr(self, k))
+        _positive("", vocab_size=self.vocab_size, block_size=self.block_size, n_embd=self.n_embd,
+                  n_layer=self.n_layer)
+        if self.vocab_size > 2 ** 31 - 1:
+            raise ConfigError(f"vocab_size={self.vocab_size} is too large")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.pos_emb not in POS_EMBS:
+            raise ConfigError(f"unknown pos_emb {self.pos_emb!r}; choose one of {', '.join(POS_EMBS)}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"unknown norm {self.norm!r}; choose one of {', '.join(NORMS)}")
+        if len(self.layers) != self.n_layer:
+            raise ConfigError(f"n_layer={self.n_layer} but {len(self.layers)} layer configs were given")
+        for i, b in enumerate(self.layers):
+            w = f"layers[{i}]."
+            if not 0.0 <= b.dropout < 1.0:
+                raise ConfigError(f"{w}dropout={b.dropout} must be in [0, 1)")
+            a = b.attn
+            if self.n_embd % a.n_head:
+                raise ConfigError(f"{w}attn: n_embd={self.n_embd} is not divisible by n_head={a.n_head}")
+            head_dim = self.n_embd // a.n_head
+            if a.attn == "mla":
+                if self.pos_emb == "rope" and a.rope_head_dim < 2:
+                    raise ConfigError(f"{w}attn: mla with pos_emb='rope' needs rope_head_dim >= 2 "
+                                      f"(decoupled RoPE), got {a.rope_head_dim}")
+                if self.pos_emb != "rope" and a.rope_head_dim != 0:
+                    raise ConfigError(f"{w}attn: rope_head_dim={a.rope_head_dim} needs pos_emb='rope' "
+                                      f"(got {self.pos_emb!r}); use 0")
+            elif self.pos_emb == "rope" and head_dim % 2:
+                raise ConfigError(f"{w}attn: RoPE needs an even head_dim, got n_embd/n_head={head_dim}")
+
+    # --- derived views ---
+    @property
+    def is_homogeneous(self) -> bool:
+        return all(b == self.layers[0] for b in self.layers)
+
+    def summary(self) -> str:
+        """Run-length architecture label, e.g. `4×[mla+moe8/2] + 4×[gqa2+mlp]`."""
+        parts: list[list] = []
+        for b in self.layers:
+            s = b.summary()
+            if parts and parts[-1][1] == s:
+                parts[-1][0] += 1
+            else:
+                parts.append([1, s])
+        return " + ".join(f"{n}×[{s}]" for n, s in parts)
+
+    # --- serialisation ---
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config: globals + one complete seed-format dict per layer."""
+        d = {k: getattr(self, k) for k in GLOBAL_DEFAULTS}
+        d["layers"] = [b.to_dict() for b in self.layers]
+        return d
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    def layers_jsonl(self) -> str:
+        """The layer stack in the seed's JSONL format (one layer per line)."""
+        return "".join(json.dumps(b.to_dict()) + "\n" for b in self.layers)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """Build from flat flags, a `layers` list, or a resolved dict (see module docstring)."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"a model config must be a mapping, got {type(d).__name__}")
+        d = dict(d)
+        layers = d.pop("layers", None)
+        for k in d:
+            if k not in ALL_FLAT_KEYS:
+                raise _unknown("", k, ALL_FLAT_KEYS | {"layers"})
+        glob = {k: _check_type("", k, v) for k, v in d.items() if k in GLOBAL_KEYS}
+        if "norm" in glob:
+            glob["norm"] = _NORM_ALIASES.get(glob["norm"], glob["norm"])
+        glob = {**GLOBAL_DEFAULTS, **glob}
+        # layer keys at the top level are defaults for every layer ("dropout" is both)
+        layer_defaults = {k: v for k, v in d.items() if k in LAYER_KEYS}
+        if layers is None:
+            _positive("", n_layer=glob["n_layer"])
+            layer_dicts = [{}] * glob["n_layer"]
+        else:
+            if not isinstance(layers, (list, tuple)) or not layers:
+                raise ConfigError("layers must be a non-empty list of per-layer dicts")
+            layer_dicts = list(layers)
+            if "n_layer" in d and d["n_layer"] != len(layer_dicts):
+                raise ConfigError(f"n_layer={d['n_layer']} but {len(layer_dicts)} layer configs were given")
+            glob["n_layer"] = len(layer_dicts)
+        blocks = tuple(_build_block(i, layer_defaults, ld, glob) for i, ld in enumerate(layer_dicts))
+        return cls(layers=blocks, **glob)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        """Load a JSON file holding a config dict (resolved or flat)."""
+        p = Path(path)
+        try:
+            d = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {p}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}: invalid JSON: {e}") from None
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_layer_file(cls, path: str | Path, **global_flags: Any) -> "ModelConfig":
+        """Seed-format JSONL: one layer dict per line (blank lines and `#` lines skipped)."""
+        return cls.from_dict({**global_flags, "layers": read_layer_file(path)})
+
+    @classmethod
+    def from_layer_list(cls, text: str, **global_flags: Any) -> "ModelConfig":
+        """A JSON string holding a list of layer dicts (the seed's --layer_configs)."""
+        try:
+            layers = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"layer configs: invalid JSON: {e}") from None
+        if not isinstance(layers, list):
+            raise ConfigError("layer configs must be a JSON list of per-layer dicts")
+        return cls.from_dict({**global_flags, "layers": layers})
+
+
+def read_layer_file(path: str | Path) -> list[dict]:
+    p = Path(path)
+    try:
+        lines = p.read_text().splitlines()
+    except FileNotFoundError:
+        raise ConfigError(f"layer file not found: {p}") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        try:
+            out.append(json.loads(s))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}:{n}: invalid JSON: {e}") from None
+    if not out:
+        raise ConfigError(f"layer file {p} holds no layers")
+    return out
+
+
+def _build_block(i: int, defaults: dict, ld: Any, glob: dict) -> BlockConfig:
+    w = f"layers[{i}]."
+    if not isinstance(ld, Mapping):
+        raise ConfigError(f"layers[{i}] must be a dict, got {type(ld).__name__}")
+    for k in ld:
+        if k not in LAYER_KEYS:
+            raise _unknown(f"layers[{i}]: ", k, LAYER_KEYS)
+    merged = {**ATTN_DEFAULTS, **FFN_DEFAULTS, "dropout": glob["dropout"], **defaults, **ld}
+    m = {k: _check_type(w, k, v) for k, v in merged.items()}
+    try:
+        kind = m["attn"]
+        if kind == "mla":
+            attn = AttnConfig(attn="mla", n_head=m["n_head"], q_latent_dim=m["q_latent_dim"],
+                              kv_latent_dim=m["kv_latent_dim"],
+                              rope_head_dim=m["rope_head_dim"] if glob["pos_emb"] == "rope" else 0)
+        else:
+            kv = {"mha": m["n_head"], "mqa": 1}.get(kind, m["n_kv_heads"])
+            attn = AttnConfig(attn=kind, n_head=m["n_head"], n_kv_heads=kv)
+        if m["moe"]:
+            bal = dict(alpha=m["alpha"], gamma=m["gamma"]) if m["aux_free"] else dict(coeff=m["coeff"])
+            ffn = FFNConfig(moe=True, up_dim=m["up_dim"], non_linearity=m["non_linearity"],
+                            n_exp=m["n_exp"], n_shared=m["n_shared"], n_act=m["n_act"],
+                            aux_free=m["aux_free"], **bal)
+        else:
+            ffn = FFNConfig(moe=False, up_dim=m["up_dim"], non_linearity=m["non_linearity"])
+    except ConfigError as e:
+        raise ConfigError(f"{w}{e}") from None
+    return BlockConfig(attn=attn, ffn=ffn, dropout=m["dropout"])

@@ -1,0 +1,180 @@
+"""The heterogeneous GPT: token embedding -> N blocks (each its own attention and FFN) ->
+final norm -> tied LM head.
+
+    from models import ModelConfig, LLM
+    model = LLM(ModelConfig.from_layer_file("configs/hetero.jsonl", n_embd=256))
+    logits, loss = model(idx, targets)          # loss includes the MoE balancing terms
+    out = model.generate(idx, max_new_tokens=50, temperature=0.0)
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from models.attention.cache import KVCache
+from models.config import ModelConfig
+from models.norms import make_norm
+from models.positions import AbsolutePositions
+from models.registry import build_attention, build_ffn
+
+
+class ParamCount(NamedTuple):
+    total: int
+    active: int     # parameters used per token: MoE counts shared + top-k routed experts only
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        b = cfg.layers[index]
+        self.ln_1 = make_norm(cfg.norm, cfg.n_embd)
+        self.attn = build_attention(cfg.n_embd, cfg.block_size, b, cfg.pos_emb)
+        self.ln_2 = make_norm(cfg.norm, cfg.n_embd)
+        self.ffn = build_ffn(cfg.n_embd, b)
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None,
+                start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.ln_1(x), cache, start)               # (B, T, C)
+        y, aux = self.ffn(self.ln_2(x))
+        return x + y, aux
+
+
+class LLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if not isinstance(cfg, ModelConfig):
+            raise TypeError(f"LLM needs a ModelConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos = AbsolutePositions(cfg.pos_emb, cfg.block_size, cfg.n_embd) \
+            if cfg.pos_emb in ("learn", "sin") else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = make_norm(cfg.norm, cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight                       # weight tying
+        self.reset_parameters()
+
+    # --- initialisation -----------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02); residual output projections N(0, 0.02/sqrt(2 n_layer))."""
+        resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                std = resid_std if getattr(m, "residual_scale", False) else 0.02
+                nn.init.normal_(m.weight, 0.0, std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            residual = getattr(m, "_residual_params", None)
+            if residual is not None:                                # stacked MoE expert weights
+                for name, p in m.named_parameters(recurse=False):
+                    if p.dim() >= 2:
+                        nn.init.normal_(p, 0.0, resid_std if name in residual else 0.02)
+
+    # --- forward ------------------------------------------------------------------------------
+    def _trunk(self, idx: torch.Tensor, cache: KVCache | None, start: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T = idx.shape
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.cfg.block_size}")
+        x = self.wte(idx)                                           # (B, T, C)
+        if self.pos is not None:
+            x = x + self.pos(torch.arange(start, start + T, device=idx.device))
+        x = self.drop(x)
+        aux = x.new_zeros(())
+        for i, block in enumerate(self.blocks):
+            layer_cache = cache.layers[i] if cache is not None else None
+            if self.cfg.act_recomp and self.training and cache is None:
+                x, a = checkpoint(block, x, use_reentrant=False)
+            else:
+                x, a = block(x, layer_cache, start)
+            aux = aux + a
+        if cache is not None:
+            cache.length = start + T
+        return self.ln_f(x), aux
+
+    def forward_with_aux(self, idx: torch.Tensor, targets: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(logits (B, T, V), cross-entropy or None, MoE balancing terms) — kept apart so that
+        evaluation can report the language-model loss without the balancing terms."""
+        h, aux = self._trunk(idx, None, 0)
+        logits = self.lm_head(h)                                    # (B, T, V)
+        ce = None
+        if targets is not None:
+            ce = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                 ignore_index=-1)
+        return logits, ce, aux
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits, ce, aux = self.forward_with_aux(idx, targets)
+        return logits, (ce + aux if ce is not None else None)
+
+    @torch.no_grad()
+    def next_logits(self, idx: torch.Tensor, cache: KVCache | None = None,
+                    start: int = 0) -> torch.Tensor:
+        """Logits (B, V) for the last position; with a cache, idx are the tokens at
+        positions start.. and are appended to the cache."""
+        h, _ = self._trunk(idx, cache, start)
+        return self.lm_head(h[:, -1, :])
+
+    # --- KV cache and generation ----------------------------------------------------------------
+    def new_cache(self, batch: int, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> KVCache:
+        p = next(self.parameters())
+        return KVCache([b.attn.cache_shapes() for b in self.blocks], batch, self.cfg.block_size,
+                       dtype or p.dtype, device or p.device)
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+                 use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+        from models.generation import generate
+        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, eos_id=eos_id, use_cache=use_cache, generator=generator)
+
+    # --- accounting -----------------------------------------------------------------------------
+    def num_params(self) -> ParamCount:
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for b in self.cfg.layers:
+            f = b.ffn
+            if f.moe:
+                per_expert = self.cfg.n_embd * f.up_dim * (2 if f.gated else 1) + f.up_dim * self.cfg.n_embd
+                inactive += (f.n_routed - f.top_k) * per_expert
+        return ParamCount(total, total - inactive)
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token (forward + backward): 6 * active non-embedding params
+        (the tied LM head counts, position tables do not) plus each layer's attention term
+        over a full block_size context (PaLM appendix B convention)."""
+        n = self.num_params().active
+        if self.pos is not None and self.pos.kind == "learn":
+            n -= self.pos.wpe.weight.numel()
+        attn = sum(b.attn.attn_flops_per_token(self.cfg.block_size) for b in self.blocks)
+        return 6 * n + attn
+
+    def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes cached per token across all layers: GQA family 2*n_kv_heads*head_dim,
+        MLA kv_latent_dim + rope_head_dim values per layer."""
+        elem = torch.empty((), dtype=dtype).element_size()
+        return elem * sum(b.attn.kv_values_per_token() for b in self.blocks)
+
+    # --- MoE balancing --------------------------------------------------------------------------
+    def moe_layers(self) -> list[tuple[int, nn.Module]]:
+        return [(i, b.ffn) for i, b in enumerate(self.blocks) if self.cfg.layers[i].ffn.moe]
+
+    def update_moe_biases(self) -> None:
+        """Call once per optimizer step: aux-free bias updates (loads all-reduced under DDP)."""
+        for _, moe in self.moe_layers():
+            moe.update_bias()
+
+    def moe_stats(self) -> dict[str, dict]:
+        """Per MoE layer: expert load fractions and MaxVio of the last completed step."""
+        return {f"layer{i}": moe.load_stats() for i, moe in self.moe_layers()}

@@ -1,0 +1,73 @@
+"""Positions: learned and sinusoidal absolute embeddings (added to token embeddings) and RoPE
+(rotary, applied to queries and keys inside attention).
+
+RoPE uses the "rotate half" layout: a head vector (..., d) is split into two halves that are
+rotated as the real and imaginary parts of d/2 complex numbers.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
+    """(n_pos, dim) table of Vaswani et al.: sin on even channels, cos on odd channels."""
+    pos = torch.arange(n_pos, dtype=torch.float64).unsqueeze(1)                 # (P, 1)
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-math.log(10000.0) / dim))
+    table = torch.zeros(n_pos, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * div)
+    table[:, 1::2] = torch.cos(pos * div[: dim // 2])
+    return table.float()
+
+
+class AbsolutePositions(nn.Module):
+    """Learned (`learn`) or fixed sinusoidal (`sin`) position embeddings, (T,) -> (T, C)."""
+
+    def __init__(self, kind: str, block_size: int, n_embd: int):
+        super().__init__()
+        self.kind = kind
+        if kind == "learn":
+            self.wpe = nn.Embedding(block_size, n_embd)
+        elif kind == "sin":
+            self.register_buffer("table", sinusoidal_table(block_size, n_embd), persistent=False)
+        else:
+            raise ValueError(f"AbsolutePositions does not handle pos_emb={kind!r}")
+
+    def forward(self, pos: torch.Tensor) -> torch.Tensor:
+        if self.kind == "learn":
+            return self.wpe(pos)
+        return self.table[pos]
+
+
+def rope_tables(n_pos: int, dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (n_pos, dim) for rotate-half RoPE over `dim` channels."""
+    if dim % 2:
+        raise ValueError(f"RoPE needs an even dimension, got {dim}")
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))     # (dim/2,)
+    ang = torch.outer(torch.arange(n_pos, dtype=torch.float64), inv)               # (P, dim/2)
+    ang = torch.cat([ang, ang], dim=-1)                                            # (P, dim)
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., T, d) by the tables cos/sin (T, d), broadcast over leading dims."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """Holds the cos/sin tables for one head width; `forward(x, start)` rotates positions
+    start .. start+T-1 of x (B, H, T, d)."""
+
+    def __init__(self, dim: int, block_size: int):
+        super().__init__()
+        cos, sin = rope_tables(block_size, dim)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        T = x.size(-2)
+        return apply_rope(x, self.cos[start:start + T], self.sin[start:start + T])

@@ -1,0 +1,49 @@
+"""Shared test fixtures. Unit tests run on CPU without Ray; integration tests carry markers."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+# Import from this checkout even when the package is not installed (e.g. a bare clone).
+for p in (ROOT, ROOT / "platform"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (read-only in CI: copy what must be written to)."""
+    d = SHARED / "data"
+    if not d.is_dir():
+        pytest.fail(f"{d} is missing: the tests need ../shared beside the repository")
+    return d
+
+
+# --- data (issue 3) ---------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def _tiktoken_cache_copy(shared_data, tmp_path_factory) -> Path:
+    """A writable copy of ../shared/data/tiktoken_cache (tiktoken may write into its cache)."""
+    import shutil
+
+    src = shared_data / "tiktoken_cache"
+    dst = tmp_path_factory.mktemp("tiktoken_cache")
+    for f in src.iterdir():
+        shutil.copyfile(f, dst / f.name)
+    return dst
+
+
+@pytest.fixture
+def tiktoken_cache(_tiktoken_cache_copy, monkeypatch) -> Path:
+    """TIKTOKEN_CACHE_DIR -> the writable copy, so `gpt2` loads offline; returns the folder."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(_tiktoken_cache_copy))
+    return _tiktoken_cache_copy
+
+
+@pytest.fixture(scope="session")
+def shakespeare_path(shared_data) -> Path:
+    """Tiny Shakespeare, 1115394 characters (read it, never write to it)."""
+    return shared_data / "tinyshakespeare" / "input.txt"
