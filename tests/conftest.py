@@ -47,3 +47,32 @@ def tiktoken_cache(_tiktoken_cache_copy, monkeypatch) -> Path:
 def shakespeare_path(shared_data) -> Path:
     """Tiny Shakespeare, 1115394 characters (read it, never write to it)."""
     return shared_data / "tinyshakespeare" / "input.txt"
+
+
+# --- training (issue 4) -----------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def train_char_data(tmp_path_factory, shakespeare_path) -> Path:
+    """Tiny Shakespeare prepared with the char tokenizer (vocab 65), one shard per split."""
+    from chimera.prepare import prepare
+
+    out = tmp_path_factory.mktemp("train_shakespeare_char")
+    prepare("shakespeare", sources=[shakespeare_path], tokenizer="char", out=out,
+            progress=False, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """ONE local Ray cluster for every `ray` test of the session (start/stop costs seconds)."""
+    import os
+
+    import ray
+    from chimera.runtime import init_ray
+
+    # fewer helper actors/processes per run on 2 cores; one copy of each worker print
+    for k in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_ENABLE_PRINT_PATCH",
+              "RAY_TRAIN_METRICS_ENABLED", "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION"):
+        os.environ.setdefault(k, "0")
+    init_ray(num_cpus=4)
+    yield
+    ray.shutdown()

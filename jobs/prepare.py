@@ -1,0 +1,68 @@
+"""Prepare a dataset: text -> tokenizer -> uint16 token shards + manifest.json.
+
+    python jobs/prepare.py --dataset shakespeare --source ../shared/data/tinyshakespeare/input.txt
+    python jobs/prepare.py --dataset shakespeare --tokenizer char      # downloads the text
+    python jobs/prepare.py --dataset fineweb-edu --source my_parquet_dir/ --shard_size 100M
+
+Datasets: shakespeare, wikitext, tinystories, fineweb-edu. Without --source the default source
+is downloaded (needs network); --source takes .txt/.jsonl/.parquet files or folders. The gpt2
+tokenizer reads its BPE files from $TIKTOKEN_CACHE_DIR when offline (see docs/data.md).
+Output: data/<dataset> under the repository (data/<dataset>_<tokenizer> for char/byte).
+Interrupted? Re-run the same command: finished shards are kept.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from _paths import setup
+    repo = setup()
+    from chimera.datasets import DATASETS, DataError
+    from chimera.prepare import DEFAULT_SHARD_SIZE, parse_count, prepare
+    from chimera.tokenizers import TOKENIZERS, TokenizerError
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, help=f"one of: {', '.join(DATASETS)}")
+    p.add_argument("--source", nargs="+", help="local .txt/.jsonl/.parquet files or folders (default: download)")
+    p.add_argument("--tokenizer", default="gpt2", help=f"one of: {', '.join(TOKENIZERS)}")
+    p.add_argument("--out", help="output folder (default: data/<dataset>[_<tokenizer>] in the repository)")
+    p.add_argument("--text_column", default="text", help="text column of jsonl/parquet sources")
+    p.add_argument("--shard_size", type=parse_count, default=DEFAULT_SHARD_SIZE, help="tokens per shard (e.g. 100M)")
+    p.add_argument("--val_fraction", type=float, help="fraction of the text for validation (default per dataset)")
+    p.add_argument("--num_proc", type=int, help="tokenizer threads (default: all CPUs)")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset prepared with other settings")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+
+    suffix = "" if args.tokenizer == "gpt2" else f"_{args.tokenizer}"
+    out = args.out or repo / "data" / f"{args.dataset}{suffix}"
+    command = shlex.join(["python", "jobs/prepare.py", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        r = prepare(args.dataset, out=out, sources=args.source, tokenizer=args.tokenizer,
+                    text_column=args.text_column, shard_size=args.shard_size,
+                    val_fraction=args.val_fraction, num_proc=args.num_proc,
+                    overwrite=args.overwrite, command=command, progress=not args.no_progress)
+    except (DataError, TokenizerError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to resume", file=sys.stderr)
+        return 130
+
+    m = r.manifest
+    tok = m["tokenizer"]
+    print(f"{'already prepared' if r.skipped else 'prepared'}: {m['dataset']} with {tok['name']} "
+          f"(vocab {tok['vocab_size']}, eot {tok['eot_id']})")
+    for split, info in m["splits"].items():
+        n = len(info["shards"])
+        print(f"  {split:5s} {info['tokens']:>15,} tokens  {n} shard{'s' if n != 1 else ''}  "
+              f"{m['documents'][split]:,} document ends")
+    print(f"  manifest {r.manifest_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Train a model on Ray Train (locally, or on the cluster `ray job submit` points at).
+
+    python jobs/train.py --data_dir data/shakespeare_char --n_layer 4 --n_head 4 --n_embd 128 \
+        --block_size 64 --batch_size 12 --total_batch_size_str 12*64 --max_iters 2000 --eval
+    RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/train.py --config my.yaml
+
+Flags: every model flag (only those given reach the model config), --layer_configs /
+--layer_configs_jsonl, the training flags (see --help) and --config FILE (YAML/JSON, same keys;
+flags override it). Everything is checked before any worker starts (exit code 2).
+Re-running with the same --run_name (or the same settings) resumes from the latest checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from _paths import setup
+    setup()
+    from chimera.train_config import TrainConfigError, add_arguments, load_train_config, plan_run
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    args = vars(p.parse_args(argv))
+    config_file = args.pop("config", None)
+    try:
+        plan = plan_run(load_train_config(args, config_file))
+    except (TrainConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tc = plan.train
+    print(f"run {plan.run_name} -> {plan.run_dir}  ({tc.num_workers} worker(s), "
+          f"grad_accum {plan.grad_accum})", flush=True)
+
+    from chimera.runtime import init_ray
+    from chimera.trainer import fit
+    init_ray()
+    try:
+        s = fit(plan)
+    except Exception as e:           # ray.train.TrainingFailedError and friends
+        print(f"error: training failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+              file=sys.stderr)
+        return 1
+    m = s["metrics"]
+    losses = "  ".join(f"{k} {m[k]:.4f}" for k in ("loss", "train_loss", "val_loss", "best_val_loss")
+                       if isinstance(m.get(k), float))
+    print(f"finished at step {s['step']}: {losses}")
+    print(f"last checkpoint: {s['last_checkpoint'] or '(none: pass --save_model)'}")
+    print(f"best checkpoint: {s['best_checkpoint'] or '(none: needs --save_model and --eval)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

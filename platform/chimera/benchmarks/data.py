@@ -1,0 +1,184 @@
+"""`python jobs/bench.py data`: the data pipeline's benchmark table.
+
+Both ratios are measured side by side in one run:
+  * preparation throughput ÷ tiktoken's own throughput: `prepare()` (read jsonl, tokenize,
+    write shards with sha256, manifest) on a corpus of real documents vs
+    `encode_ordinary_batch` on the same documents with the same thread count (gpt2 tokens/s,
+    best of --repeats). Target >= 0.8: the tokenizer is the limit, the rest must not cost.
+  * loader fetch ÷ train step: ShardLoader.next_batch() at B=8, T=1024 (mean over --fetches,
+    moved to --device) vs one fp32 train step (forward, backward, AdamW) of the foundation
+    benchmark model (6 layers, n_embd 384, 6 heads, block 256, batch 8, vocab 50304; median of
+    --steps). Target <= 0.02.
+The corpus defaults to the samples in ../shared/data (TinyStories, WikiText-2, Tiny
+Shakespeare), repeated up to --mb megabytes. gpt2 needs its BPE files: set TIKTOKEN_CACHE_DIR
+(see docs/data.md) when offline.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[3].parent / "shared" / "data"
+DEFAULT_TEXTS = ("tinystories/tinystories_val.txt", "wikitext/wikitext-2-raw/wiki.test.raw",
+                 "tinyshakespeare/input.txt")
+MODEL = {"n_layer": 6, "n_embd": 384, "n_head": 6, "attn": "mha", "block_size": 256,
+         "vocab_size": 50304, "pos_emb": "learn", "non_linearity": "gelu", "up_dim": 1536}
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", nargs="+", help="text files for the corpus (default: the shared "
+                                             "TinyStories, WikiText-2 and Shakespeare samples)")
+    p.add_argument("--mb", type=float, default=16.0, help="corpus size in MB (text repeated)")
+    p.add_argument("--num_proc", type=int, default=None, help="tokenizer threads (default: all CPUs)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats of each preparation measurement")
+    p.add_argument("--device", default="cpu", help="device of the loader batches and the train step")
+    p.add_argument("--fetches", type=int, default=200, help="loader batches timed")
+    p.add_argument("--steps", type=int, default=5, help="train steps timed (median)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["prepare", "loader"],
+                   help="sections to leave out")
+
+
+def _documents(paths: list[Path], mb: float) -> list[str]:
+    """Paragraph-sized documents (split at blank lines; at lines where a paragraph is longer
+    than 20k characters, e.g. WikiText without blank lines), repeated up to `mb` megabytes.
+    Small documents keep tiktoken's batch encoder on all threads: the comparison is fair."""
+    base: list[str] = []
+    for p in paths:
+        text = p.read_text(encoding="utf-8").replace("\r\n", "\n")
+        for para in text.split("\n\n"):
+            parts = para.split("\n") if len(para) > 20_000 else [para]
+            base += [d.strip("\n") + "\n" for d in parts if d.strip()]
+    if not base:
+        raise ValueError("the benchmark texts are empty")
+    docs, size, want = [], 0, int(mb * 1e6)
+    while size < want:
+        for d in base:
+            docs.append(d)
+            size += len(d)
+            if size >= want:
+                break
+    return docs
+
+
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run(args: argparse.Namespace) -> int:
+    from chimera.prepare import prepare
+    from chimera.tokenizers import TokenizerError, get_tokenizer
+
+    paths = [Path(t) for t in args.text] if args.text else [SHARED / t for t in DEFAULT_TEXTS]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        print(f"error: benchmark text not found: {', '.join(missing)} (pass --text FILES)")
+        return 2
+    try:
+        tok = get_tokenizer("gpt2")
+    except TokenizerError as e:
+        print(f"error: {e}")
+        return 2
+    threads = args.num_proc or os.cpu_count() or 1
+    docs = _documents(paths, args.mb)
+    chars = sum(map(len, docs))
+    rows: list[tuple[str, str, str, float, str]] = []
+
+    with tempfile.TemporaryDirectory(prefix="chimera_bench_data_") as tmp:
+        src = Path(tmp) / "corpus.jsonl"
+        with open(src, "w", encoding="utf-8") as f:
+            for d in docs:
+                f.write(json.dumps({"text": d}) + "\n")
+        enc = tok._enc
+        enc.encode_ordinary_batch(docs[:2000], num_threads=threads)          # warm-up
+        n_tokens = sum(map(len, enc.encode_ordinary_batch(docs, num_threads=threads)))
+        out = Path(tmp) / "prepared"
+
+        def prep():   # overwrite=True: every repeat prepares from scratch
+            prepare("tinystories", sources=[src], out=out, tokenizer="gpt2", val_fraction=0.01,
+                    num_proc=threads, overwrite=True, progress=False, log=lambda *_: None)
+
+        def tiktoken_batch():
+            enc.encode_ordinary_batch(docs, num_threads=threads)
+
+        if "prepare" not in args.skip:   # alternate the two so load changes hit both alike
+            t_tik = t_prep = float("inf")
+            for _ in range(args.repeats):
+                t_tik = min(t_tik, _seconds(tiktoken_batch))
+                t_prep = min(t_prep, _seconds(prep))
+            rows.append((f"prepare ÷ tiktoken encode_ordinary_batch ({chars / 1e6:.0f} MB, "
+                         f"{len(docs):,} docs, {threads} threads)",
+                         f"{n_tokens / t_prep / 1e6:.2f} Mtok/s",
+                         f"{n_tokens / t_tik / 1e6:.2f} Mtok/s", t_tik / t_prep, ">= 0.8"))
+
+        if "loader" not in args.skip:
+            row = _loader_row(out, src, args, threads)
+            if row is not None:
+                rows.append(row)
+
+    print(f"data benchmark: device {args.device}, {threads} tokenizer threads, "
+          f"{len(docs):,} documents, {n_tokens:,} gpt2 tokens")
+    w = max(len(r[0]) for r in rows) if rows else 40
+    print(f"{'measurement':<{w}}  {'measured':>14}  {'reference':>14}  {'ratio':>8}  target")
+    for name, a, b, ratio, target in rows:
+        ok = ratio >= 0.8 if target.startswith(">=") else ratio <= 0.02
+        print(f"{name:<{w}}  {a:>14}  {b:>14}  {ratio:>8.3g}  {target} {'ok' if ok else 'MISSED'}")
+    return 0
+
+
+def _loader_row(out: Path, src: Path, args, threads: int):
+    import torch
+
+    from chimera.loader import ShardLoader
+    from chimera.prepare import prepare
+
+    if not (out / "manifest.json").is_file():
+        prepare("tinystories", sources=[src], out=out, tokenizer="gpt2", val_fraction=0.01,
+                num_proc=threads, overwrite=True, progress=False, log=lambda *_: None)
+    try:
+        from models import LLM, ModelConfig
+    except ImportError as e:
+        print(f"loader row skipped: the models package is not importable ({e})")
+        return None
+    dev = torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+
+    loader = ShardLoader(out, split="train", batch_size=8, block_size=1024, seed=0, device=dev)
+    for _ in range(10):
+        loader.next_batch()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.fetches):
+        x, y = loader.next_batch()
+    sync()
+    t_fetch = (time.perf_counter() - t0) / args.fetches
+
+    torch.manual_seed(0)
+    model = LLM(ModelConfig.from_dict(MODEL)).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    xb = torch.randint(0, MODEL["vocab_size"], (8, MODEL["block_size"]), device=dev)
+    yb = torch.randint(0, MODEL["vocab_size"], (8, MODEL["block_size"]), device=dev)
+
+    def step():
+        _, loss = model(xb, yb)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    t_step = statistics.median(times)
+    return ("loader batch 8x1024 ÷ train step (6L, 384d, 8x256, vocab 50304, fp32)",
+            f"{t_fetch * 1e3:.3f} ms", f"{t_step * 1e3:.1f} ms", t_fetch / t_step, "<= 0.02")

@@ -1,0 +1,99 @@
+"""Checkpoints: one directory per checkpoint, loadable without unpickling arbitrary objects.
+
+    save_checkpoint(dir, model, model_config=..., tokenizer=..., train_state={...})
+    load_weights(model, dir)                 # safetensors
+    state = load_train_state(dir)            # torch.load(weights_only=True)
+    cfg = ModelConfig.from_dict(read_config(dir))
+
+Layout:
+    <dir>/model.safetensors   model weights and buffers (MoE biases too); tied weights stored once
+    <dir>/config.json         the resolved ModelConfig (serving and sampling rebuild from it)
+    <dir>/tokenizer.json      the tokenizer entry of the dataset manifest
+    <dir>/train_state.pt      step, optimizer, GradScaler, loader state, RNG states of every rank,
+                              best val loss, train config: tensors and plain containers only
+    <dir>/meta.json           step, losses, time: for people and listings
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+WEIGHTS, CONFIG, TOKENIZER, STATE, META = ("model.safetensors", "config.json", "tokenizer.json",
+                                           "train_state.pt", "meta.json")
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, *, model_config: dict,
+                    tokenizer: dict | None = None, train_state: dict | None = None,
+                    meta: dict | None = None) -> Path:
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(p / WEIGHTS))
+    (p / CONFIG).write_text(json.dumps(model_config, indent=2) + "\n")
+    if tokenizer is not None:
+        (p / TOKENIZER).write_text(json.dumps(tokenizer) + "\n")
+    if train_state is not None:
+        torch.save(train_state, p / STATE)
+    (p / META).write_text(json.dumps(meta or {}, indent=2, default=str) + "\n")
+    return p
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, device: str | torch.device = "cpu") -> None:
+    missing, unexpected = load_model(model, str(Path(path) / WEIGHTS), strict=True, device=str(device))
+
+
+def load_train_state(path: str | Path) -> dict[str, Any]:
+    return torch.load(Path(path) / STATE, map_location="cpu", weights_only=True)
+
+
+def read_config(path: str | Path) -> dict:
+    return json.loads((Path(path) / CONFIG).read_text())
+
+
+def read_meta(path: str | Path) -> dict:
+    f = Path(path) / META
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+# --- RNG states as tensors / plain lists (weights_only-loadable) ------------------------------
+def rng_state() -> dict[str, Any]:
+    st = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [st[0], torch.from_numpy(st[1].astype(np.int64)), int(st[2]), int(st[3]),
+                      float(st[4])],
+            "python": _to_lists(random.getstate())}
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    n = s["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    random.setstate(_to_tuples(s["python"]))
+
+
+def _to_lists(x):
+    return [_to_lists(v) for v in x] if isinstance(x, tuple) else x
+
+
+def _to_tuples(x):
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """checkpoint_NNNNNN directories of a local run, oldest first."""
+    d = Path(run_dir)
+    return sorted(p for p in d.glob("checkpoint_*") if (p / CONFIG).is_file()) if d.is_dir() else []
+
+
+def prune(run_dir: str | Path, keep: int) -> None:
+    import shutil
+    for p in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,410 @@
+"""Dataset preparation: text -> tokenizer -> uint16 token shards + manifest (see shards.py).
+
+    python jobs/prepare.py --dataset shakespeare --source ../shared/data/tinyshakespeare/input.txt
+    from chimera.prepare import prepare
+    result = prepare("tinystories", sources=["stories.jsonl"], tokenizer="gpt2", out="data/ts")
+
+Pipeline (streaming; memory is bounded by a few task batches whatever the corpus size):
+  1. sources -> fragments -> *pieces* of about PIECE_CHARS characters (datasets.py: long
+     documents are cut only where GPT-2's pre-tokenizer cannot join text across the cut, so
+     pieces encode to exactly the tokens of the whole document).
+  2. split: local sources -> the tail: train = the first int(C * (1 - val_fraction)) characters
+     of the concatenated documents, val = the rest (nanoGPT's shakespeare split; a document
+     straddling the point is cut there). Hub sets with a validation split use it; hub sets
+     without one send document i to val when floor((i+1)*f) > floor(i*f).
+  3. pieces are tokenized in a thread pool (tiktoken's core releases the GIL), in order; the
+     end-of-text id follows every document when the tokenizer has one (gpt2; char/byte: none).
+  4. each split streams into ShardWriter: `.tmp` files renamed when full, sha256 on the fly.
+     After every finished shard progress.json records the shards and where the next one starts
+     in the item stream; a re-run with the same settings resumes there (finished shards are
+     kept, nothing is re-tokenized before them); other settings start clean.
+  5. manifest.json is written last, then progress.json is removed. Re-running a finished
+     preparation does nothing; other settings into a finished folder need overwrite=True.
+Local sources and the char tokenizer first take a scan pass (character count for the split
+and the progress bar's total; the char vocabulary).
+
+Testing hook: env CHIMERA_PREPARE_THROTTLE_S=<seconds> sleeps after each tokenized batch, so a
+test can kill a preparation mid-run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from chimera.datasets import (HARD_PIECE_CHARS, PIECE_CHARS, DataError, Source, get_dataset,
+                              pieces, resolve_source)
+from chimera.shards import (DTYPE, FORMAT, MANIFEST, MAX_VOCAB, PROGRESS, SPLITS, VERSION,
+                            ShardError, ShardWriter, is_shard_file, read_manifest,
+                            verify_shards, write_json_atomic)
+from chimera.tokenizers import TOKENIZERS, CharTokenizer, Tokenizer, get_tokenizer
+
+TASK_CHARS = 1 << 18         # characters per thread-pool task
+TASK_ITEMS = 512
+DEFAULT_SHARD_SIZE = 100_000_000
+
+
+@dataclass
+class PrepareResult:
+    out_dir: Path
+    manifest_path: Path
+    manifest: dict[str, Any]
+    skipped: bool = False        # already prepared with the same settings: nothing done
+    resumed_shards: int = 0      # finished shards kept from an interrupted run
+
+
+def parse_count(text: str | int) -> int:
+    """'100M' / '1e8' / '100_000_000' -> 100000000 (K, M, G suffixes are powers of 1000)."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper().replace("_", "")
+    mult = {"K": 10**3, "M": 10**6, "G": 10**9}.get(s[-1:], 1)
+    try:
+        value = float(s[:-1] if mult > 1 else s) * mult
+    except ValueError:
+        raise ValueError(f"not a count: {text!r} (e.g. 100M, 1e8 or 100000000)") from None
+    if value != int(value):
+        raise ValueError(f"not a whole number: {text!r}")
+    return int(value)
+
+
+def prepare(dataset: str, *, out: str | Path, sources: Sequence[str | Path] | None = None,
+            tokenizer: str = "gpt2", text_column: str = "text",
+            shard_size: int = DEFAULT_SHARD_SIZE, val_fraction: float | None = None,
+            num_proc: int | None = None, overwrite: bool = False, command: str | None = None,
+            progress: bool = True, log: Callable[[str], None] = print) -> PrepareResult:
+    """Tokenize `dataset` into shards under `out`; see the module docstring. Raises DataError
+    (bad name, source, column, setting) or TokenizerError (gpt2 BPE files unavailable)."""
+    spec = get_dataset(dataset)
+    if tokenizer not in TOKENIZERS:
+        raise DataError(f"unknown tokenizer {tokenizer!r}; choose from {', '.join(TOKENIZERS)}")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise DataError(f"shard_size must be a positive number of tokens, got {shard_size!r}")
+    frac = spec.val_fraction if val_fraction is None else float(val_fraction)
+    if not 0.0 <= frac < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    threads = num_proc or os.cpu_count() or 1
+    if threads < 1:
+        raise DataError(f"num_proc must be >= 1, got {num_proc!r}")
+    out = Path(out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if not text_column:
+        raise DataError("text_column must be a column name")
+
+    source = resolve_source(spec, sources, text_column, download_dir=out)
+    if source.split_method == "hub" and val_fraction is not None:
+        log(f"note: {spec.name} uses the hub's own validation split; --val_fraction is ignored")
+    settings = {"format": FORMAT, "version": VERSION, "dataset": spec.name,
+                "tokenizer": tokenizer, "source": source.fingerprint, "shard_size": shard_size,
+                "split_method": source.split_method,
+                "val_fraction": None if source.split_method == "hub" else frac,
+                "piece_chars": [PIECE_CHARS, HARD_PIECE_CHARS]}
+
+    done = _check_existing(out, settings, overwrite, log)
+    if isinstance(done, PrepareResult):
+        return done
+    state = done  # progress.json of an interrupted run with these settings, or None
+
+    tok = None if tokenizer == "char" else get_tokenizer(tokenizer)   # fails early if offline
+    # scan pass: character count (tail split, progress total) and the char vocabulary
+    if state is not None:
+        scan = state["scan"]
+    elif tokenizer == "char" or source.kind == "files":
+        scan = _scan(source, want_chars=tokenizer == "char", log=log)
+    else:
+        scan = {"chars": None, "vocab": None}
+    if tok is None:
+        tok = CharTokenizer(state["tokenizer"]["vocab"] if state else scan["vocab"])
+    if tok.vocab_size > MAX_VOCAB:
+        raise DataError(f"the {tok.name} vocabulary has {tok.vocab_size} symbols: uint16 shards "
+                        f"hold ids below 65536, so a vocabulary >= 65536 is refused")
+    split_at = None
+    if source.split_method == "tail":
+        split_at = int(scan["chars"] * (1.0 - frac))
+    scan["split_at"] = split_at
+
+    writers: dict[str, ShardWriter] = {}
+    docs = {s: 0 for s in SPLITS}
+
+    def save_progress(_w: ShardWriter | None = None) -> None:
+        write_json_atomic(out / PROGRESS, {
+            "settings": settings, "tokenizer": tok.to_dict(), "scan": scan,
+            "splits": {s: {"shards": w.shards, "next_item": w.next_item,
+                           "next_offset": w.next_offset, "finished": w.finished}
+                       for s, w in writers.items()}})
+
+    for s in SPLITS:
+        prev = state["splits"][s] if state else {}
+        writers[s] = ShardWriter(out, s, shard_size, prev.get("shards"), prev.get("next_item", 0),
+                                 prev.get("next_offset", 0), on_shard=save_progress)
+        writers[s].finished = prev.get("finished", False)
+    resumed = sum(len(w.shards) for w in writers.values())
+    resume_at = {s: (w.next_item, w.next_offset) for s, w in writers.items()}
+    if resumed:
+        log(f"resuming: {resumed} finished shard(s) kept in {out}")
+    save_progress()
+
+    log(f"tokenizing {spec.name} with {tok.name} (vocab {tok.vocab_size}) on {threads} "
+        f"thread(s) into {out}")
+    total_est = _estimate_tokens(tok, spec, scan)
+    bar = _progress_bar(progress, total_est, sum(w.tokens for w in writers.values()),
+                        f"{spec.name} {tok.name}")
+    throttle = float(os.environ.get("CHIMERA_PREPARE_THROTTLE_S", "0") or 0)
+    sequential = source.split_method in ("tail", "hub")   # all train items, then all val
+    enc_chars = enc_tokens = 0
+    try:
+        prev_split = None
+        for group, parts in _encode(tok, _items(source, frac, split_at), resume_at, writers,
+                                    threads):
+            for _idx, split, text, ends in group:
+                docs[split] += ends
+            for split, (toks, items, starts, offsets, chars) in parts.items():
+                if sequential and prev_split not in (None, split):
+                    _finish_split(writers[prev_split])       # close train before val starts
+                prev_split = split
+                writers[split].write(toks, items, starts, offsets)
+                enc_chars += chars
+                enc_tokens += len(toks)
+                bar.update(len(toks))
+            if total_est and scan.get("chars") and enc_chars and tok.name == "gpt2":
+                bar.total = max(bar.n, int(scan["chars"] * enc_tokens / enc_chars))
+            if throttle:
+                time.sleep(throttle)
+        for w in writers.values():
+            _finish_split(w)
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    finally:
+        bar.close()
+
+    if writers["train"].tokens == 0:
+        _clean(out)
+        raise DataError("the sources contain no text" if not sum(docs.values())
+                        else "the train split is empty: lower val_fraction")
+    split_info: dict[str, Any] = {"method": source.split_method}
+    if source.split_method != "hub":
+        split_info["val_fraction"] = frac
+    if split_at is not None:
+        split_info.update(total_chars=scan["chars"], split_at_char=split_at)
+    manifest = {
+        "format": FORMAT, "version": VERSION, "dtype": "uint16", "byte_order": "little",
+        "dataset": spec.name, "tokenizer": tok.to_dict(), "source": source.info,
+        "split": split_info, "shard_size": shard_size,
+        "command": command or shlex.join(["python", *sys.argv]),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "documents": docs, "settings": settings,
+        "splits": {s: {"tokens": w.tokens, "shards": w.shards} for s, w in writers.items()},
+    }
+    write_json_atomic(out / MANIFEST, manifest)
+    (out / PROGRESS).unlink(missing_ok=True)
+    return PrepareResult(out, out / MANIFEST, manifest, skipped=False, resumed_shards=resumed)
+
+
+# --- existing output --------------------------------------------------------------------------
+def _check_existing(out: Path, settings: dict, overwrite: bool, log) -> PrepareResult | dict | None:
+    """A finished dataset with these settings -> PrepareResult (skip); an interrupted one ->
+    its progress state (resume); anything else is removed (clean start) or refused."""
+    if overwrite:
+        _clean(out)
+        return None
+    if (out / MANIFEST).is_file():
+        try:
+            m = read_manifest(out)
+        except ShardError:
+            m = None
+        if m is not None and m.get("settings") != settings:
+            diff = _diff(m.get("settings") or {}, settings)
+            raise DataError(f"{out} already holds a prepared dataset made with other settings "
+                            f"({diff}); pass --overwrite to replace it or choose another --out")
+        if m is not None:
+            try:
+                verify_shards(out, m)
+                (out / PROGRESS).unlink(missing_ok=True)
+                log(f"{out} is already prepared with these settings; nothing to do")
+                return PrepareResult(out, out / MANIFEST, m, skipped=True)
+            except ShardError as e:
+                log(f"{e}; preparing again")
+    state = None
+    if (out / PROGRESS).is_file() and not (out / MANIFEST).is_file():
+        try:
+            state = json.loads((out / PROGRESS).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            state = None
+        if state is not None and state.get("settings") != settings:
+            log(f"{out} holds an unfinished preparation with other settings; starting clean")
+            state = None
+        if state is not None and not _shards_intact(out, state):
+            log(f"{out}: shards of the unfinished preparation do not match progress.json; "
+                f"starting clean")
+            state = None
+    if state is None:
+        _clean(out)
+        return None
+    keep = {s["file"] for sp in state["splits"].values() for s in sp["shards"]}
+    for p in out.iterdir():   # half-written .tmp files, shards renamed but not yet recorded
+        if is_shard_file(p.name) and p.name not in keep:
+            p.unlink()
+    return state
+
+
+def _shards_intact(out: Path, state: dict) -> bool:
+    try:
+        return all((out / s["file"]).is_file()
+                   and (out / s["file"]).stat().st_size == 2 * s["tokens"]
+                   for sp in state["splits"].values() for s in sp["shards"])
+    except (KeyError, TypeError):
+        return False
+
+
+def _clean(out: Path) -> None:
+    """Remove what a preparation writes (manifest first: it must never describe missing files)."""
+    for name in (MANIFEST, MANIFEST + ".tmp", PROGRESS, PROGRESS + ".tmp"):
+        (out / name).unlink(missing_ok=True)
+    for p in out.iterdir():
+        if is_shard_file(p.name):
+            p.unlink()
+
+
+def _diff(old: dict, new: dict) -> str:
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    parts = []
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        parts.append(f"{k}: changed" if isinstance(a, dict) or isinstance(b, dict)
+                     else f"{k}: {a!r} -> {b!r}")
+    return "; ".join(parts) or "unknown"
+
+
+def _finish_split(w: ShardWriter) -> None:
+    if not w.finished:
+        w.close()
+        w.finished = True
+        if w.on_shard is not None:
+            w.on_shard(w)
+
+
+# --- the item stream ----------------------------------------------------------------------------
+def _items(source: Source, frac: float, split_at: int | None
+           ) -> Iterator[tuple[int, str, str, bool]]:
+    """(index, split, text, ends_document) in a deterministic order."""
+    idx = 0
+    for fixed, fragments in source.streams():
+        pos = doc = 0
+        for text, ends in pieces(fragments):
+            if fixed is not None:                          # the hub's own split
+                out = [(fixed, text, ends)]
+            elif split_at is not None:                     # tail split at character split_at
+                if pos >= split_at:
+                    out = [("val", text, ends)]
+                elif pos + len(text) <= split_at:
+                    out = [("train", text, ends)]
+                else:
+                    k = split_at - pos
+                    out = [("train", text[:k], False), ("val", text[k:], ends)]
+                pos += len(text)
+            else:                                          # interleaved documents
+                out = [("val" if int((doc + 1) * frac) > int(doc * frac) else "train", text, ends)]
+                doc += ends
+            for split, t, e in out:
+                yield idx, split, t, e
+                idx += 1
+
+
+def _encode(tok: Tokenizer, items: Iterator, resume_at: dict, writers: dict, threads: int):
+    """Yield (group, parts) in item order; groups of items are tokenized in a thread pool, a
+    bounded number ahead. parts[split] = (uint16 tokens of the group's items of that split,
+    item ids, their start in the tokens, their first token number, characters encoded).
+    Items before their split's resume point, or of a finished split, are not encoded."""
+    eot = None if tok.eot_id is None else np.array([tok.eot_id], dtype=np.uint32)
+
+    def groups():
+        group, chars = [], 0
+        for it in items:
+            group.append(it)
+            chars += len(it[2])
+            if chars >= TASK_CHARS or len(group) >= TASK_ITEMS:
+                yield group
+                group, chars = [], 0
+        if group:
+            yield group
+
+    def plan(it) -> int | None:   # first token of the item to write, None = skip the item
+        first_item, first_token = resume_at[it[1]]
+        if writers[it[1]].finished or it[0] < first_item:
+            return None
+        return first_token if it[0] == first_item else 0
+
+    def work(group: list, offsets: list[int | None]) -> dict:
+        acc: dict[str, tuple[list, list, list, list, list]] = {}
+        for (idx, split, text, ends), off in zip(group, offsets):
+            if off is None:
+                continue
+            arrs, ids, lens, offs, chars = acc.setdefault(split, ([], [], [], [], [0]))
+            a = tok.encode_to_numpy(text)
+            if ends and eot is not None:
+                a = np.concatenate([a, eot])
+            if off:
+                a = a[off:]
+            arrs.append(a)
+            ids.append(idx)
+            lens.append(len(a))
+            offs.append(off)
+            chars[0] += len(text)
+        out = {}
+        for split, (arrs, ids, lens, offs, chars) in acc.items():
+            starts = np.zeros(len(lens), dtype=np.int64)
+            np.cumsum(lens[:-1], out=starts[1:])
+            out[split] = (np.concatenate(arrs).astype(DTYPE), np.array(ids, np.int64),
+                          starts, np.array(offs, np.int64), chars[0])
+        return out
+
+    with ThreadPoolExecutor(threads) as ex:
+        pending: deque = deque()
+        for g in groups():
+            pending.append((g, ex.submit(work, g, [plan(it) for it in g])))
+            if len(pending) > 2 * threads:
+                g0, f0 = pending.popleft()
+                yield g0, f0.result()
+        while pending:
+            g0, f0 = pending.popleft()
+            yield g0, f0.result()
+
+
+def _scan(source: Source, want_chars: bool, log) -> dict[str, Any]:
+    log("scanning the sources" + (" (characters and char vocabulary)" if want_chars else ""))
+    total = 0
+    chars: set[str] = set()
+    for _split, fragments in source.streams():
+        for text, _ends in fragments:
+            total += len(text)
+            if want_chars:
+                chars.update(text)
+    if total == 0:
+        raise DataError("the sources contain no text")
+    return {"chars": total, "vocab": "".join(sorted(chars)) if want_chars else None}
+
+
+def _estimate_tokens(tok: Tokenizer, spec, scan: dict) -> int | None:
+    if scan.get("chars"):
+        return scan["chars"] if tok.name in ("char", "byte") else scan["chars"] // 4
+    return spec.approx_gpt2_tokens if tok.name == "gpt2" else None
+
+
+def _progress_bar(enabled: bool, total: int | None, initial: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc=desc,
+                disable=not enabled, mininterval=0.5, smoothing=0.1, dynamic_ncols=True,
+                file=sys.stderr)

@@ -1,0 +1,208 @@
+"""Tokenizers: `gpt2` (tiktoken BPE), `char` (vocabulary built from text) and `byte` (UTF-8).
+
+    from chimera.tokenizers import get_tokenizer, Tokenizer
+    tok = get_tokenizer("gpt2")                  # vocab 50257, eot_id 50256
+    tok = get_tokenizer("char", vocab="abc\\n")   # vocab = the symbols, in id order
+    tok = CharTokenizer.from_text(text)          # sorted set of the text's characters
+    tok = get_tokenizer("byte")                  # vocab 256
+    ids = tok.encode("Hello world"); text = tok.decode(ids)
+    info = tok.to_dict(); tok = Tokenizer.from_dict(info)   # travels in manifests/checkpoints
+
+Common interface: `name`, `vocab_size`, `eot_id`, `encode(str) -> list[int]`,
+`encode_batch(list[str]) -> list[list[int]]`, `encode_to_numpy(str) -> np.ndarray (uint32)`,
+`decode(list[int]) -> str`, `to_dict()` / `Tokenizer.from_dict()`.
+
+End of text: gpt2 has `<|endoftext|>` = 50256. char and byte have none (`eot_id is None`):
+their vocabularies are exactly the text's symbols / the 256 byte values, as in nanoGPT's
+shakespeare_char, so documents are simply concatenated when prepared with them.
+`encode` never turns the literal text "<|endoftext|>" into the special token (ordinary encoding).
+
+gpt2 offline: tiktoken reads its BPE files from $TIKTOKEN_CACHE_DIR (see
+../shared/data/SOURCES.md); without them and without network `get_tokenizer("gpt2")` raises a
+TokenizerError that says how to fix it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
+
+import numpy as np
+
+
+class TokenizerError(ValueError):
+    """Unknown tokenizer, bad vocabulary, text or ids it cannot handle, BPE files unavailable."""
+
+
+class Tokenizer:
+    """Base class; subclasses set `name`, `vocab_size`, `eot_id` and implement the codecs."""
+
+    name: ClassVar[str] = ""
+    vocab_size: int
+    eot_id: int | None = None
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_to_numpy(text).tolist()
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def encode_to_numpy(self, text: str) -> np.ndarray:  # (N,) uint32
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "vocab_size": self.vocab_size, "eot_id": self.eot_id}
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> "Tokenizer":
+        """Rebuild a tokenizer from `to_dict()` output (manifest or checkpoint config)."""
+        if not isinstance(d, Mapping) or "name" not in d:
+            raise TokenizerError(f"tokenizer info must be a dict with a 'name', got {d!r}")
+        tok = get_tokenizer(d["name"], vocab=d.get("vocab"))
+        for key in ("vocab_size", "eot_id"):
+            if key in d and d[key] != getattr(tok, key):
+                raise TokenizerError(f"tokenizer info says {key}={d[key]!r} but the {d['name']} "
+                                     f"tokenizer has {key}={getattr(tok, key)!r}")
+        return tok
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, eot_id={self.eot_id})"
+
+
+class GPT2Tokenizer(Tokenizer):
+    """tiktoken's `gpt2` encoding; ordinary encoding (special-token text stays text)."""
+
+    name = "gpt2"
+
+    def __init__(self) -> None:
+        self._enc = _load_tiktoken("gpt2")
+        self.vocab_size = self._enc.n_vocab            # 50257
+        self.eot_id = self._enc.eot_token              # 50256
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
+        return self._enc.encode_ordinary_batch(list(texts), num_threads=num_threads)
+
+    def encode_to_numpy(self, text: str) -> np.ndarray:
+        # list -> array is as fast as tiktoken's own encode_to_numpy and keeps the documented
+        # ordinary-encoding path (the tiktoken core releases the GIL, so threads scale)
+        return np.array(self._enc.encode_ordinary(text), dtype=np.uint32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise TokenizerError(f"gpt2 ids must be in [0, {self.vocab_size}), got {bad[:5]}")
+        return self._enc.decode(ids)  # invalid UTF-8 across token boundaries -> U+FFFD
+
+    def __getstate__(self) -> dict:  # rebuilt from tiktoken's cache in the receiving process
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+
+class CharTokenizer(Tokenizer):
+    """Character-level: id i is the i-th symbol of `vocab` (nanoGPT's shakespeare_char)."""
+
+    name = "char"
+
+    def __init__(self, vocab: str | Sequence[str]) -> None:
+        symbols = list(vocab)
+        if not symbols:
+            raise TokenizerError("char vocabulary is empty")
+        if any(not isinstance(s, str) or len(s) != 1 for s in symbols):
+            raise TokenizerError("char vocabulary must be single characters")
+        if len(set(symbols)) != len(symbols):
+            raise TokenizerError("char vocabulary has repeated characters")
+        self.chars = "".join(symbols)
+        self.vocab_size = len(symbols)
+        self.eot_id = None
+        codes = np.array([ord(c) for c in symbols], dtype=np.uint32)
+        self._order = np.argsort(codes, kind="stable")   # ids sorted by code point
+        self._codes = codes[self._order]
+
+    @classmethod
+    def from_text(cls, text: str | Iterable[str]) -> "CharTokenizer":
+        """Vocabulary = sorted set of the characters of `text` (a string or chunks of one)."""
+        chars: set[str] = set()
+        for chunk in ([text] if isinstance(text, str) else text):
+            chars.update(chunk)
+        return cls(sorted(chars))
+
+    def encode_to_numpy(self, text: str) -> np.ndarray:
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        pos = np.searchsorted(self._codes, codes)
+        pos_c = np.minimum(pos, len(self._codes) - 1)
+        missing = self._codes[pos_c] != codes
+        if missing.any():
+            c = chr(int(codes[np.argmax(missing)]))
+            raise TokenizerError(f"character {c!r} (U+{ord(c):04X}) is not in the char "
+                                 f"vocabulary of {self.vocab_size} symbols")
+        return self._order[pos_c].astype(np.uint32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise TokenizerError(f"char ids must be in [0, {self.vocab_size}), got {bad[:5]}")
+        return "".join(map(self.chars.__getitem__, ids))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "vocab": self.chars}
+
+
+class ByteTokenizer(Tokenizer):
+    """The 256 byte values of the UTF-8 encoding; no vocabulary file."""
+
+    name = "byte"
+    vocab_size = 256
+
+    def encode_to_numpy(self, text: str) -> np.ndarray:
+        raw = text.encode("utf-8", "surrogatepass")
+        return np.frombuffer(raw, dtype=np.uint8).astype(np.uint32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        try:
+            return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        except ValueError:  # bytes() rejects values outside [0, 256)
+            raise TokenizerError("byte ids must be in [0, 256)") from None
+
+
+TOKENIZERS: dict[str, type[Tokenizer]] = {"gpt2": GPT2Tokenizer, "char": CharTokenizer,
+                                          "byte": ByteTokenizer}
+
+
+def get_tokenizer(name: str, vocab: str | Sequence[str] | None = None) -> Tokenizer:
+    """Build tokenizer `name`; `vocab` (the symbols in id order) is required for `char` only."""
+    if name not in TOKENIZERS:
+        raise TokenizerError(f"unknown tokenizer {name!r}; choose from {', '.join(TOKENIZERS)}")
+    if name == "char":
+        if vocab is None:
+            raise TokenizerError("the char tokenizer needs its vocabulary: prepare builds it from "
+                                 "the training text and stores it in manifest.json")
+        return CharTokenizer(vocab)
+    if vocab is not None:
+        raise TokenizerError(f"the {name} tokenizer has a fixed vocabulary; do not pass vocab")
+    return TOKENIZERS[name]()
+
+
+def _load_tiktoken(encoding: str):
+    """tiktoken.get_encoding, with a fix-it message instead of a deep download traceback."""
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding(encoding)
+    except Exception as e:  # requests/urllib/OSError/hash mismatch, all mean "files unavailable"
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR")
+        where = (f"TIKTOKEN_CACHE_DIR={cache!r} does not hold them" if cache
+                 else "TIKTOKEN_CACHE_DIR is not set")
+        raise TokenizerError(
+            f"cannot load the {encoding} BPE files: {where}, and downloading them failed "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). "
+            f"Set TIKTOKEN_CACHE_DIR to a writable copy of ../shared/data/tiktoken_cache "
+            f"(see shared/data/SOURCES.md), or run once with internet access.") from None

@@ -1,0 +1,106 @@
+"""Training on a real local Ray cluster (one per session, see conftest.ray_cluster): data
+parallelism, DDP sync incl. MoE biases, restart by run name, worker failure recovery,
+heterogeneous stacks, W&B offline, early rejection."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.ray
+
+TINY = ["--n_layer", "2", "--n_embd", "32", "--n_head", "4", "--attn", "gqa", "--n_kv_heads", "2",
+        "--up_dim", "64", "--block_size", "32", "--batch_size", "8", "--learning_rate", "3e-3",
+        "--warmup_steps", "5", "--eval_iters", "4"]
+
+
+@pytest.fixture
+def train_main(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "jobs"))
+    import train
+    return train.main
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _args(data, tmp_path, name, *extra):
+    return ["--data_dir", str(data), "--storage_path", str(tmp_path), "--run_name", name, *extra]
+
+
+def test_two_workers_hetero_moe_learn_and_stay_in_sync(ray_cluster, train_char_data, tmp_path,
+                                                       train_main, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")        # and a W&B offline run directory
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    (tmp_path / "wb").mkdir()
+    # MLA+MoE (aux-free) then GQA+MLP from the JSONL file, n_embd overridden small
+    rc = train_main(_args(train_char_data, tmp_path, "hetero",
+                          "--layer_configs_jsonl", str(ROOT / "configs" / "hetero.jsonl"),
+                          "--n_embd", "64", "--block_size", "32", "--batch_size", "8",
+                          "--total_batch_size_str", "2*8*32", "--num_workers", "2",
+                          "--max_iters", "60", "--learning_rate", "3e-3", "--warmup_steps", "5",
+                          "--eval", "--eval_interval", "30", "--eval_iters", "4",
+                          "--log_interval", "10", "--save_model", "--ckpt_interval", "30",
+                          "--wandb_log", "--wandb_project", "chimera-test"))
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rows = _rows(tmp_path / "hetero")
+    evals = [r for r in rows if "val_loss" in r]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 60
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
+    assert "moe/layer0/maxvio" in evals[-1] and "moe/layer1/maxvio" in evals[-1]
+    h = rows[-1]["param_hashes"]                        # parameters + buffers (MoE biases)
+    assert len(h) == 2 and h[0] == h[1]
+    cfg = json.loads((tmp_path / "hetero" / "checkpoint_000060" / "config.json").read_text())
+    assert [l["attn"] for l in cfg["layers"]] == ["mla", "mla", "gqa", "gqa"]
+    assert [l["moe"] for l in cfg["layers"]] == [True, True, False, False]
+    assert "last checkpoint: " + str(tmp_path / "hetero" / "checkpoint_000060") in out
+    assert "best checkpoint: " + str(tmp_path / "hetero" / "llm_model_best") in out
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+
+
+def test_killed_run_restarted_by_name_resumes_and_survives_worker_failure(
+        ray_cluster, train_char_data, tmp_path, train_main):
+    base = _args(train_char_data, tmp_path, "restart", *TINY, "--total_batch_size_str", "2*8*32",
+                 "--num_workers", "2", "--max_iters", "8", "--log_interval", "1",
+                 "--save_model", "--ckpt_interval", "4")
+    # 1) a worker dies at step 6 and no restarts are allowed: the run fails (exit code 1)
+    assert train_main(base + ["--crash_at_step", "6", "--max_failures", "0"]) == 1
+    first = _rows(tmp_path / "restart")
+    assert [r["step"] for r in first] == [1, 2, 3, 4, 5, 6]
+    # 2) the same run name again: resumes at its checkpoint (step 4), not at step 0; a worker
+    #    killed at step 7 (os._exit) is then recovered by FailureConfig and the run finishes
+    assert train_main(base + ["--crash_at_step", "7", "--max_failures", "1"]) == 0
+    again = _rows(tmp_path / "restart")[len(first):]
+    assert (tmp_path / "restart" / ".crashed_at_7").exists()
+    assert [r["step"] for r in again] == [5, 6, 7, 5, 6, 7, 8]
+    assert all(r["resumed_from_step"] == 4 for r in again) and again[-1]["done"]
+    for r in again:                                    # the same curve from the checkpoint on
+        if r["step"] <= 6:
+            assert r["loss"] == pytest.approx(first[r["step"] - 1]["loss"], rel=1e-5)
+    assert again[0]["loss"] == pytest.approx(again[3]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--total_batch_size_str", "1000"], "not divisible"),
+    (["--total_batch_size_str", "__import__('os')"], "Call is not allowed"),
+    (["--num_workers", "0"], "num_workers=0 must be >= 1"),
+    (["--layer_configs", "[{\"attn\": \"mla\", \"n_kv_heads\": 3}]", "--n_embd", "30"], "model config"),
+    (["--layer_configs_jsonl", "/nonexistent.jsonl"], "layer file not found"),
+    (["--n_layer", "3", "--layer_configs", "[{}, {}]"], "n_layer=3 but 2 layer configs"),
+    (["--resume_from", "/nonexistent"], "not a checkpoint directory"),
+])
+def test_bad_flags_rejected_before_workers(train_char_data, tmp_path, train_main, capsys, extra, match):
+    import ray
+    started = ray.is_initialized()
+    assert train_main(_args(train_char_data, tmp_path, "bad", *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and match in err
+    assert ray.is_initialized() == started and not (tmp_path / "bad").exists()

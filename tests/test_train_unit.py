@@ -1,0 +1,168 @@
+"""Training without Ray: batch expressions, lr schedule, config validation, the in-process loop,
+checkpoint round trip and resume."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from chimera.batchexpr import BatchExprError, parse_batch_expr
+from chimera.checkpoint import load_train_state, load_weights, read_config
+from chimera.schedule import lr_at
+from chimera.train_config import TrainConfigError, load_train_config, plan_run
+from chimera.trainer import state_hash, train_fn_per_worker
+
+TINY = dict(n_layer=2, n_embd=32, n_head=4, attn="gqa", n_kv_heads=2, up_dim=64, block_size=32,
+            batch_size=8, total_batch_size_str="8*32", learning_rate=3e-3, warmup_steps=5,
+            eval_iters=4, num_threads=1)
+
+
+def _plan(data, tmp_path, **kw):
+    d = {**TINY, "data_dir": str(data), "storage_path": str(tmp_path / "runs"), **kw}
+    return plan_run(load_train_config(d))
+
+
+# --- batch expressions ----------------------------------------------------------------------
+@pytest.mark.parametrize("text,value", [("2**13", 8192), ("8*1024", 8192), ("(4+4)*2**10", 8192),
+                                        ("1024//2", 512), ("  512 ", 512), ("-(-3)", 3), (64, 64)])
+def test_batchexpr_values(text, value):
+    assert parse_batch_expr(text) == value
+
+
+@pytest.mark.parametrize("text,match", [
+    ("__import__('os').system('x')", "Call is not allowed"), ("2.5*4", "not an integer"),
+    ("8/2", "Div is not allowed"), ("a*2", "Name is not allowed"), ("2**1000", "too large"),
+    ("", "expected an integer"), ("0", "positive"), ("1-2", "positive"), ("2**", "not a valid"),
+    ("True*8", "not an integer"), ("4//0", "division by zero"), ("2 % 3", "Mod is not allowed"),
+    ("[1][0]", "Subscript is not allowed")])
+def test_batchexpr_rejects(text, match):
+    with pytest.raises(BatchExprError, match=match):
+        parse_batch_expr(text)
+
+
+# --- schedule --------------------------------------------------------------------------------
+def test_schedule_warmup_then_cosine_to_ten_percent():
+    lr = [lr_at(s, 1e-3, 10, 100) for s in range(120)]
+    assert lr[0] == pytest.approx(1e-4) and lr[9] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lr[:10], lr[1:10]))
+    assert lr[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lr[10:100], lr[11:101]))
+    assert lr[55] == pytest.approx(1e-4 + 0.5 * 9e-4)
+    assert lr[100] == pytest.approx(1e-4) and lr[119] == pytest.approx(1e-4)
+
+
+# --- config validation ----------------------------------------------------------------------
+@pytest.mark.parametrize("kw,match", [
+    ({"n_heads": 4}, "unknown key 'n_heads' \\(did you mean 'n_head'\\?\\)"),
+    ({"lr": 1.0}, "unknown key 'lr'"),
+    ({"batch_size": 0}, "batch_size=0 must be >= 1"),
+    ({"learning_rate": -1.0}, "learning_rate=-1.0 must be > 0"),
+    ({"max_iters": "ten"}, "max_iters='ten' must be of type int"),
+    ({"total_batch_size_str": "2**x"}, "Name is not allowed"),
+    ({"layer_configs": "[]", "layer_configs_jsonl": "f.jsonl"}, "at most one of"),
+    ({"max_failures": -2}, "max_failures=-2"),
+])
+def test_config_rejects(kw, match):
+    with pytest.raises(TrainConfigError, match=match):
+        load_train_config(kw)
+
+
+def test_config_file_with_cli_override(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("max_iters: 7\nn_embd: 48\nlearning_rate: 1e-3\n")
+    tc = load_train_config({"max_iters": 9}, f)
+    assert (tc.max_iters, tc.learning_rate, tc.model) == (9, 1e-3, {"n_embd": 48})
+    f.write_text("max_iter: 7\n")
+    with pytest.raises(TrainConfigError, match="did you mean 'max_iters'"):
+        load_train_config({}, f)
+
+
+def test_plan_checks(train_char_data, tmp_path):
+    p = _plan(train_char_data, tmp_path)
+    assert p.model_config["vocab_size"] == 128 and p.grad_accum == 1         # 65 padded to 64k
+    assert p.run_name == _plan(train_char_data, tmp_path).run_name              # deterministic
+    assert _plan(train_char_data, tmp_path, total_batch_size_str="4*8*32").grad_accum == 4
+    with pytest.raises(TrainConfigError, match="not divisible by batch_size\\*block_size\\*num_workers"
+                                               " = 8\\*32\\*3 = 768"):
+        _plan(train_char_data, tmp_path, num_workers=3, total_batch_size_str="1024")
+    with pytest.raises(TrainConfigError, match="data_dir .* does not exist"):
+        _plan(tmp_path / "nope", tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TrainConfigError, match="manifest"):
+        _plan(tmp_path / "empty", tmp_path)
+    with pytest.raises(TrainConfigError, match="model config: .*n_head=3"):
+        _plan(train_char_data, tmp_path, n_head=3)
+    with pytest.raises(TrainConfigError, match="vocab_size=32 is smaller"):
+        _plan(train_char_data, tmp_path, vocab_size=32)
+
+
+def test_main_rejects_before_workers(train_char_data, tmp_path, capsys):
+    import train as train_job  # jobs/ is on sys.path via the fixture below
+    base = ["--data_dir", str(train_char_data), "--storage_path", str(tmp_path)]
+    assert train_job.main(base + ["--total_batch_size_str", "2**13+1"]) == 2
+    assert "not divisible" in capsys.readouterr().err
+    assert train_job.main(base + ["--layer_configs", "[{}]", "--layer_configs_jsonl", "x"]) == 2
+    assert "at most one" in capsys.readouterr().err
+    assert train_job.main(["--data_dir", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        train_job.main(base + ["--max_iters", "many"])
+    assert e.value.code == 2
+
+
+# --- the loop, in-process (world size 1) ------------------------------------------------------
+def test_in_process_training_loss_falls(train_char_data, tmp_path):
+    p = _plan(train_char_data, tmp_path, max_iters=60, eval=True, eval_interval=30, log_interval=10)
+    s = train_fn_per_worker(p.worker_config)
+    evals = [h for h in s["history"] if "val_loss" in h]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 60
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0          # ~4.9 -> ~3.3
+    logs = [h for h in s["history"] if "loss" in h]
+    for k in ("lr", "grad_norm", "tokens_per_s", "mfu", "step_time_s"):
+        assert all(math.isfinite(h[k]) for h in logs), k
+
+
+def test_checkpoint_round_trip_and_resume(train_char_data, tmp_path):
+    kw = dict(max_iters=20, log_interval=1, save_model=True, ckpt_interval=10, keep_checkpoints=5,
+              n_layer=2, moe=True, aux_free=True, n_exp=4, n_shared=1, n_act=2, dropout=0.1)
+    a = _plan(train_char_data, tmp_path, run_name="a", **kw)
+    sa = train_fn_per_worker(a.worker_config)
+    c10 = tmp_path / "runs" / "a" / "checkpoint_000010"
+    assert sorted(f.name for f in c10.iterdir()) == ["config.json", "meta.json", "model.safetensors",
+                                                      "tokenizer.json", "train_state.pt"]
+    st = load_train_state(c10)                        # weights_only=True inside
+    assert st["step"] == 10 and st["loader"]["position"] == 80 and len(st["rng"]) == 1
+    from models import LLM, ModelConfig
+    m = LLM(ModelConfig.from_dict(read_config(c10)))
+    load_weights(m, c10)
+    assert any(b.abs().sum() > 0 for n, b in m.named_buffers() if n.endswith("bias"))  # MoE bias
+    assert json.loads((c10 / "tokenizer.json").read_text())["vocab_size"] == 65
+
+    b = _plan(train_char_data, tmp_path, run_name="b", resume_from=str(c10), **kw)
+    sb = train_fn_per_worker(b.worker_config)
+    assert sb["resumed_from_step"] == 10 and [h["step"] for h in sb["history"]] == list(range(11, 21))
+    la = {h["step"]: h["loss"] for h in sa["history"]}
+    for h in sb["history"]:                            # the same loss curve, step for step
+        assert h["loss"] == pytest.approx(la[h["step"]], rel=1e-5), h["step"]
+    m20a, m20b = (LLM(ModelConfig.from_dict(a.model_config)) for _ in range(2))
+    load_weights(m20a, tmp_path / "runs" / "a" / "checkpoint_000020")
+    load_weights(m20b, tmp_path / "runs" / "b" / "checkpoint_000020")
+    assert state_hash(m20a) == state_hash(m20b)
+
+
+def test_resume_from_rejects_other_model(train_char_data, tmp_path):
+    a = _plan(train_char_data, tmp_path, run_name="a", max_iters=2, save_model=True, ckpt_interval=2)
+    train_fn_per_worker(a.worker_config)
+    c = tmp_path / "runs" / "a" / "checkpoint_000002"
+    with pytest.raises(TrainConfigError, match="model config differs"):
+        _plan(train_char_data, tmp_path, n_embd=64, resume_from=str(c))
+    with pytest.raises(TrainConfigError, match="not a checkpoint directory"):
+        _plan(train_char_data, tmp_path, resume_from=str(tmp_path))
+
+
+@pytest.fixture(autouse=True)
+def _jobs_on_path(monkeypatch):
+    from pathlib import Path
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "jobs"))
