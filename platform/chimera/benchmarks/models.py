@@ -44,6 +44,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed repeats before measuring")
     p.add_argument("--batch_size", type=int, default=8)
+    for k in ("n_layer", "n_embd", "n_head", "block_size"):
+        p.add_argument(f"--{k}", type=int, default=BASE[k],
+                       help=f"model size for the MFU rows (default {BASE[k]})")
     p.add_argument("--new_tokens", type=int, default=256, help="decode benchmark: tokens to generate")
     p.add_argument("--skip", nargs="*", default=[], choices=["mfu", "moe", "decode", "kv"],
                    help="sections to leave out")
@@ -131,8 +134,16 @@ def run(args: argparse.Namespace) -> int:
     if "mfu" not in args.skip:
         peak = matmul_flops(dev, peak_dtype)
         rows.append(("matmul 2048² FLOP/s (reference)", f"{peak / 1e9:,.1f} GFLOP/s", ""))
+        rows.append(("MFU model size", f"{args.n_layer} layers, n_embd {args.n_embd}, {args.n_head} heads, "
+                     f"block {args.block_size}, batch {args.batch_size}", ""))
         for vocab, target in ((65, "≥ 0.85"), (50304, "≥ 0.70")):
-            model, runner = build(dev, args.compile, vocab_size=vocab)
+            size = {k: getattr(args, k) for k in ("n_layer", "n_embd", "n_head", "block_size")}
+            size["up_dim"] = 4 * size["n_embd"]
+            try:
+                model, runner = build(dev, args.compile, vocab_size=vocab, **size)
+            except ValueError as e:
+                print(f"error: {e}")
+                return 2
             t = timed(train_step_fn(model, runner, args.batch_size, dev, amp), dev, args.repeats, args.warmup)
             flops = model.flops_per_token() * args.batch_size * model.cfg.block_size
             rows.append((f"MFU train step, vocab {vocab}", f"{flops / t / peak:.3f}  ({flops / t / 1e9:,.1f} GFLOP/s, "
