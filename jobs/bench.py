@@ -2,6 +2,7 @@
 
     python jobs/bench.py models [--device cuda --dtype bf16 --compile]
     python jobs/bench.py data
+    python jobs/bench.py train [--quick]
 
 Numbers go to docs/benchmarks.md together with the command that made them.
 """
@@ -14,6 +15,7 @@ import sys
 SUITES = {
     "models": ("chimera.benchmarks.models", "model MFU, MoE vs dense, KV-cached decoding, KV bytes"),
     "data": ("chimera.benchmarks.data", "preparation and loader throughput"),
+    "train": ("chimera.benchmarks.train", "Ray Train overhead, data-parallel efficiency, time to quality"),
 }
 
 

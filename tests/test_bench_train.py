@@ -1,0 +1,50 @@
+"""`python jobs/bench.py train`: bad arguments exit with code 2 before any data or Ray work
+(no timing is asserted here; the benchmark itself is run by hand, see docs/benchmarks.md)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def bench_main(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "jobs"))
+    import bench
+    return bench.main
+
+
+def test_bad_skip_value_is_a_usage_error(bench_main, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_main(["train", "--skip", "bogus"])
+    assert e.value.code == 2
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "-1"], "--steps must be >= 1"),
+    (["--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--n_layer", "-2"], "--n_layer must be >= 1"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--max_iters", "0"], "--max_iters must be >= 1"),
+    (["--threads", "0", "--skip", "dp"], "--threads must be >= 1"),
+    (["--threads", "1"], "the dp section needs --threads >= 2"),
+    (["--steps", "3", "--log_interval", "5"], "--steps (3) must be >= --log_interval (5)"),
+    (["--target_loss", "-1"], "--target_loss must be > 0"),
+    (["--timeout", "0"], "--timeout must be > 0"),
+    (["--n_embd", "65"], "not divisible by n_head"),
+    (["--skip", "overhead", "dp", "quality"], "nothing to measure"),
+])
+def test_bad_values_exit_2_with_a_message(bench_main, capsys, argv, message):
+    assert bench_main(["train", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+def test_missing_data_exits_2(bench_main, capsys, tmp_path):
+    assert bench_main(["train", "--data_dir", str(tmp_path / "nope")]) == 2
+    assert "has no manifest.json" in capsys.readouterr().err
+    assert bench_main(["train", "--source", str(tmp_path / "nope.txt")]) == 2
+    assert "not found" in capsys.readouterr().err
