@@ -227,6 +227,7 @@ def _quality(data_dir: str, storage: str, s: dict, args) -> dict[str, Any]:
     # a private local Ray instance for the job (init_ray honours RAY_ADDRESS; "local" = new one)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "local"}
     log_path = Path(storage) / "baby-gpt.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)   # also when the other sections are skipped
     print(f"# quality run: {' '.join(cmd[1:])}", flush=True)
     evals: list[tuple[int, float, float]] = []        # (step, val loss, seconds since start)
     t0 = time.perf_counter()
