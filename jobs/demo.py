@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     from _paths import setup
     repo = setup()
     import torch
-    from models import LLM, ConfigError, ModelConfig
+    from models import LLM, ModelConfig
+    from models.generation import check_sampling_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", default=str(repo / "configs" / "hetero.jsonl"), help="seed-format JSONL layer file")
@@ -27,9 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args(argv)
     try:
+        check_sampling_args(args.max_new_tokens, 1.0, 50, None)   # flags first, before any work
         cfg = ModelConfig.from_layer_file(args.layers, n_embd=args.n_embd, block_size=args.block_size,
                                           vocab_size=256)
-    except ConfigError as e:
+    except ValueError as e:                                    # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
@@ -44,12 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  layer {i}: {b.summary():14s} {model.blocks[i].attn.kv_values_per_token()} cached values/token")
     prompt = torch.tensor([list(args.prompt.encode("utf-8"))[-args.block_size:] or [0]])
     t0 = time.perf_counter()
-    try:
-        out = model.generate(prompt, args.max_new_tokens, temperature=1.0, top_k=50,
-                             generator=torch.Generator().manual_seed(args.seed))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = model.generate(prompt, args.max_new_tokens, temperature=1.0, top_k=50,
+                         generator=torch.Generator().manual_seed(args.seed))
     dt = time.perf_counter() - t0
     text = bytes(out[0, prompt.size(1):].tolist()).decode("utf-8", errors="replace")
     print(f"generation (untrained, KV cache, {args.max_new_tokens / dt:.0f} tok/s):")
