@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from models.attention.cache import KVCache
 from models.config import ModelConfig
 from models.norms import make_norm
-from models.positions import AbsolutePositions
+from models.positions import AbsolutePositions, position_ids
 from models.registry import build_attention, build_ffn
 
 
@@ -38,7 +38,7 @@ class Block(nn.Module):
         self.ffn = build_ffn(cfg.n_embd, b)
 
     def forward(self, x: torch.Tensor, cache: dict | None = None,
-                start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                start: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor]:
         x = x + self.attn(self.ln_1(x), cache, start)               # (B, T, C)
         y, aux = self.ffn(self.ln_2(x))
         return x + y, aux
@@ -79,14 +79,17 @@ class LLM(nn.Module):
                         nn.init.normal_(p, 0.0, resid_std if name in residual else 0.02)
 
     # --- forward ------------------------------------------------------------------------------
-    def _trunk(self, idx: torch.Tensor, cache: KVCache | None, start: int
+    def _trunk(self, idx: torch.Tensor, cache: KVCache | None, start: int | torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         B, T = idx.shape
-        if start + T > self.cfg.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.cfg.block_size}")
+        end = (int(start.max()) if isinstance(start, torch.Tensor) else start) + T
+        if end > self.cfg.block_size:
+            raise ValueError(f"sequence of {end} tokens exceeds block_size={self.cfg.block_size}")
+        if isinstance(start, torch.Tensor) and (cache is None or start.shape != (B,)):
+            raise ValueError("per-row starts need a cache and one start per row")
         x = self.wte(idx)                                           # (B, T, C)
         if self.pos is not None:
-            x = x + self.pos(torch.arange(start, start + T, device=idx.device))
+            x = x + self.pos(position_ids(start, T, idx.device))   # (T, C) or (B, T, C)
         x = self.drop(x)
         aux = x.new_zeros(())
         for i, block in enumerate(self.blocks):
@@ -119,11 +122,15 @@ class LLM(nn.Module):
 
     @torch.no_grad()
     def next_logits(self, idx: torch.Tensor, cache: KVCache | None = None,
-                    start: int = 0) -> torch.Tensor:
-        """Logits (B, V) for the last position; with a cache, idx are the tokens at
-        positions start.. and are appended to the cache."""
+                    start: int | torch.Tensor = 0, last: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        """Logits (B, V) for the last position (or, with `last` (B,), for position last[b] of
+        row b: a right-padded batch). With a cache, idx are the tokens at positions start..
+        (an int, or per-row starts (B,), see models/attention/cache.py), written to the cache."""
         h, _ = self._trunk(idx, cache, start)
-        return self.lm_head(h[:, -1, :])
+        if last is None:
+            return self.lm_head(h[:, -1, :])
+        return self.lm_head(h[torch.arange(h.size(0), device=h.device), last.to(h.device)])
 
     # --- KV cache and generation ----------------------------------------------------------------
     def new_cache(self, batch: int, dtype: torch.dtype | None = None,

@@ -23,7 +23,8 @@ def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
 
 
 class AbsolutePositions(nn.Module):
-    """Learned (`learn`) or fixed sinusoidal (`sin`) position embeddings, (T,) -> (T, C)."""
+    """Learned (`learn`) or fixed sinusoidal (`sin`) position embeddings, (T,) -> (T, C) or
+    per-row (B, T) -> (B, T, C)."""
 
     def __init__(self, kind: str, block_size: int, n_embd: int):
         super().__init__()
@@ -58,9 +59,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+def position_ids(start: int | torch.Tensor, T: int, device) -> torch.Tensor:
+    """Positions of T new tokens: (T,) for an int start shared by the batch, (B, T) for
+    per-row starts (B,) (continuous batching: rows of one batch at different lengths)."""
+    if isinstance(start, torch.Tensor):
+        return start.to(device).unsqueeze(1) + torch.arange(T, device=device)
+    return torch.arange(start, start + T, device=device)
+
+
 class Rotary(nn.Module):
     """Holds the cos/sin tables for one head width; `forward(x, start)` rotates positions
-    start .. start+T-1 of x (B, H, T, d)."""
+    start .. start+T-1 of x (B, H, T, d); start is an int or per-row starts (B,)."""
 
     def __init__(self, dim: int, block_size: int):
         super().__init__()
@@ -68,6 +77,9 @@ class Rotary(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
         T = x.size(-2)
+        if isinstance(start, torch.Tensor):
+            pos = position_ids(start, T, x.device)                 # (B, T)
+            return apply_rope(x, self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1))
         return apply_rope(x, self.cos[start:start + T], self.sin[start:start + T])

@@ -1,17 +1,26 @@
-"""KV cache: one preallocated buffer set per layer, shared length for the whole model.
+"""KV cache: one preallocated buffer set per layer, shared by every layer of the model.
 
 Each attention module says what it caches (`cache_shapes`): GQA/MQA/MHA keep K and V per KV
 head, MLA keeps its compressed latent c_kv and the shared RoPE key. Buffers hold `max_len`
 positions (the model's block_size), so the allocated bytes are exactly
 `batch * max_len * model.kv_cache_bytes_per_token(dtype)`.
 
-The cache holds positions [0, length). A forward pass with T new tokens writes positions
-[length, length + T) and then advances `length`. Sliding past block_size is the model's
-concern (see models/generation.py): it resets the cache and re-prefills the window.
+Positions. A forward pass with T new tokens writes them at `start`, which is either
+  * an int shared by the whole batch (models/generation.py): the cache holds positions
+    [0, length) and a pass writes [length, length + T), then advances `length`; or
+  * per-row starts, a (B,) integer tensor (continuous batching, serve/engine.py): row b writes
+    positions start[b] .. start[b]+T-1 and its queries see keys 0 .. their own position only
+    (a per-row causal mask), so rows of different lengths share one batch. Keys a row has not
+    written yet (stale entries of a previous request, padding) sit after its queries and are
+    masked; a right-padded prefill writes pads there, which later tokens overwrite.
+Sliding past block_size is the model's concern (see models/generation.py): it resets the cache
+and re-prefills the window.
 """
 from __future__ import annotations
 
 import torch
+
+from models.positions import position_ids
 
 
 class KVCache:
@@ -24,7 +33,7 @@ class KVCache:
              for name, shape in shapes.items()}
             for shapes in layer_shapes
         ]
-        self.length = 0
+        self.length: int | torch.Tensor = 0
 
     def reset(self) -> None:
         """Forget the cached positions (the buffers are reused, not reallocated)."""
@@ -33,10 +42,32 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
 
+    def rows(self, lo: int, hi: int) -> "KVCache":
+        """A cache over rows [lo, hi) that shares this cache's buffers (writes go through)."""
+        view = KVCache.__new__(KVCache)
+        view.batch, view.max_len, view.length = hi - lo, self.max_len, 0
+        view.layers = [{k: t[lo:hi] for k, t in layer.items()} for layer in self.layers]
+        return view
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Copy positions [0, length) of row src into row dst (compacting a batch)."""
+        for layer in self.layers:
+            for t in layer.values():
+                t[dst, :length] = t[src, :length]
+
     @staticmethod
-    def write(buf: torch.Tensor, new: torch.Tensor, start: int) -> torch.Tensor:
-        """Store new (B, T, ...) at positions [start, start+T) of buf; return buf[:, :start+T]."""
+    def write(buf: torch.Tensor, new: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """Store new (B, T, ...) at positions start.. of buf; return buf[:, :end] where end is
+        one past the last position written (the largest over rows for per-row starts)."""
         T = new.size(1)
+        if isinstance(start, torch.Tensor):
+            pos = position_ids(start, T, buf.device)                # (B, T)
+            end = int(pos.max()) + 1
+            if int(pos.min()) < 0 or end > buf.size(1):
+                raise ValueError(f"KV cache overflow: positions up to {end - 1} do not fit "
+                                 f"in a cache of {buf.size(1)} positions")
+            buf[torch.arange(buf.size(0), device=buf.device).unsqueeze(1), pos] = new
+            return buf[:, :end]
         if start + T > buf.size(1):
             raise ValueError(f"KV cache overflow: positions {start}..{start + T - 1} do not fit "
                              f"in a cache of {buf.size(1)} positions")
@@ -44,12 +75,18 @@ class KVCache:
         return buf[:, :start + T]
 
 
-def causal_mask(T: int, start: int, device) -> torch.Tensor | None:
-    """Boolean (T, start+T) mask for T queries at positions start.. over keys 0..start+T-1.
+def causal_mask(T: int, start: int | torch.Tensor, device) -> torch.Tensor | None:
+    """Boolean mask for T queries at positions start.. over keys 0..end-1: (T, start+T) for an
+    int start, (B, 1, T, end) for per-row starts (end = max over rows, broadcast over heads).
 
     None when no mask is needed (a single query sees everything before it) or when plain
     `is_causal` applies (start == 0); SDPA's is_causal aligns top-left, so a prefix needs this.
+    Per-row starts always get a mask: a row must not see keys past its own position.
     """
+    if isinstance(start, torch.Tensor):
+        q = position_ids(start, T, device)                                 # (B, T)
+        k = torch.arange(int(q.max()) + 1, device=device)                  # (S,)
+        return (k <= q.unsqueeze(-1)).unsqueeze(1)                         # (B, 1, T, S)
     if T == 1 or start == 0:
         return None
     q = torch.arange(start, start + T, device=device).unsqueeze(1)       # (T, 1)

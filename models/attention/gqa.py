@@ -41,7 +41,7 @@ class GQA(nn.Module):
         return 6 * self.n_head * T * (self.head_dim + self.head_dim)
 
     def forward(self, x: torch.Tensor, cache: dict[str, torch.Tensor] | None = None,
-                start: int = 0) -> torch.Tensor:
+                start: int | torch.Tensor = 0) -> torch.Tensor:
         B, T, C = x.shape
         H, K, D = self.n_head, self.n_kv, self.head_dim
         q, k, v = self.c_attn(x).split([H * D, K * D, K * D], dim=-1)

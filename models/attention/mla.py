@@ -65,7 +65,7 @@ class MLA(nn.Module):
         """Training FLOPs (fwd+bwd) of QK^T (width D+R) and AV (width D) over T positions."""
         return 6 * self.n_head * T * ((self.head_dim + self.rope_dim) + self.head_dim)
 
-    def _queries(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _queries(self, x: torch.Tensor, start) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, _ = x.shape
         H, D, R = self.n_head, self.head_dim, self.rope_dim
         q = self.W_uq(self.q_norm(self.W_dq(x))).view(B, T, H, D + R).transpose(1, 2)
@@ -74,7 +74,7 @@ class MLA(nn.Module):
             return q_nope, self.rotary(q_rope, start)
         return q_nope, None
 
-    def _latents(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _latents(self, x: torch.Tensor, start) -> tuple[torch.Tensor, torch.Tensor | None]:
         c_kv, k_rope = self.W_dkv(x).split([self.kv_latent, self.rope_dim], dim=-1)
         c_kv = self.kv_norm(c_kv)                                   # (B, T, Lkv)
         if self.rotary is not None:                                 # (B, T, R)
@@ -82,7 +82,7 @@ class MLA(nn.Module):
         return c_kv, None
 
     def forward(self, x: torch.Tensor, cache: dict[str, torch.Tensor] | None = None,
-                start: int = 0) -> torch.Tensor:
+                start: int | torch.Tensor = 0) -> torch.Tensor:
         B, T, C = x.shape
         H, D = self.n_head, self.head_dim
         q_nope, q_rope = self._queries(x, start)
