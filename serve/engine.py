@@ -128,6 +128,7 @@ class _Seq:
     cached: int = 0                     # positions of this row held in the KV cache
     generated: list[int] = field(default_factory=list)
     done: str | None = None
+    first: bool = False                 # jump the queue (health checks)
 
 
 class Engine:
@@ -156,9 +157,11 @@ class Engine:
     def encode(self, prompt: str) -> list[int]:
         return self.tok.encode(prompt)
 
-    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request (thread-safe). Prompt ids must be in [0, vocab); a prompt longer
-        than block_size keeps its last block_size tokens."""
+    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+            first: bool = False) -> None:
+        """Queue a request (thread-safe); `first` puts it at the head of the queue (health
+        checks). Prompt ids must be in [0, vocab); a prompt longer than block_size keeps its
+        last block_size tokens."""
         ids = [int(t) for t in prompt_ids]
         if not ids:
             raise ValueError("the prompt is empty")
@@ -167,7 +170,7 @@ class Engine:
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little")
         gen = torch.Generator(device=self.device).manual_seed(seed)
         seq = _Seq(request_id, params, ids[-self.block:], len(ids), gen,
-                   TextStream(self.tok, params.stop))
+                   TextStream(self.tok, params.stop), first=first)
         with self._lock:
             self._new.append(seq)
 
@@ -192,7 +195,8 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[Output]:
         with self._lock:
-            self.waiting += self._new
+            self.waiting = ([s for s in self._new if s.first] + self.waiting
+                            + [s for s in self._new if not s.first])
             self._new, cancel, self._cancel = [], self._cancel, set()
         outs: list[Output] = []
         if cancel:

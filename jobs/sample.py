@@ -1,0 +1,84 @@
+"""Sample from a trained checkpoint, locally (no Ray, no server) — the seed's sampling CLI.
+
+    python jobs/sample.py --model_path runs/my_run --prompt "ROMEO:" --max_new_tokens 200 \
+        --temperature 0.8 --top_k 100 [--top_p 0.95] [--seed 1] [--no_kv_cache]
+
+--model_path is a checkpoint dir or a run dir (its best checkpoint). Prints the prompt and its
+continuation on stdout, tokens/s on stderr. The KV-cached path runs serve/engine.py (the
+server's engine, batch of one); --no_kv_cache runs the full-window model every step. With the
+same seed both give the same tokens. A prompt longer than block_size keeps its last
+block_size tokens; generation stops at max_new_tokens or the tokenizer's end-of-text token.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jobs/sample.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", required=True, help="checkpoint dir or run dir")
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top_k", type=int)
+    p.add_argument("--top_p", type=float)
+    p.add_argument("--seed", type=int, help="default: a random seed")
+    p.add_argument("--no_kv_cache", action="store_true", help="recompute the window every step")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from _paths import setup
+    setup()
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from models.generation import check_sampling_args
+    from serve.engine import Engine, SamplingParams
+    from serve.loading import load_checkpoint, resolve_checkpoint
+    try:
+        check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        if not args.prompt:
+            raise ValueError("--prompt is empty")
+        if args.device not in ("auto", "cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+            raise ValueError(f"--device {args.device}: use auto, cpu or cuda (with a visible GPU)")
+        ckpt = resolve_checkpoint(args.model_path)
+        device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
+            ("cpu" if args.device == "auto" else args.device)
+        model, tok = load_checkpoint(ckpt, device)
+        ids = tok.encode(args.prompt)
+        if not ids:
+            raise ValueError("--prompt encodes to no tokens")
+    except ValueError as e:                           # TokenizerError and ConfigError too
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if len(ids) > model.cfg.block_size:
+        print(f"note: prompt of {len(ids)} tokens keeps its last {model.cfg.block_size}", file=sys.stderr)
+    seed = args.seed if args.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
+    t0 = time.perf_counter()
+    if args.no_kv_cache:
+        g = torch.Generator(device=device).manual_seed(seed)
+        out = model.generate(torch.tensor([ids], device=device), args.max_new_tokens,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             eos_id=tok.eot_id, use_cache=False, generator=g)
+        new = out[0, min(len(ids), model.cfg.block_size):].tolist()
+        if tok.eot_id in new:
+            new = new[:new.index(tok.eot_id) + 1]
+        text = tok.decode([t for t in new if t != tok.eot_id])
+    else:
+        params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, seed)
+        done = Engine(model, tok, max_batch=1).run({"s": (ids, params)})["s"]
+        new, text = done.token_ids, done.text
+    dt = time.perf_counter() - t0
+    print(args.prompt + text)
+    print(f"{len(new)} tokens in {dt:.2f} s: {len(new) / dt:.1f} tokens/s "
+          f"(KV cache {'off' if args.no_kv_cache else 'on'}, {device}, seed {seed})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Serve trained checkpoints over HTTP on Ray Serve (KV-cached, continuously batched).
+
+    python jobs/serve.py --checkpoint runs/my_run                  # a run dir: its best checkpoint
+    python jobs/serve.py --checkpoint small=runs/a --checkpoint big=runs/b/checkpoint_002000
+    python jobs/serve.py --from_sweep sweeps/s1 --top_k 3 --host 0.0.0.0 --port 8000
+    RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/serve.py --checkpoint ...
+    serve run serve.app:build_app checkpoint=runs/my_run            # the same app, Serve's CLI
+
+Routes: POST /generate, POST /v1/completions, GET /v1/models, GET /health (see README).
+Binds 127.0.0.1 unless --host says otherwise; serves until interrupted (Ctrl-C / SIGTERM),
+then shuts Serve down. Every flag is checked before Ray starts (exit code 2).
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+
+APP_FLAGS = ("checkpoint", "from_sweep", "top_k", "max_batch", "max_new_tokens_cap",
+             "max_body_bytes", "max_ongoing_requests", "max_queued_requests", "num_replicas",
+             "min_replicas", "max_replicas", "target_ongoing_requests", "num_cpus", "num_gpus",
+             "health_check_period_s", "health_check_timeout_s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jobs/serve.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--checkpoint", action="append", default=[], metavar="[NAME=]PATH",
+      help="checkpoint dir or run dir (its best checkpoint); repeat for several models")
+    a("--from_sweep", metavar="DIR", help="serve the --top_k best trials of this sweep dir")
+    a("--top_k", type=int, default=1, help="with --from_sweep: how many trials (default 1)")
+    a("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    a("--port", type=int, default=8000)
+    a("--app_name", default="chimera")
+    a("--max_batch", type=int, default=16, help="rows of the running batch per replica")
+    a("--max_new_tokens_cap", type=int, default=1024, help="largest max_new_tokens/max_tokens accepted")
+    a("--max_body_bytes", type=int, default=1 << 20, help="largest request body (413 above)")
+    a("--max_ongoing_requests", type=int, help="per model replica (default 2 x --max_batch)")
+    a("--max_queued_requests", type=int, default=64, help="queued per model before 503")
+    a("--num_replicas", type=int, default=1, help="replicas per model (without autoscaling)")
+    a("--min_replicas", type=int, help="autoscaling lower bound (with --max_replicas)")
+    a("--max_replicas", type=int, help="turns autoscaling on")
+    a("--target_ongoing_requests", type=float, help="autoscaling target (default --max_batch)")
+    a("--num_cpus", type=float, default=1.0, help="CPUs per model replica (= torch threads)")
+    a("--num_gpus", type=float, default=0.0, help="GPUs per model replica")
+    a("--health_check_period_s", type=float, default=10.0)
+    a("--health_check_timeout_s", type=float, default=30.0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from _paths import setup
+    setup()
+    args = build_parser().parse_args(argv)
+    from pydantic import ValidationError
+
+    from serve.app import AppArgs, build_app, resolve_models
+    try:
+        if not 0 < args.port < 65536:
+            raise ValueError(f"--port must be in 1..65535, got {args.port}")
+        app_args = AppArgs(**{k: getattr(args, k) for k in APP_FLAGS})
+        models = resolve_models(app_args)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        print(f"error: {'--' + loc + ': ' if loc else ''}{err['msg']}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from ray import serve
+
+    from chimera.runtime import init_ray
+    init_ray()
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(app_args), name=args.app_name, route_prefix="/")
+        url = f"http://{args.host}:{args.port}"
+        print(f"serving {', '.join(n for n, _ in models)} at {url}  (Ctrl-C to stop)", flush=True)
+        for name, path in models:
+            print(f"  {name}: {path}", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down", flush=True)
+    finally:
+        serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

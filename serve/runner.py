@@ -1,0 +1,94 @@
+"""Drive an Engine from asyncio (the Serve replica's event loop), no Ray needed.
+
+    runner = AsyncRunner(engine, on_step=metrics.on_step)
+    async for t, outs in runner.stream("id", prompt_ids, params):   # lists of engine Outputs
+        ...
+
+One background task runs `engine.step()` in a single worker thread while there is work
+(PyTorch releases the GIL, so the event loop keeps accepting requests meanwhile), and hands
+each step's outputs to the per-request queues. A consumer that stops early (client gone,
+cancelled) cancels its request: the engine frees the row at its next step. An exception in a
+step fails the requests in flight (finish_reason 'error') and the runner carries on.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Callable
+
+from serve.engine import Engine, Output, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class AsyncRunner:
+    def __init__(self, engine: Engine, on_step: Callable[[Engine, float], None] | None = None):
+        self.engine = engine
+        self.on_step = on_step
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="engine")
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    def _ensure_loop(self) -> None:
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.engine.has_work():
+                self._wake.clear()
+                if not self.engine.has_work():
+                    await self._wake.wait()
+                continue
+            t0 = time.perf_counter()
+            try:
+                outs = await loop.run_in_executor(self._pool, self.engine.step)
+            except Exception:                                   # never a dead replica
+                log.exception("engine step failed; failing the requests in flight")
+                outs = self.engine.fail_all("error")
+            now = time.perf_counter()
+            for o in outs:
+                q = self._queues.get(o.request_id)
+                if q is not None:
+                    q.put_nowait((now, o))
+            if self.on_step is not None:
+                self.on_step(self.engine, now - t0)
+
+    async def stream(self, rid: str, prompt_ids: list[int], params: SamplingParams,
+                     first: bool = False) -> AsyncIterator[tuple[float, list[Output]]]:
+        """Yield (time, outputs) with every output available for this request so far
+        (several per item when the consumer falls behind); ends after the final output."""
+        if rid in self._queues:
+            raise ValueError(f"request id {rid!r} is already running")
+        q: asyncio.Queue = asyncio.Queue()
+        self.engine.add(rid, prompt_ids, params, first)              # ValueError for bad prompts
+        self._queues[rid] = q
+        finished = False
+        try:
+            self._ensure_loop()
+            while not finished:
+                t, o = await q.get()
+                items = [o]
+                while not q.empty():
+                    t, o = q.get_nowait()
+                    items.append(o)
+                finished = items[-1].finish_reason is not None
+                yield t, items
+        finally:
+            self._queues.pop(rid, None)
+            if not finished:                                    # consumer left: free the row
+                self.engine.cancel(rid)
+                try:
+                    self._ensure_loop()
+                except RuntimeError:                            # closed outside a loop
+                    pass
+
+    def load(self) -> tuple[int, int]:
+        """(running, queued) requests."""
+        return self.engine.num_running, self.engine.num_waiting
