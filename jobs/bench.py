@@ -19,8 +19,10 @@ SUITES = {
 }
 
 
-def parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     """The full CLI (every suite's flags); imports each suite's module, not its heavy work."""
+    from _paths import setup
+    setup()
     p = argparse.ArgumentParser(prog="jobs/bench.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="suite", required=True)
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         p = argparse.ArgumentParser(prog=f"jobs/bench.py {argv[0]}", description=SUITES[argv[0]][1])
         module.add_args(p)
         return module.run(p.parse_args(argv[1:]))
-    parser().parse_args(argv)                       # prints usage / the error for a bad suite
+    build_parser().parse_args(argv)                 # prints usage / the error for a bad suite
     return 2
 
 

@@ -17,14 +17,15 @@ import shlex
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     from _paths import setup
-    repo = setup()
-    from chimera.datasets import DATASETS, DataError
-    from chimera.prepare import DEFAULT_SHARD_SIZE, parse_count, prepare
-    from chimera.tokenizers import TOKENIZERS, TokenizerError
+    setup()
+    from chimera.datasets import DATASETS
+    from chimera.prepare import DEFAULT_SHARD_SIZE, parse_count
+    from chimera.tokenizers import TOKENIZERS
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="jobs/prepare.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True, help=f"one of: {', '.join(DATASETS)}")
     p.add_argument("--source", nargs="+", help="local .txt/.jsonl/.parquet files or folders (default: download)")
     p.add_argument("--tokenizer", default="gpt2", help=f"one of: {', '.join(TOKENIZERS)}")
@@ -35,8 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num_proc", type=int, help="tokenizer threads (default: all CPUs)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset prepared with other settings")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
+    return p
 
+
+def main(argv: list[str] | None = None) -> int:
+    from _paths import setup
+    repo = setup()
+    from chimera.datasets import DataError
+    from chimera.prepare import prepare
+    from chimera.tokenizers import TokenizerError
+
+    args = build_parser().parse_args(argv)
     suffix = "" if args.tokenizer == "gpt2" else f"_{args.tokenizer}"
     out = args.out or repo / "data" / f"{args.dataset}{suffix}"
     command = shlex.join(["python", "jobs/prepare.py", *(sys.argv[1:] if argv is None else argv)])

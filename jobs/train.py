@@ -1,4 +1,4 @@
-"""Train a model on Ray Train (locally, or on the cluster `ray job submit` points at).
+r"""Train a model on Ray Train (locally, or on the cluster `ray job submit` points at).
 
     python jobs/train.py --data_dir data/shakespeare_char --n_layer 4 --n_head 4 --n_embd 128 \
         --block_size 64 --batch_size 12 --total_batch_size_str 12*64 --max_iters 2000 --eval
@@ -15,13 +15,24 @@ import argparse
 import sys
 
 
+def build_parser() -> argparse.ArgumentParser:
+    from _paths import setup
+    setup()
+    from chimera.paramdocs import DocDefaultsFormatter
+    from chimera.train_config import add_arguments
+
+    p = argparse.ArgumentParser(prog="jobs/train.py", description=__doc__,
+                                formatter_class=DocDefaultsFormatter)
+    add_arguments(p)
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     from _paths import setup
     setup()
-    from chimera.train_config import TrainConfigError, add_arguments, load_train_config, plan_run
+    from chimera.train_config import TrainConfigError, load_train_config, plan_run
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
+    p = build_parser()
     args = vars(p.parse_args(argv))
     config_file = args.pop("config", None)
     try:

@@ -203,9 +203,14 @@ def _join(base: str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}" if "://" in base else str(Path(base) / name)
 
 
+STORAGE_ENV = "CHIMERA_STORAGE"     # cluster.yaml exports it on every node: s3://BUCKET/chimera
+
+
 def resolve_storage_path(path: str | None) -> str:
-    """Absolute local path or URI (s3://, gs://, ...). Default <repo>/runs; inside a Ray job's
-    unpacked working dir (deleted with the job) the default is ~/chimera_runs instead."""
+    """Absolute local path or URI (s3://, gs://, ...). Default $CHIMERA_STORAGE when set, else
+    <repo>/runs; inside a Ray job's unpacked working dir (deleted with the job) ~/chimera_runs."""
+    if path is None:
+        path = os.environ.get(STORAGE_ENV) or None
     if path is None:
         if "runtime_resources" in str(REPO):
             return str(Path.home() / "chimera_runs")
@@ -289,18 +294,88 @@ def plan_run(tc: TrainConfig, world_size: int | None = None) -> RunPlan:
                    storage_path=storage, run_name=name, grad_accum=total // per_step)
 
 
+# Meaning of every flag: the `--help` text and the "meaning" column of docs/parameters.md.
+MODEL_HELP = {
+    "n_layer": "number of transformer layers (must equal the number of layer dicts when given)",
+    "n_embd": "model width (embedding size)",
+    "vocab_size": "vocabulary size (default: the dataset's tokenizer vocabulary rounded up to 64)",
+    "block_size": "context length in tokens",
+    "dropout": "dropout probability",
+    "pos_emb": "positions: learn, sin or rope",
+    "norm": "layernorm or rmsnorm",
+    "up_dim": "hidden width of the MLP / of each expert",
+    "non_linearity": "MLP activation (relu gelu silu swish mish selu celu elu lrelu tanh sigmoid glu swiglu)",
+    "attn": "attention: mha, mqa, gqa or mla (DeepSeek multi-head latent attention)",
+    "n_head": "attention heads",
+    "n_kv_heads": "key/value heads (gqa; mha uses n_head, mqa 1)",
+    "q_latent_dim": "mla: query latent width",
+    "kv_latent_dim": "mla: key/value latent width (what the KV cache stores)",
+    "rope_head_dim": "mla: decoupled RoPE width per head (0 without rope)",
+    "moe": "mixture of experts instead of the dense MLP",
+    "n_exp": "moe: experts per layer",
+    "n_shared": "moe: always-active shared experts",
+    "n_act": "moe: active experts per token, shared ones included",
+    "coeff": "moe: auxiliary load-balancing loss weight (without --aux_free)",
+    "aux_free": "moe: auxiliary-loss-free balancing (per-expert router bias)",
+    "alpha": "moe --aux_free: weight of the small sequence-wise balance loss",
+    "gamma": "moe --aux_free: bias update step per optimizer step",
+    "act_recomp": "recompute activations in the backward pass (less memory, more compute)",
+}
+FIELD_HELP = {
+    "dataset": "dataset name (data_dir defaults to <repo>/data/<dataset>)",
+    "data_dir": "folder of prepared shards and manifest.json (jobs/prepare.py output; default <repo>/data/<dataset>)",
+    "total_batch_size_str": "tokens per optimizer step over all workers, an integer expression (2**13, 8*1024); grad_accum = total / (batch_size*block_size*num_workers)",
+    "batch_size": "sequences per micro-step per worker",
+    "max_iters": "optimizer steps",
+    "learning_rate": "peak learning rate (linear warmup, then cosine decay to 10%)",
+    "warmup_steps": "linear warmup steps",
+    "weight_decay": "AdamW weight decay (matrices only)",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "grad_clip": "gradient-norm clipping (0 disables it)",
+    "eval": "evaluate train/val loss at step 0, every eval_interval and at the end",
+    "eval_interval": "steps between evaluations",
+    "eval_iters": "batches per evaluation",
+    "log_interval": "steps between metric rows (loss, lr, tokens/s, MFU)",
+    "save_model": "write checkpoints (every ckpt_interval, at the end, and the best-val copy)",
+    "ckpt_interval": "steps between checkpoints",
+    "keep_checkpoints": "newest checkpoints kept in the run folder",
+    "file_name": "prefix of the best-checkpoint copy (<run>/<file_name>_best)",
+    "wandb_log": "log metrics to Weights & Biases (WANDB_MODE=offline works)",
+    "wandb_project": "W&B project",
+    "wandb_run_name": "W&B run name (default: the run name)",
+    "compile": "torch.compile the model",
+    "num_workers": "Ray Train workers (data-parallel ranks)",
+    "use_gpu": "one GPU per worker (NCCL); CPU and gloo otherwise",
+    "num_threads": "torch threads and Ray CPUs per worker (0: torch's default, 1 CPU)",
+    "peak_flops": "peak FLOP/s per worker for MFU (default: by GPU model, or 1e11 per CPU thread)",
+    "storage_path": "where runs live: a local folder or s3://... (multi-node runs need shared storage); default $CHIMERA_STORAGE, else <repo>/runs",
+    "run_name": "run folder under storage_path; the same name resumes (default: a hash of the settings)",
+    "max_failures": "worker-group restarts from the last checkpoint after a failure (-1: unlimited)",
+    "seed": "random seed (init, data order)",
+    "resume_from": "checkpoint folder to start a new run from (same model config)",
+    "crash_at_step": "test hook: the last rank exits once at this step (0: never)",
+}
+
+
 def add_arguments(p) -> None:
-    """Every TrainConfig key and model flag as `--key`; unspecified flags stay absent."""
+    """Every TrainConfig key and model flag as `--key`; unspecified flags stay absent. Each
+    action carries `doc_default` (its effective default) for --help and docs/parameters.md."""
     import argparse
+    from models.config import ATTN_DEFAULTS, FFN_DEFAULTS, GLOBAL_DEFAULTS
     S = argparse.SUPPRESS
+    model_defaults = {**GLOBAL_DEFAULTS, **ATTN_DEFAULTS, **FFN_DEFAULTS}
     m = p.add_argument_group("model (only the flags given reach the model config)")
     types = {"dropout": float, "coeff": float, "alpha": float, "gamma": float,
              "pos_emb": str, "norm": str, "non_linearity": str, "attn": str}
     for k in MODEL_KEYS:
         if k in _BOOL_MODEL_KEYS:
-            m.add_argument(f"--{k}", action=argparse.BooleanOptionalAction, default=S)
+            a = m.add_argument(f"--{k}", action=argparse.BooleanOptionalAction, default=S,
+                               help=MODEL_HELP[k])
         else:
-            m.add_argument(f"--{k}", type=types.get(k, int), default=S)
+            a = m.add_argument(f"--{k}", type=types.get(k, int), default=S, help=MODEL_HELP[k])
+        if k != "vocab_size":
+            a.doc_default = model_defaults[k]
     m.add_argument("--layer_configs", default=S, help="JSON list of per-layer dicts")
     m.add_argument("--layer_configs_jsonl", default=S, help="JSONL file, one layer dict per line")
     t = p.add_argument_group("training")
@@ -309,8 +384,11 @@ def add_arguments(p) -> None:
             continue
         base = str(f.type).split(" |")[0]
         if base == "bool":
-            t.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=S)
+            a = t.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=S,
+                               help=FIELD_HELP[f.name])
         else:
-            t.add_argument(f"--{f.name}", type={"int": int, "float": float}.get(base, str), default=S,
-                           help=f"default {f.default!r}")
+            a = t.add_argument(f"--{f.name}", type={"int": int, "float": float}.get(base, str),
+                               default=S, help=FIELD_HELP[f.name])
+        if f.default is not None:
+            a.doc_default = f.default
     p.add_argument("--config", default=S, help="YAML/JSON file with the same keys (CLI overrides it)")

@@ -58,6 +58,14 @@ def _ray_context():
         return None
 
 
+def _node_id() -> str | None:
+    try:
+        import ray
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return None
+
+
 def peak_flops(device: torch.device, given: float | None) -> float:
     if given:
         return given
@@ -319,12 +327,15 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             m, improved = eval_metrics()
             metrics.update(m)
         if step == tc.max_iters:
-            hashes = [None] * world
+            # per rank: parameter hash (DDP kept them in sync) and Ray node id (where it ran)
+            mine = (state_hash(raw), _node_id() if ctx is not None else None)
+            gathered = [None] * world
             if world > 1:
-                dist.all_gather_object(hashes, state_hash(raw))
+                dist.all_gather_object(gathered, mine)
             else:
-                hashes = [state_hash(raw)]
-            metrics.update(param_hashes=hashes, done=True)
+                gathered = [mine]
+            metrics.update(param_hashes=[h for h, _ in gathered],
+                           node_ids=[n for _, n in gathered], done=True)
         if resumed_from is not None:
             metrics["resumed_from_step"] = resumed_from
         record(metrics, best=improved, periodic=periodic)

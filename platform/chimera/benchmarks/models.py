@@ -43,7 +43,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the models")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed repeats before measuring")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=int, default=8, help="sequences per timed train step (MFU and MoE rows)")
     for k in ("n_layer", "n_embd", "n_head", "block_size"):
         p.add_argument(f"--{k}", type=int, default=BASE[k],
                        help=f"model size for the MFU rows (default {BASE[k]})")

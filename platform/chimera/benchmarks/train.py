@@ -60,7 +60,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                                       "(default: prepared from --source into a temp dir)")
     p.add_argument("--source", default=str(SHARED_TEXT), help="Tiny Shakespeare text to prepare")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="CPUs of the Ray instance and torch threads per run (default: all)")
+                   help="CPUs of the Ray instance and torch threads per run (default: all)"
+                   ).doc_default = "all CPUs"              # docs/parameters.md: not this machine's
     for k in ("n_layer", "n_embd", "n_head", "block_size", "batch_size"):
         p.add_argument(f"--{k}", type=int, help=f"overhead/dp model (default {SIZES[k][0]}, "
                                                  f"--quick {SIZES[k][1]})")

@@ -1,0 +1,162 @@
+"""Multi-node scenarios on one host: a `ray.cluster_utils.Cluster` of several raylets.
+
+    python tests/multinode_cluster.py spread    --data DIR --storage DIR --out result.json
+    python tests/multinode_cluster.py node_loss --data DIR --storage DIR --out result.json
+
+Run as its own process by tests/test_multinode.py: a driver can `ray.init` only once, and the
+test session already holds its single local cluster (conftest.ray_cluster).
+
+The cluster mirrors cluster.yaml: a head with no CPUs (it runs only the driver and Ray Train's
+0-CPU controller) and worker nodes with 1 CPU each, so two 1-CPU training workers can only run
+on two different nodes; the result maps the node names (a, b, c) to their Ray node ids, which
+the run's final metrics row lists per worker rank (`node_ids`). One tmp folder, seen by every
+"node" (it is one host), stands in for the s3:// storage_path a real cluster needs. The job
+runs through jobs/train.py's main() with RAY_ADDRESS set, as `ray job submit` would run it.
+
+Scenarios (the result JSON gives node ids by name, the return code, and what the scenario did):
+  spread     a 2-worker run on nodes a and b completes.
+  node_loss  a 2-worker run on a and b; once Ray Train has registered its first checkpoint, b is
+             killed (as a reclaimed spot instance is) and node c joins (as the autoscaler's
+             replacement would); the run resumes from its last checkpoint on a and c and finishes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTERS: list = []          # shut down in main(), whatever happens
+TINY = ["--n_layer", "2", "--n_embd", "32", "--n_head", "4", "--attn", "gqa", "--n_kv_heads", "2",
+        "--up_dim", "64", "--block_size", "32", "--batch_size", "8", "--total_batch_size_str",
+        "2*8*32", "--learning_rate", "3e-3", "--warmup_steps", "5", "--num_workers", "2"]
+
+
+T0 = time.monotonic()
+
+
+def _log(msg: str) -> None:
+    print(f"[multinode {time.monotonic() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _start_cluster(names: list[str]):
+    from ray.cluster_utils import Cluster
+
+    import ray._private.services as services
+    import ray._private.utils
+
+    gcs_port, dashboard_port = _free_ports(2)
+    # RAY_ADDRESS before the head starts: every process of this cluster inherits it, so Ray's
+    # own helpers that auto-detect "the" cluster (Train's PlacementGroupCleaner queries the
+    # state API that way) find this one, not another Ray instance running on the same host.
+    os.environ["RAY_ADDRESS"] = f"{services.get_node_ip_address()}:{gcs_port}"
+    ray._private.utils.write_ray_address = lambda *a, **k: None
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "gcs_server_port": gcs_port,
+        "dashboard_port": dashboard_port})
+    assert cluster.address == os.environ["RAY_ADDRESS"], (cluster.address, os.environ["RAY_ADDRESS"])
+    nodes = {n: cluster.add_node(num_cpus=1) for n in names}
+    cluster.wait_for_nodes()
+    _log(f"cluster up: head + {', '.join(names)}")
+    CLUSTERS.append(cluster)
+    return cluster, nodes
+
+
+def _train(args, extra: list[str]) -> int:
+    sys.path.insert(0, str(ROOT / "jobs"))
+    import train
+    _log("job starts")
+    return train.main(["--data_dir", args.data, "--storage_path", args.storage, *TINY, *extra])
+
+
+def spread(args) -> dict:
+    cluster, nodes = _start_cluster(["a", "b"])
+    rc = _train(args, ["--run_name", "spread", "--max_iters", "20", "--log_interval", "10",
+                       "--save_model", "--ckpt_interval", "10"])
+    return {"rc": rc, "nodes": {n: v.node_id for n, v in nodes.items()}, "run": "spread"}
+
+
+def _committed_step(run_dir: Path) -> int | None:
+    """Step of the run's latest checkpoint as Ray Train's controller has registered it (a
+    checkpoint folder appears on storage before the controller registers it; a failure in
+    between restarts from the previous one)."""
+    try:
+        snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        return int(snap["latest_checkpoint_result"]["metrics"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):     # not there yet, or mid-write
+        return None
+
+
+def node_loss(args) -> dict:
+    cluster, nodes = _start_cluster(["a", "b"])
+    run_dir = Path(args.storage) / "node_loss"
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.update(rc=_train(
+        args, ["--run_name", "node_loss", "--max_iters", str(args.max_iters), "--log_interval", "10",
+               "--save_model", "--ckpt_interval", "10", "--max_failures", "2"])), daemon=True)
+    t.start()
+    seen, deadline = None, time.monotonic() + 150
+    while seen is None and t.is_alive() and time.monotonic() < deadline:
+        seen = _committed_step(run_dir)
+        time.sleep(0.05)
+    out = {"nodes": {n: v.node_id for n, v in nodes.items()}, "run": "node_loss",
+           "checkpoint_seen": seen, "finished_before_removal": not t.is_alive()}
+    if seen is not None and t.is_alive():
+        cluster.remove_node(nodes["b"], allow_graceful=False)     # kill -9, like a lost instance
+        out["removed"] = "b"
+        out["removed_at"] = time.time()
+        nodes["c"] = cluster.add_node(num_cpus=1)
+        out["nodes"]["c"] = nodes["c"].node_id
+    t.join(timeout=240)
+    out["rc"] = box.get("rc", "timeout" if t.is_alive() else "no return code")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scenario", choices=["spread", "node_loss"])
+    p.add_argument("--data", required=True, help="prepared char shards (tests' train_char_data)")
+    p.add_argument("--storage", required=True, help="the shared storage_path of every node")
+    p.add_argument("--out", required=True, help="result JSON")
+    p.add_argument("--max_iters", type=int, default=120, help="node_loss: run length")
+    args = p.parse_args(argv)
+    # fewer helper actors/processes per run on small CI machines (as in tests/conftest.py)
+    for k in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_ENABLE_PRINT_PATCH",
+              "RAY_TRAIN_METRICS_ENABLED", "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION"):
+        os.environ.setdefault(k, "0")
+    # the controller polls workers (reports, health) every 2 s by default: a lost node is
+    # noticed, and reports are collected, sooner
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    t0 = time.monotonic()
+    try:
+        result = {"spread": spread, "node_loss": node_loss}[args.scenario](args)
+    finally:
+        import ray
+        _log("scenario done")
+        ray.shutdown()
+        for c in CLUSTERS:
+            c.shutdown()
+        _log("cluster down")
+    result["seconds"] = round(time.monotonic() - t0, 1)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Multi-node behaviour, simulated on one host: several raylets (`ray.cluster_utils.Cluster`),
+one shared storage folder standing in for S3. Each scenario runs in its own process
+(tests/multinode_cluster.py): this session's driver is already attached to its one local
+cluster (conftest.ray_cluster) and a process can join only one Ray cluster.
+
+The head has no CPUs and every worker node one, as on cluster.yaml's GPU nodes (one GPU each):
+two 1-CPU training workers cannot share a node. The final metrics row lists every rank's Ray
+node id, which the tests compare with the ids of the nodes they started.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _scenario(name: str, data: Path, tmp_path: Path, *extra: str) -> tuple[dict, Path]:
+    storage, out, log = tmp_path / "storage", tmp_path / "result.json", tmp_path / "scenario.log"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, str(ROOT / "tests" / "multinode_cluster.py"), name,
+                               "--data", str(data), "--storage", str(storage), "--out", str(out),
+                               *extra], stdout=f, stderr=subprocess.STDOUT, env=env, timeout=420)
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+    assert proc.returncode == 0 and out.exists(), f"scenario {name} failed:\n{tail}"
+    result = json.loads(out.read_text())
+    assert result["rc"] == 0, f"the training job failed (rc {result['rc']}):\n{tail}"
+    return result, storage
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_workers_on_two_nodes_complete(train_char_data, tmp_path):
+    r, storage = _scenario("spread", train_char_data, tmp_path)
+    rows = _rows(storage / "spread")
+    last = rows[-1]
+    assert last["step"] == 20 and last["done"]
+    nodes = r["nodes"]
+    assert sorted(last["node_ids"]) == sorted([nodes["a"], nodes["b"]])   # one rank per node
+    assert last["param_hashes"][0] == last["param_hashes"][1]              # DDP kept them equal
+    assert (storage / "spread" / "checkpoint_000020" / "config.json").is_file()
+
+
+def test_lost_node_run_resumes_from_checkpoint_on_replacement(train_char_data, tmp_path):
+    max_iters = 120
+    r, storage = _scenario("node_loss", train_char_data, tmp_path, "--max_iters", str(max_iters))
+    assert r["removed"] == "b", f"node b was not removed mid-run: {r}"
+    rows = _rows(storage / "node_loss")
+    first = [x for x in rows if "resumed_from_step" not in x]
+    again = [x for x in rows if "resumed_from_step" in x]
+    assert first and again, "the run did not restart from a checkpoint"
+    resumed = again[0]["resumed_from_step"]
+    # the latest checkpoint registered before the loss (or a later one), not step 0
+    assert r["checkpoint_seen"] <= resumed < max_iters
+    assert all(x["resumed_from_step"] == resumed for x in again)
+    assert again[0]["step"] == resumed + 10                  # continues where the checkpoint was
+    assert max(x["step"] for x in first) >= resumed          # which the first attempt had passed
+    last = rows[-1]
+    assert last["step"] == max_iters and last["done"]
+    nodes = r["nodes"]
+    assert sorted(last["node_ids"]) == sorted([nodes["a"], nodes["c"]])   # b is gone, c took over
+    assert nodes["b"] not in last["node_ids"]
+    assert last["param_hashes"][0] == last["param_hashes"][1]
