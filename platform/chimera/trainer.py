@@ -122,7 +122,9 @@ def _copy_dir(src: str, dst: str) -> None:
         shutil.copytree(src, dst)
 
 
-def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+def train_fn_per_worker(config: dict[str, Any], report=None) -> dict[str, Any]:
+    """One worker's training run. `report(metrics)` (in-process runs only, e.g. a Tune trial)
+    is called at every record with the cumulative metrics: the latest value of every key."""
     from models import LLM, ModelConfig
 
     tc = TrainConfig.from_dict(config["train"])
@@ -196,6 +198,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     fpt = raw.flops_per_token()
     peak = peak_flops(device, tc.peak_flops)
+    counts = raw.num_params()
+    facts = {"params_total": counts.total, "params_active": counts.active, "flops_per_token": fpt,
+             "kv_bytes_per_token": raw.kv_cache_bytes_per_token(
+                 amp_dtype if cuda else torch.float32)}
     wb = None
     if tc.wandb_log and rank == 0:
         import wandb
@@ -245,6 +251,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     def record(metrics: dict, best: bool, periodic: bool) -> None:
         nonlocal last_ckpt
+        metrics = {**metrics, "tokens": metrics["step"] * tc.total_batch_size, **facts}
         history.append(metrics)
         last.update(metrics)
         if rank == 0 and local_run:
@@ -252,18 +259,24 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 f.write(json.dumps(metrics) + "\n")
         if wb is not None:
             wb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        # reports carry the latest value of every metric, so each one has the val loss
         if tc.save_model and (best or periodic):
-            p = save(metrics, best, periodic)
+            p = save(dict(last), best, periodic)
             last_ckpt = p or last_ckpt
         elif ctx is not None:
             import ray.train
-            ray.train.report(metrics)
+            ray.train.report(dict(last))
+        if report is not None:
+            report(dict(last))
 
     def eval_metrics() -> tuple[dict, bool]:
         nonlocal best_val
         m = evaluate(raw, evals, tc.eval_iters, amp, world)
         for layer, s in raw.moe_stats().items():
             m[f"moe/{layer}/maxvio"] = s["maxvio"]
+        vios = [s["maxvio"] for s in raw.moe_stats().values()]
+        if vios:
+            m["moe_maxvio"] = max(vios)
         improved = m["val_loss"] < best_val
         best_val = min(best_val, m["val_loss"])
         m["best_val_loss"] = best_val
@@ -349,8 +362,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             "best_checkpoint": best_path, "resumed_from_step": resumed_from}
 
 
-def fit(plan: RunPlan) -> dict[str, Any]:
-    """Run train_fn_per_worker on plan.train.num_workers Ray Train workers; a summary dict."""
+def fit(plan: RunPlan, callbacks: list | None = None) -> dict[str, Any]:
+    """Run train_fn_per_worker on plan.train.num_workers Ray Train workers; a summary dict.
+    `callbacks`: Ray Train user callbacks (a sweep trial passes Tune's TuneReportCallback)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -364,6 +378,7 @@ def fit(plan: RunPlan) -> dict[str, Any]:
         run_config=RunConfig(name=plan.run_name, storage_path=plan.storage_path,
                              failure_config=FailureConfig(max_failures=tc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+                             callbacks=callbacks,
                              # W&B settings of the driver (WANDB_MODE, WANDB_DIR, ...) reach rank 0
                              worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items()
                                                               if k.startswith("WANDB_")}}))

@@ -1,0 +1,216 @@
+"""Sweeps on Ray Tune: every trial is a training run of chimera.trainer.
+
+    from chimera.sweep_spec import load_spec, expand
+    plan = expand(load_spec("configs/sweeps/exp1-tiny.yaml"))
+    summary = run_sweep(plan)                 # Tuner.fit(); then the report (chimera.sweep_report)
+    summary = run_sweep(plan, resume=True)    # Tuner.restore(): finished trials are not rerun
+
+Layout of a sweep directory <storage_path>/<name>/:
+    sweep.json                the spec, the checked trials and the rejected combinations
+    runs/<trial>/             each trial's training run: checkpoints, metrics.jsonl,
+                              llm_model_best/, summary.json (written when the trial completed)
+    <trial>/ , *.pkl, ...     Tune's own experiment state (what --resume restores from)
+    results.{md,csv,json}, best_layers.jsonl, best_train.yaml, *.png    the report
+
+Trials with one worker and no GPU run in-process inside the Tune trial (train_fn_per_worker
+with a report hook); others launch a Ray Train TorchTrainer from the trial and forward its
+reports to Tune (TuneReportCallback). Both report the same metrics: every eval interval the
+latest value of every metric (val/train loss, tokens/s, MFU, params, KV bytes/token,
+MoE MaxVio, step, tokens), and after training the measured decode speed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from chimera.sweep_spec import SweepPlan, SweepSpec, SweepSpecError, Trial
+from chimera.train_config import resolve_storage_path
+
+SUMMARY = "summary.json"
+
+
+def sweep_dir(spec: SweepSpec) -> Path:
+    storage = resolve_storage_path(spec.storage_path)
+    if "://" in storage:
+        raise SweepSpecError(f"storage_path={storage}: sweeps write their report locally; use a "
+                             f"local or mounted shared path (multi-node: a shared file system)")
+    return Path(storage) / spec.name
+
+
+def measure_decode(ckpt_dir: str | Path, tokens: int, device: str = "cpu") -> float:
+    """Tokens/s of batch-1 KV-cached sampling from a checkpoint (after a short warm-up)."""
+    import torch
+    from chimera import checkpoint as ckpt
+    from models import LLM, ModelConfig
+
+    model = LLM(ModelConfig.from_dict(ckpt.read_config(ckpt_dir))).to(device).eval()
+    ckpt.load_weights(model, ckpt_dir, device)
+    idx = torch.zeros((1, 1), dtype=torch.long, device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    n = max(1, min(tokens, model.cfg.block_size - 1))
+    model.generate(idx, min(4, n), temperature=1.0, generator=g)              # warm-up
+    t0 = time.perf_counter()
+    model.generate(idx, n, temperature=1.0, generator=g)
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def _trial_train_config(trial: dict, ctx: dict):
+    """The trial's TrainConfig: base + choices, its own run dir, eval and checkpoints on."""
+    from chimera import checkpoint as ckpt
+    from chimera.train_config import TrainConfig
+
+    run_dir = Path(ctx["runs"]) / trial["name"]
+    d = {**trial["train"], "storage_path": ctx["runs"], "run_name": trial["name"], "eval": True,
+         "save_model": True, "num_workers": ctx["num_workers"], "use_gpu": ctx["gpus"] > 0}
+    if ctx["num_workers"] == 1 and ctx["gpus"] == 0:
+        d.setdefault("num_threads", max(1, int(ctx["cpus"])))
+        existing = ckpt.list_checkpoints(run_dir)        # an interrupted trial continues
+        if existing:
+            d["resume_from"] = str(existing[-1])
+    return TrainConfig.from_dict(d), run_dir
+
+
+FIRST = ("step", "val_loss", "best_val_loss", "tokens_per_s")   # Tune's table shows the first 4
+
+
+def clean(m: dict, static: dict | None = None) -> dict:
+    """A training report as Tune should see it: the headline metrics first, no reserved keys
+    (`done` would end the trial before its decode measurement), no per-rank lists."""
+    m = {**m, **(static or {})}
+    if m.pop("done", False):
+        m["training_done"] = True
+    for k in ("param_hashes", "node_ids"):
+        m.pop(k, None)
+    return {**{k: m[k] for k in FIRST if k in m}, **m}
+
+
+def _forwarder():
+    """TuneReportCallback that cleans each Ray Train report first (multi-worker trials)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class Forward(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            super().after_report(run_context, [clean(x) for x in metrics], checkpoint)
+    return Forward()
+
+
+def run_trial(config: dict, trials: dict, ctx: dict) -> None:
+    """The Tune trainable: train one trial, report as it goes, then measure decoding.
+    `config["trial"]` is the trial's name; `trials` maps names to Trial dicts."""
+    from ray import tune
+    from chimera.train_config import plan_run
+    from chimera.trainer import fit, train_fn_per_worker
+
+    trial = trials[config["trial"]]
+    static = {"trial": trial["name"], "arch": trial["arch"]}
+    if trial.get("budget_value") is not None:
+        static["budget_value"] = trial["budget_value"]
+    tc, run_dir = _trial_train_config(trial, ctx)
+    done = run_dir / SUMMARY
+    if done.is_file():                      # finished before an interruption: report, no rerun
+        tune.report(json.loads(done.read_text()))
+        return
+    t0 = time.time()
+    plan = plan_run(tc)
+    if ctx["num_workers"] == 1 and ctx["gpus"] == 0:
+        s = train_fn_per_worker(plan.worker_config, report=lambda m: tune.report(clean(m, static)))
+    else:
+        s = fit(plan, callbacks=[_forwarder()])
+    final = {**clean(s["metrics"], static), "train_time_s": time.time() - t0}
+    if s.get("best_checkpoint"):
+        final["best_checkpoint"] = s["best_checkpoint"]
+        if ctx["decode_tokens"]:
+            final["decode_tokens_per_s"] = measure_decode(
+                s["best_checkpoint"], ctx["decode_tokens"], "cuda" if ctx["gpus"] > 0 else "cpu")
+    final["trial_time_s"] = time.time() - t0
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(final, indent=2, default=str) + "\n")
+    os.replace(tmp, done)
+    tune.report(final)
+
+
+def _scheduler(spec: SweepSpec, max_iters: int, tokens_per_step: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    sch = dict(spec.scheduler)
+    if sch.get("type", "fifo") == "fifo":
+        return FIFOScheduler()
+    attr = sch.get("time_attr", "step")
+    unit = 1 if attr == "step" else tokens_per_step
+    eval_interval = int(spec.base.get("eval_interval", 100))
+    grace = int(sch.get("grace_period", eval_interval * unit))
+    return ASHAScheduler(time_attr=attr, max_t=max_iters * unit, grace_period=min(grace, max_iters * unit),
+                         reduction_factor=float(sch.get("reduction_factor", 2)),
+                         stop_last_trials=False)    # a trial at max_t still measures decoding
+
+
+def write_plan(plan: SweepPlan, root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    doc = {"spec": plan.spec.to_dict(),
+           "trials": [t.__dict__ for t in plan.trials],
+           "rejected": [{"choices": c, "error": m} for c, m in plan.rejected]}
+    tmp = root / "sweep.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    os.replace(tmp, root / "sweep.json")
+
+
+def read_plan(root: Path) -> dict:
+    f = Path(root) / "sweep.json"
+    if not f.is_file():
+        raise SweepSpecError(f"{root} is not a sweep directory (no sweep.json)")
+    return json.loads(f.read_text())
+
+
+def run_sweep(plan: SweepPlan, resume: bool = False, verbose: int = 1) -> dict[str, Any]:
+    """Run (or resume) the sweep on the connected Ray cluster, then write its report."""
+    from ray import tune
+    from chimera.sweep_report import write_report
+    from chimera.batchexpr import parse_batch_expr
+    from chimera.train_config import TrainConfig
+
+    spec = plan.spec
+    root = sweep_dir(spec)
+    if resume:
+        if not tune.Tuner.can_restore(str(root)):
+            raise SweepSpecError(f"--resume: nothing to resume in {root} (no Tune experiment state)")
+        saved = read_plan(root)
+        trials = [Trial(**t) for t in saved["trials"]]
+    else:
+        if (root / "sweep.json").exists():
+            raise SweepSpecError(f"{root} already holds a sweep: pass --resume to continue it, or "
+                                 f"choose another name / storage_path")
+        write_plan(plan, root)
+        trials = plan.trials
+    ctx = {"runs": str(root / "runs"), "num_workers": spec.num_workers, "cpus": spec.cpus_per_worker,
+           "gpus": spec.gpus_per_worker, "decode_tokens": spec.decode_tokens}
+    in_process = spec.num_workers == 1 and spec.gpus_per_worker == 0
+    # in-process trials hold their worker's resources; Train trials only drive their workers
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, trials={t.name: t.__dict__ for t in trials}, ctx=ctx),
+        {"cpu": spec.cpus_per_worker} if in_process else {"cpu": 0.01})
+    base = TrainConfig.from_dict({k: v for k, v in trials[0].train.items()})
+    t0 = time.time()
+    if resume:
+        tuner = tune.Tuner.restore(str(root), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+    else:
+        from ray.tune import CheckpointConfig, RunConfig
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search([t.name for t in trials])},
+            tune_config=tune.TuneConfig(
+                metric=spec.metric, mode=spec.mode, max_concurrent_trials=spec.max_concurrent,
+                scheduler=_scheduler(spec, base.max_iters, parse_batch_expr(base.total_batch_size_str)),
+                trial_name_creator=lambda t: t.config["trial"],
+                trial_dirname_creator=lambda t: t.config["trial"]),
+            run_config=RunConfig(name=spec.name, storage_path=str(root.parent), verbose=verbose,
+                                 checkpoint_config=CheckpointConfig(num_to_keep=1)))
+    grid = tuner.fit()
+    wall = time.time() - t0
+    report = write_report(root, wall_time_s=wall, decode_missing=True)
+    return {"sweep_dir": str(root), "wall_time_s": wall, "errors": sum(r.error is not None for r in grid),
+            **report}

@@ -1,0 +1,254 @@
+"""The report of a sweep directory: table, best config, plots. Reads files only (no Ray).
+
+    rep = write_report("runs/exp1-tiny")      # also `python jobs/sweep.py --report DIR`
+    print(rep["table"])
+
+Writes into the sweep directory:
+    results.md, results.csv   every trial (and every rejected combination) with its architecture
+                              summary and metrics, sorted by the spec's metric
+    results.json              {"metric", "mode", "trials": [...]} best first (serving reads it)
+    best_layers.jsonl         the best trial's resolved layer stack (jobs/train.py
+                              --layer_configs_jsonl), best_train.yaml its full flags (--config)
+    val_loss_curves.png       val loss against training steps, every trial
+    pareto.png                best val loss against KV-cache bytes/token and decode tokens/s,
+                              with the Pareto front
+A trial's status: finished, stopped (ended before max_iters: the scheduler stopped it early, or
+the sweep was interrupted), failed (with Tune's error), not run, or rejected (never launched).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+COLUMNS = [("rank", "#"), ("trial", "trial"), ("status", "status"), ("arch", "architecture"),
+           ("hparams", "hyperparameters"), ("step", "steps"), ("best_val_loss", "best val"),
+           ("train_loss", "train"), ("tokens_per_s", "tok/s"), ("mfu", "MFU"),
+           ("params_total", "params"), ("params_active", "active"), ("budget_value", "budget"),
+           ("kv_bytes_per_token", "KV B/tok"), ("moe_maxvio", "MaxVio"),
+           ("decode_tokens_per_s", "decode tok/s"), ("error", "error")]
+
+
+def _history(run_dir: Path) -> list[dict]:
+    f = run_dir / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    by_step: dict[int, dict] = {}
+    for line in f.read_text().splitlines():
+        try:
+            m = json.loads(line)
+        except json.JSONDecodeError:            # a line cut by a kill
+            continue
+        by_step.setdefault(int(m.get("step", 0)), {}).update(m)   # a resumed run repeats steps
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def _error(root: Path, name: str) -> str | None:
+    f = root / name / "error.txt"
+    if not f.is_file():
+        return None
+    lines = [ln.strip() for ln in f.read_text(errors="replace").splitlines() if ln.strip()]
+    pick = [ln for ln in lines if "Error" in ln or "error" in ln or "died" in ln]
+    return (pick[-1] if pick else lines[-1] if lines else "failed")[:300]
+
+
+def _fmt(key: str, v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if key == "mfu":
+        return f"{100 * v:.1f}%"
+    if key in ("best_val_loss", "train_loss", "moe_maxvio"):
+        return f"{v:.4f}"
+    if key in ("tokens_per_s", "decode_tokens_per_s"):
+        return f"{v:,.0f}"
+    if isinstance(v, int) and key != "rank":
+        return f"{v:,}"
+    return str(v).replace("|", "/")
+
+
+def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
+    """Rows for every trial of a sweep directory, best first (see the module docstring)."""
+    from chimera.sweep import SUMMARY, measure_decode, read_plan
+
+    root = Path(root)
+    plan = read_plan(root)
+    spec = plan["spec"]
+    metric, mode = spec["metric"], spec["mode"]
+    rows = []
+    for t in plan["trials"]:
+        run = root / "runs" / t["name"]
+        hist = _history(run)
+        latest: dict = {}
+        for m in hist:
+            latest.update(m)
+        summary = run / SUMMARY
+        err = _error(root, t["name"])
+        if summary.is_file():
+            latest.update(json.loads(summary.read_text()))
+            status = "finished"
+        elif err:
+            status = "failed"
+        else:
+            status = "stopped" if hist else "not run"
+        vals = [m["val_loss"] for m in hist if isinstance(m.get("val_loss"), (int, float))]
+        best_ckpt = run / f"{t['train'].get('file_name', 'llm_model')}_best"
+        row = {"trial": t["name"], "status": status, "arch": t["arch"],
+               "hparams": ", ".join(f"{k}={_short(v)}" for k, v in t["choices"].items()
+                                    if "." not in k and k != "stack"),
+               "choices": t["choices"], "budget_value": t.get("budget_value"),
+               "best_val_loss": min(vals) if vals else None,
+               "best_checkpoint": str(best_ckpt) if (best_ckpt / "config.json").is_file() else None,
+               "error": err, "curve": [(m["step"], m["val_loss"]) for m in hist if "val_loss" in m]}
+        for k in ("step", "train_loss", "tokens_per_s", "mfu", "params_total", "params_active",
+                  "kv_bytes_per_token", "moe_maxvio", "decode_tokens_per_s", "val_loss", "tokens",
+                  "trial_time_s"):
+            row.setdefault(k, latest.get(k))
+        if row["decode_tokens_per_s"] is None and row["best_checkpoint"] and decode_missing:
+            cache = run / "decode.json"          # stopped trials: measured here, once
+            if cache.is_file():
+                row["decode_tokens_per_s"] = json.loads(cache.read_text())["decode_tokens_per_s"]
+            elif spec.get("decode_tokens"):
+                v = measure_decode(row["best_checkpoint"], spec["decode_tokens"])
+                cache.write_text(json.dumps({"decode_tokens_per_s": v}) + "\n")
+                row["decode_tokens_per_s"] = v
+        rows.append(row)
+
+    def score(r):
+        v = r["best_val_loss"] if metric == "val_loss" else r.get(metric)
+        if v is None:
+            return (1, 0.0)
+        return (0, v if mode == "min" else -v)
+
+    rows.sort(key=score)
+    for i, r in enumerate(rows):
+        r["rank"] = i + 1
+    rejected = [{"trial": "-", "status": "rejected", "arch": "", "choices": x["choices"],
+                 "hparams": ", ".join(f"{k}={_short(v)}" for k, v in x["choices"].items()),
+                 "error": x["error"]} for x in plan["rejected"]]
+    return {"metric": metric, "mode": mode, "rows": rows, "rejected": rejected, "spec": spec,
+            "trials": plan["trials"]}
+
+
+def _short(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = [(k, h) for k, h in COLUMNS if any(r.get(k) not in (None, "") for r in rows)]
+    out = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(_fmt(k, r.get(k)) for k, _ in cols) + " |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def _pareto(points: list[tuple[float, float]], larger_x_better: bool) -> list[tuple[float, float]]:
+    """Points not dominated (lower y is better; x better when smaller unless larger_x_better)."""
+    front = []
+    for x, y in points:
+        dominated = any((x2 >= x if larger_x_better else x2 <= x) and y2 <= y and (x2, y2) != (x, y)
+                        for x2, y2 in points)
+        if not dominated:
+            front.append((x, y))
+    return sorted(front)
+
+
+def plots(root: Path, rows: list[dict]) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        if r["curve"]:
+            s, v = zip(*r["curve"])
+            ax.plot(s, v, marker="o", ms=3, label=f"{r['trial']} {r['arch']}"[:60],
+                    ls="-" if r["status"] == "finished" else "--")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("val loss")
+    ax.set_title("val loss of every trial (dashed: stopped early / failed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(root / "val_loss_curves.png", dpi=110)
+    plt.close(fig)
+    out.append(str(root / "val_loss_curves.png"))
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, key, label, larger in ((axes[0], "kv_bytes_per_token", "KV-cache bytes / token", False),
+                                   (axes[1], "decode_tokens_per_s", "decode tokens/s (batch 1, KV cache)", True)):
+        pts = [(r[key], r["best_val_loss"], r) for r in rows
+               if r.get(key) is not None and r.get("best_val_loss") is not None]
+        for x, y, r in pts:
+            ax.scatter([x], [y], s=30)
+            ax.annotate(r["trial"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        front = _pareto([(x, y) for x, y, _ in pts], larger)
+        if front:
+            fx, fy = zip(*front)
+            ax.plot(fx, fy, "r-", lw=1.2, label="Pareto front")
+            ax.legend(fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("best val loss")
+        ax.grid(alpha=0.3)
+    fig.suptitle("val loss against inference cost")
+    fig.tight_layout()
+    fig.savefig(root / "pareto.png", dpi=110)
+    plt.close(fig)
+    out.append(str(root / "pareto.png"))
+    return out
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(root: str | Path, wall_time_s: float | None = None,
+                 decode_missing: bool = True) -> dict[str, Any]:
+    import yaml
+    from models.config import ModelConfig
+    from chimera import checkpoint as ckpt
+
+    root = Path(root)
+    c = collect(root, decode_missing=decode_missing)
+    rows, rejected = c["rows"], c["rejected"]
+    table = markdown(rows + rejected)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("finished", "stopped", "failed", "not run")}
+    counts["rejected"] = len(rejected)
+    head = (f"# Sweep {c['spec']['name']}\n\nmetric {c['metric']} ({c['mode']}); "
+            + ", ".join(f"{n} {s}" for s, n in counts.items())
+            + (f"; wall time {wall_time_s:.0f} s" if wall_time_s else "") + "\n\n")
+    _atomic(root / "results.md", head + table)
+    fields = [k for k, _ in COLUMNS] + ["best_checkpoint", "val_loss", "tokens", "trial_time_s"]
+    with open(root / "results.csv.tmp", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in rows + rejected:
+            w.writerow(r)
+    os.replace(root / "results.csv.tmp", root / "results.csv")
+    trials_json = [{"trial_id": r["trial"], **{k: v for k, v in r.items() if k not in ("curve", "trial")},
+                    c["metric"]: r["best_val_loss"] if c["metric"] == "val_loss" else r.get(c["metric"])}
+                   for r in rows]
+    _atomic(root / "results.json", json.dumps({"metric": c["metric"], "mode": c["mode"],
+                                               "trials": trials_json, "rejected": rejected},
+                                              indent=2, default=str) + "\n")
+    best = next((r for r in rows if r["best_checkpoint"]), None)
+    out = {"table": table, "counts": counts, "best": None, "files": [str(root / "results.md"),
+           str(root / "results.csv"), str(root / "results.json")]}
+    if best is not None:
+        cfg = ModelConfig.from_dict(ckpt.read_config(best["best_checkpoint"]))
+        _atomic(root / "best_layers.jsonl", cfg.layers_jsonl())
+        trial = next(t for t in c["trials"] if t["name"] == best["trial"])
+        flags = {k: v for k, v in trial["train"].items() if k != "layer_configs"}
+        flags["layer_configs_jsonl"] = str(root / "best_layers.jsonl")
+        _atomic(root / "best_train.yaml", f"# best trial {best['trial']}: {best['arch']}\n"
+                + yaml.safe_dump(flags, sort_keys=True))
+        out["best"] = {"trial": best["trial"], "arch": best["arch"], "best_val_loss": best["best_val_loss"],
+                       "checkpoint": best["best_checkpoint"], "layers_jsonl": str(root / "best_layers.jsonl"),
+                       "train_config": str(root / "best_train.yaml")}
+        out["files"] += [str(root / "best_layers.jsonl"), str(root / "best_train.yaml")]
+    out["files"] += plots(root, rows)
+    return out

@@ -1,0 +1,442 @@
+"""Sweep specs: the frozen `SweepSpec`, its YAML loader, and the expansion into checked trials.
+
+    spec = load_spec("configs/sweeps/exp1-tiny.yaml")      # SweepSpecError on any bad key
+    plan = expand(spec)          # every trial's resolved config, checked before launch
+    plan.trials                  # [Trial(name, choices, train_dict, arch, budget_value, up_scale)]
+    plan.rejected                # [(choices, message)] invalid combinations, not launched
+
+A spec (YAML) holds:
+    name, storage_path            the sweep directory is <storage_path>/<name>
+    base:                         jobs/train.py keys (model and training mixed, as in --config)
+    layers:                       per-layer choices: `groups` (layer counts, summing to the
+      groups: [2, 2]              model depth; one group per layer if absent), and named
+      attn: {gqa2: {...}, ...}    attention / FFN options (layer-dict keys); each group picks
+      ffn: {mlp: {...}, ...}      one attention and one FFN option
+    stacks:                       or whole stacks as candidates: name -> JSONL path or a list
+      hetero: configs/hetero.jsonl   of layer dicts (an item may hold `repeat: N`)
+    space:                        hyperparameters: key -> {loguniform|uniform: [lo, hi]},
+      learning_rate: {loguniform: [1e-4, 1e-2]}   {randint: [lo, hi]}, {choice: [...]},
+      pos_emb: {grid: [rope, sin]}                {grid: [...]} or a constant
+    search: grid | random         architecture options as a grid (default) or sampled
+    num_samples: 1                samples of the random parts (times every grid point)
+    seed: 0
+    metric: val_loss, mode: min
+    budget: {active_params: N | flops_per_token: N, tolerance: 0.02, multiple: 8}
+    scheduler: {type: fifo | asha, time_attr: step | tokens, grace_period, reduction_factor}
+    max_concurrent: 2
+    resources: {num_workers: 1, cpus_per_worker: 1, gpus_per_worker: 0}
+    decode_tokens: 32             tokens timed after training (batch 1, KV cache)
+
+Trial configs are resolved here with Tune's own variant generator (its grid expansion and
+sampling functions) so that every combination can be validated - and invalid ones counted and
+reported - before anything is launched; Tune then runs exactly the valid list.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from chimera.train_config import MODEL_KEYS, TrainConfig, TrainConfigError
+
+SPEC_KEYS = ("name", "storage_path", "base", "layers", "stacks", "space", "search", "num_samples",
+             "seed", "metric", "mode", "budget", "scheduler", "max_concurrent", "resources",
+             "decode_tokens", "description")
+SAMPLERS = ("loguniform", "uniform", "randint", "choice", "grid")
+METRICS = ("val_loss", "train_loss", "loss", "tokens_per_s", "mfu", "decode_tokens_per_s")
+
+
+class SweepSpecError(ValueError):
+    """A sweep spec key is unknown, of the wrong type, or inconsistent."""
+
+
+def _hint(key: str, valid) -> str:
+    m = difflib.get_close_matches(key, sorted(valid), n=1)
+    return f" (did you mean {m[0]!r}?)" if m else ""
+
+
+def _keys(where: str, d: Any, valid) -> dict:
+    if not isinstance(d, Mapping):
+        raise SweepSpecError(f"{where}: expected a mapping, got {type(d).__name__}")
+    for k in d:
+        if k not in valid:
+            raise SweepSpecError(f"{where}: unknown key {k!r}{_hint(str(k), valid)}")
+    return dict(d)
+
+
+def _int(where: str, v: Any, lo: int) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise SweepSpecError(f"{where}={v!r} must be an integer >= {lo}")
+    return v
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    base: Mapping[str, Any]
+    storage_path: str | None = None
+    layers: Mapping[str, Any] | None = None
+    stacks: Mapping[str, Any] | None = None
+    space: Mapping[str, Any] = field(default_factory=dict)
+    search: str = "grid"
+    num_samples: int = 1
+    seed: int = 0
+    metric: str = "val_loss"
+    mode: str = "min"
+    budget: Mapping[str, Any] | None = None
+    scheduler: Mapping[str, Any] = field(default_factory=lambda: {"type": "fifo"})
+    max_concurrent: int = 1
+    resources: Mapping[str, Any] = field(default_factory=dict)
+    decode_tokens: int = 32
+    description: str = ""
+    source_dir: str = "."            # relative paths in the spec resolve against the cwd
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or "/" in self.name or self.name in (".", ".."):
+            raise SweepSpecError(f"name={self.name!r} must be a plain non-empty name (no '/')")
+        base = _keys("base", self.base, set(MODEL_KEYS) | {f.name for f in dataclasses.fields(TrainConfig)})
+        for k in ("storage_path", "run_name", "resume_from"):
+            if k in base:
+                raise SweepSpecError(f"base.{k}: set by the sweep, not in base")
+        try:
+            TrainConfig.from_dict(base)
+        except TrainConfigError as e:
+            raise SweepSpecError(f"base: {e}") from None
+        if self.layers is not None and self.stacks is not None:
+            raise SweepSpecError("give at most one of layers (per-layer choices) and stacks")
+        if self.layers is not None:
+            lay = _keys("layers", self.layers, {"groups", "attn", "ffn"})
+            for part in ("attn", "ffn"):
+                opts = lay.get(part)
+                if opts is None:
+                    continue
+                if not isinstance(opts, Mapping) or not opts:
+                    raise SweepSpecError(f"layers.{part}: expected a non-empty mapping name -> layer keys")
+                for n, o in opts.items():
+                    if not isinstance(o, Mapping):
+                        raise SweepSpecError(f"layers.{part}.{n}: expected a mapping of layer keys")
+            if "groups" in lay and (not isinstance(lay["groups"], list) or not lay["groups"]
+                                    or any(not isinstance(g, int) or isinstance(g, bool) or g < 1
+                                           for g in lay["groups"])):
+                raise SweepSpecError(f"layers.groups={lay['groups']!r} must be a list of layer counts >= 1")
+        if (self.layers is not None or self.stacks is not None) and (
+                base.get("layer_configs") or base.get("layer_configs_jsonl")):
+            raise SweepSpecError("base.layer_configs(_jsonl) and layers/stacks choices exclude each other")
+        if (self.layers is not None and self.layers.get("groups") and "n_layer" in base
+                and sum(self.layers["groups"]) != base["n_layer"]):
+            raise SweepSpecError(f"layers.groups={list(self.layers['groups'])} sums to "
+                                 f"{sum(self.layers['groups'])} layers but base.n_layer={base['n_layer']}")
+        if self.stacks is not None and (not isinstance(self.stacks, Mapping) or not self.stacks):
+            raise SweepSpecError("stacks: expected a non-empty mapping name -> JSONL path or layer list")
+        space = _keys("space", self.space or {}, set(MODEL_KEYS) | {f.name for f in dataclasses.fields(TrainConfig)})
+        for k, v in space.items():
+            if k in ("storage_path", "run_name", "resume_from", "data_dir", "num_workers", "use_gpu"):
+                raise SweepSpecError(f"space.{k}: cannot be searched")
+            _domain(f"space.{k}", v)         # checks the sampler form
+        if self.search not in ("grid", "random"):
+            raise SweepSpecError(f"search={self.search!r} must be 'grid' or 'random'")
+        _int("num_samples", self.num_samples, 1)
+        _int("seed", self.seed, 0)
+        _int("max_concurrent", self.max_concurrent, 1)
+        _int("decode_tokens", self.decode_tokens, 0)
+        if self.metric not in METRICS:
+            raise SweepSpecError(f"metric={self.metric!r} must be one of {', '.join(METRICS)}")
+        if self.mode not in ("min", "max"):
+            raise SweepSpecError(f"mode={self.mode!r} must be 'min' or 'max'")
+        if self.budget is not None:
+            b = _keys("budget", self.budget, {"active_params", "flops_per_token", "tolerance", "multiple"})
+            kinds = [k for k in ("active_params", "flops_per_token") if k in b]
+            if len(kinds) != 1:
+                raise SweepSpecError("budget: give exactly one of active_params and flops_per_token")
+            _int(f"budget.{kinds[0]}", b[kinds[0]], 1)
+            tol = b.get("tolerance", 0.02)
+            if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not 0 < tol < 1:
+                raise SweepSpecError(f"budget.tolerance={tol!r} must be a fraction in (0, 1)")
+            _int("budget.multiple", b.get("multiple", 8), 1)
+            if "up_dim" in space:
+                raise SweepSpecError("space.up_dim: the budget solves up_dim; do not search it")
+        sch = _keys("scheduler", self.scheduler, {"type", "time_attr", "grace_period", "reduction_factor"})
+        if sch.get("type", "fifo") not in ("fifo", "asha"):
+            raise SweepSpecError(f"scheduler.type={sch.get('type')!r} must be 'fifo' or 'asha'")
+        if sch.get("time_attr", "step") not in ("step", "tokens"):
+            raise SweepSpecError(f"scheduler.time_attr={sch.get('time_attr')!r} must be 'step' or 'tokens'")
+        if "grace_period" in sch:
+            _int("scheduler.grace_period", sch["grace_period"], 1)
+        rf = sch.get("reduction_factor", 2)
+        if not isinstance(rf, (int, float)) or isinstance(rf, bool) or rf <= 1:
+            raise SweepSpecError(f"scheduler.reduction_factor={rf!r} must be a number > 1")
+        res = _keys("resources", self.resources, {"num_workers", "cpus_per_worker", "gpus_per_worker"})
+        _int("resources.num_workers", res.get("num_workers", 1), 1)
+        for k in ("cpus_per_worker", "gpus_per_worker"):
+            v = res.get(k, 1 if k == "cpus_per_worker" else 0)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                raise SweepSpecError(f"resources.{k}={v!r} must be a number >= 0")
+
+    # --- derived ---------------------------------------------------------------------------------
+    @property
+    def num_workers(self) -> int:
+        return int(self.resources.get("num_workers", 1))
+
+    @property
+    def cpus_per_worker(self) -> float:
+        return float(self.resources.get("cpus_per_worker", 1))
+
+    @property
+    def gpus_per_worker(self) -> float:
+        return float(self.resources.get("gpus_per_worker", 0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_spec(path: str | Path, **overrides: Any) -> SweepSpec:
+    """Read a YAML/JSON spec; `overrides` (e.g. storage_path from the CLI) win."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise SweepSpecError(f"--spec {p}: {e.strerror or e}") from None
+    try:
+        import yaml
+        d = yaml.safe_load(text)
+    except Exception as e:
+        raise SweepSpecError(f"--spec {p}: cannot parse: {str(e).splitlines()[0]}") from None
+    if not isinstance(d, dict):
+        raise SweepSpecError(f"--spec {p}: expected a mapping of keys, got {type(d).__name__}")
+    _keys(f"--spec {p}", d, SPEC_KEYS)
+    d.update({k: v for k, v in overrides.items() if v is not None})
+    if "name" not in d:
+        d["name"] = p.stem
+    if "base" not in d:
+        raise SweepSpecError(f"--spec {p}: missing 'base' (the jobs/train.py keys of every trial)")
+    try:
+        return SweepSpec(**d)
+    except TypeError as e:                 # e.g. wrong structure under a known key
+        raise SweepSpecError(f"--spec {p}: {e}") from None
+
+
+def _domain(where: str, v: Any):
+    """A spec value -> a Tune sampling object (or the constant itself)."""
+    from ray import tune
+    if not isinstance(v, Mapping):
+        return v
+    if len(v) != 1 or next(iter(v)) not in SAMPLERS:
+        raise SweepSpecError(f"{where}: expected a constant or one of "
+                             f"{{{', '.join(SAMPLERS)}: ...}}, got {dict(v)!r}")
+    kind, arg = next(iter(v.items()))
+    if kind in ("choice", "grid"):
+        if not isinstance(arg, list) or not arg:
+            raise SweepSpecError(f"{where}.{kind}: expected a non-empty list")
+        return tune.choice(arg) if kind == "choice" else tune.grid_search(arg)
+    if (not isinstance(arg, list) or len(arg) != 2
+            or any(not isinstance(x, (int, float)) or isinstance(x, bool) for x in arg) or not arg[0] < arg[1]):
+        raise SweepSpecError(f"{where}.{kind}: expected [low, high] with low < high, got {arg!r}")
+    if kind == "loguniform":
+        if arg[0] <= 0:
+            raise SweepSpecError(f"{where}.loguniform: bounds must be > 0, got {arg!r}")
+        return tune.loguniform(float(arg[0]), float(arg[1]))
+    if kind == "uniform":
+        return tune.uniform(float(arg[0]), float(arg[1]))
+    return tune.randint(int(arg[0]), int(arg[1]))
+
+
+# --- expansion ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Trial:
+    name: str                       # short id, stable for a spec: t000, t001, ...
+    choices: dict                   # what was picked: {"g0.attn": "mla", ..., "learning_rate": ...}
+    train: dict                     # flat jobs/train.py keys (layer_configs as a JSON string)
+    arch: str                       # ModelConfig.summary()
+    budget_value: int | None = None
+    up_scale: float | None = None
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    spec: SweepSpec
+    trials: list[Trial]
+    rejected: list[tuple[dict, str]]
+
+
+def _stack_layers(spec: SweepSpec, name: str) -> list[dict]:
+    from models.config import ConfigError, read_layer_file
+    src = spec.stacks[name]
+    if isinstance(src, str):
+        path = Path(spec.source_dir, src).expanduser().resolve()
+        try:
+            return read_layer_file(path)
+        except (ConfigError, OSError) as e:
+            raise SweepSpecError(f"stacks.{name}: {e}") from None
+    if not isinstance(src, list) or not src:
+        raise SweepSpecError(f"stacks.{name}: expected a JSONL path or a non-empty list of layer dicts")
+    out: list[dict] = []
+    for i, item in enumerate(src):
+        if not isinstance(item, Mapping):
+            raise SweepSpecError(f"stacks.{name}[{i}]: expected a layer dict")
+        item = dict(item)
+        n = _int(f"stacks.{name}[{i}].repeat", item.pop("repeat", 1), 1)
+        out += [dict(item) for _ in range(n)]
+    return out
+
+
+def _arch_space(spec: SweepSpec) -> dict[str, Any]:
+    from ray import tune
+    pick = tune.grid_search if spec.search == "grid" else tune.choice
+    if spec.stacks is not None:
+        return {"stack": pick(sorted(spec.stacks))}
+    if spec.layers is None:
+        return {}
+    lay = spec.layers
+    groups = lay.get("groups") or [1] * int(spec.base.get("n_layer", 0) or 0)
+    if not groups:
+        raise SweepSpecError("layers: give `groups` or base.n_layer (one group per layer)")
+    out: dict[str, Any] = {}
+    for g in range(len(groups)):
+        for part in ("attn", "ffn"):
+            if lay.get(part):
+                out[f"g{g}.{part}"] = pick(list(lay[part]))
+    return out
+
+
+def _layer_list(spec: SweepSpec, choices: Mapping[str, Any]) -> list[dict] | None:
+    if spec.stacks is not None:
+        return _stack_layers(spec, choices["stack"])
+    if spec.layers is None:
+        from models.config import read_layer_file
+        if spec.base.get("layer_configs_jsonl"):
+            return read_layer_file(Path(spec.source_dir, spec.base["layer_configs_jsonl"]).expanduser().resolve())
+        if spec.base.get("layer_configs"):
+            layers = json.loads(spec.base["layer_configs"])
+            if not isinstance(layers, list):
+                raise SweepSpecError("base.layer_configs must be a JSON list of layer dicts")
+            return layers
+        return None
+    lay = spec.layers
+    groups = lay.get("groups") or [1] * int(spec.base["n_layer"])
+    layers: list[dict] = []
+    for g, count in enumerate(groups):
+        d: dict = {}
+        for part in ("attn", "ffn"):
+            if lay.get(part):
+                d.update(lay[part][choices[f"g{g}.{part}"]])
+        layers += [dict(d) for _ in range(count)]
+    return layers
+
+
+def _model_config(train: Mapping[str, Any], layers: list[dict] | None, up_scale: float | None,
+                  multiple: int):
+    from models.config import ModelConfig
+    flags = {k: v for k, v in train.items() if k in MODEL_KEYS}
+    if layers is not None:
+        flags.pop("n_layer", None)
+        base_up = flags.pop("up_dim", None)
+        if up_scale is not None:
+            layers = [{**ld, "up_dim": max(multiple, int(round(up_scale * ld.get("up_dim", base_up or 512)
+                                                                 / multiple)) * multiple)}
+                      for ld in layers]
+        elif base_up is not None:
+            layers = [{"up_dim": base_up, **ld} for ld in layers]
+        return ModelConfig.from_dict({**flags, "layers": layers})
+    if up_scale is not None:
+        flags["up_dim"] = max(multiple, int(round(up_scale * flags.get("up_dim", 512) / multiple)) * multiple)
+    return ModelConfig.from_dict(flags)
+
+
+def measure(cfg, kind: str) -> int:
+    """Active params or training FLOPs/token of a config, on the meta device (no memory)."""
+    import torch
+    from models import LLM
+    with torch.device("meta"):
+        m = LLM(cfg)
+    return m.num_params().active if kind == "active_params" else m.flops_per_token()
+
+
+def solve_budget(train: Mapping[str, Any], layers: list[dict] | None, budget: Mapping[str, Any]):
+    """Scale every layer's up_dim by one factor so the measure hits the budget.
+    Returns (model config, achieved value, scale); SweepSpecError if out of tolerance."""
+    kind = "active_params" if "active_params" in budget else "flops_per_token"
+    target, tol, mult = budget[kind], float(budget.get("tolerance", 0.02)), int(budget.get("multiple", 8))
+
+    def at(s):
+        c = _model_config(train, layers, s, mult)
+        return c, measure(c, kind)
+
+    # the measure is affine in the widths (up to rounding to `multiple`): secant steps
+    (c, v), s0 = at(1.0), 1.0
+    best = (c, v, 1.0)
+    s1 = 2.0
+    for _ in range(4):
+        c1, v1 = at(s1)
+        if abs(v1 - target) < abs(best[1] - target):
+            best = (c1, v1, s1)
+        if v1 == v or abs(v1 / target - 1) <= tol / 4:
+            break
+        s0, v, s1 = s1, v1, max(1e-3, s1 + (target - v1) * (s1 - s0) / (v1 - v))
+    c, v, s = best
+    if abs(v / target - 1) > tol:
+        floor = at(1e-3)[1]
+        why = (f"the rest of the model alone has {floor:,}" if floor > target
+               else f"the closest up_dim gives {v:,}")
+        raise SweepSpecError(f"budget {kind}={target:,} cannot be met within {tol:.0%}: {why}")
+    return c, v, s
+
+
+def data_vocab(spec: SweepSpec) -> int:
+    """The model vocabulary plan_run will use: the dataset tokenizer's, padded up to 64."""
+    from chimera.shards import read_manifest
+    from chimera.train_config import REPO
+    if "vocab_size" in spec.base:
+        return int(spec.base["vocab_size"])
+    d = spec.base.get("data_dir")
+    data_dir = Path(d).expanduser().resolve() if d else REPO / "data" / spec.base.get("dataset", "shakespeare")
+    try:
+        v = read_manifest(data_dir)["tokenizer"]["vocab_size"]
+    except Exception as e:
+        raise SweepSpecError(f"base.data_dir {data_dir}: {e} (prepare it with jobs/prepare.py)") from None
+    return -(-int(v) // 64) * 64
+
+
+def expand(spec: SweepSpec) -> SweepPlan:
+    """Resolve every trial (Tune's variant generator), validate it, solve its budget."""
+    import numpy as np
+    from ray.tune.search.variant_generator import generate_variants
+    from models.config import ConfigError
+
+    space = {**_arch_space(spec), **{k: _domain(f"space.{k}", v) for k, v in (spec.space or {}).items()}}
+    random_parts = spec.search == "random" or any(
+        isinstance(v, Mapping) and next(iter(v)) != "grid" for v in (spec.space or {}).values())
+    vocab = data_vocab(spec)
+    rng = np.random.RandomState(spec.seed)
+    variants: list[dict] = []
+    for _ in range(spec.num_samples if random_parts else 1):     # a pure grid needs one pass
+        variants += [resolved for _, resolved in generate_variants(space, random_state=rng)]
+    trials, rejected = [], []
+    for choices in variants:
+        train = {**spec.base, "vocab_size": vocab,
+                 **{k: v for k, v in choices.items() if "." not in k and k != "stack"}}
+        try:
+            layers = _layer_list(spec, choices)
+            if spec.budget is not None:
+                cfg, value, scale = solve_budget(train, layers, spec.budget)
+            else:
+                cfg, value, scale = _model_config(train, layers, None, 8), None, None
+            # the resolved stack travels as a layer list; global model keys stay flags
+            out = {k: v for k, v in train.items() if k not in MODEL_KEYS or k in
+                   ("block_size", "pos_emb", "norm", "n_embd", "dropout", "vocab_size", "act_recomp")}
+            out.pop("layer_configs_jsonl", None)
+            if out.get("data_dir"):               # trials run elsewhere (Ray changes the cwd)
+                out["data_dir"] = str(Path(spec.source_dir, out["data_dir"]).expanduser().resolve())
+            out["layer_configs"] = json.dumps([b.to_dict() for b in cfg.layers])
+            TrainConfig.from_dict(out)
+        except (ConfigError, SweepSpecError, TrainConfigError) as e:
+            rejected.append((choices, str(e)))
+            continue
+        trials.append(Trial(name=f"t{len(trials):03d}", choices=choices, train=out, arch=cfg.summary(),
+                            budget_value=value, up_scale=scale))
+    if not trials:
+        msgs = "; ".join(sorted({m for _, m in rejected}))[:500]
+        raise SweepSpecError(f"no valid trial in the search space ({len(rejected)} rejected: {msgs})")
+    return SweepPlan(spec=spec, trials=trials, rejected=rejected)
