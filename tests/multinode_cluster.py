@@ -2,6 +2,7 @@
 
     python tests/multinode_cluster.py spread    --data DIR --storage DIR --out result.json
     python tests/multinode_cluster.py node_loss --data DIR --storage DIR --out result.json
+    python tests/multinode_cluster.py sweep     --data DIR --storage DIR --out result.json
 
 Run as its own process by tests/test_multinode.py: a driver can `ray.init` only once, and the
 test session already holds its single local cluster (conftest.ray_cluster).
@@ -18,6 +19,8 @@ Scenarios (the result JSON gives node ids by name, the return code, and what the
   node_loss  a 2-worker run on a and b; once Ray Train has registered its first checkpoint, b is
              killed (as a reclaimed spot instance is) and node c joins (as the autoscaler's
              replacement would); the run resumes from its last checkpoint on a and c and finishes.
+  sweep      jobs/sweep.py with two 1-CPU trials on nodes a and b; the result lists the node
+             of every Tune trial actor (Ray's state API: the head runs the dashboard).
 """
 from __future__ import annotations
 
@@ -34,8 +37,6 @@ CLUSTERS: list = []          # shut down in main(), whatever happens
 TINY = ["--n_layer", "2", "--n_embd", "32", "--n_head", "4", "--attn", "gqa", "--n_kv_heads", "2",
         "--up_dim", "64", "--block_size", "32", "--batch_size", "8", "--total_batch_size_str",
         "2*8*32", "--learning_rate", "3e-3", "--warmup_steps", "5", "--num_workers", "2"]
-
-
 T0 = time.monotonic()
 
 
@@ -65,10 +66,13 @@ def _start_cluster(names: list[str]):
     # own helpers that auto-detect "the" cluster (Train's PlacementGroupCleaner queries the
     # state API that way) find this one, not another Ray instance running on the same host.
     os.environ["RAY_ADDRESS"] = f"{services.get_node_ip_address()}:{gcs_port}"
+    # Cluster() also records its address as the host's "current cluster" (/tmp/ray), where a
+    # plain `ray.init()` in ANY other process would then connect (concurrent test sessions on
+    # this host start their own local clusters that way): this one is reached by RAY_ADDRESS only.
     ray._private.utils.write_ray_address = lambda *a, **k: None
+    # the head: no CPUs, as in cluster.yaml; its dashboard serves the state API (trial nodes)
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "gcs_server_port": gcs_port,
-        "dashboard_port": dashboard_port})
+        "num_cpus": 0, "gcs_server_port": gcs_port, "dashboard_port": dashboard_port})
     assert cluster.address == os.environ["RAY_ADDRESS"], (cluster.address, os.environ["RAY_ADDRESS"])
     nodes = {n: cluster.add_node(num_cpus=1) for n in names}
     cluster.wait_for_nodes()
@@ -117,19 +121,52 @@ def node_loss(args) -> dict:
     out = {"nodes": {n: v.node_id for n, v in nodes.items()}, "run": "node_loss",
            "checkpoint_seen": seen, "finished_before_removal": not t.is_alive()}
     if seen is not None and t.is_alive():
+        _log(f"checkpoint of step {seen} registered: killing node b")
         cluster.remove_node(nodes["b"], allow_graceful=False)     # kill -9, like a lost instance
         out["removed"] = "b"
-        out["removed_at"] = time.time()
         nodes["c"] = cluster.add_node(num_cpus=1)
         out["nodes"]["c"] = nodes["c"].node_id
+        _log("node c joined")
     t.join(timeout=240)
     out["rc"] = box.get("rc", "timeout" if t.is_alive() else "no return code")
     return out
 
 
+def _trial_nodes() -> list[dict]:
+    """Node id and pid of every Tune function-trial actor that ran on the cluster."""
+    from ray.util.state import list_actors
+    return [{"node_id": a.node_id, "pid": a.pid, "state": a.state}
+            for a in list_actors(filters=[("class_name", "=", "ImplicitFunc")], detail=True,
+                                 limit=1000, raise_on_missing_output=False)]
+
+
+def sweep(args) -> dict:
+    import yaml
+
+    cluster, nodes = _start_cluster(["a", "b"])
+    spec = Path(args.storage).parent / "spread.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "spread", "description": "two 1-CPU trials, two 1-CPU nodes",
+        "base": {"dataset": "shakespeare", "data_dir": args.data, "n_layer": 2, "n_embd": 32,
+                 "n_head": 4, "attn": "gqa", "n_kv_heads": 2, "up_dim": 64, "block_size": 32,
+                 "batch_size": 8, "total_batch_size_str": "8*32", "max_iters": 20,
+                 "learning_rate": 3.0e-3, "warmup_steps": 5, "eval_interval": 10,
+                 "eval_iters": 2, "log_interval": 10, "ckpt_interval": 20},
+        "space": {"pos_emb": {"grid": ["rope", "sin"]}}, "search": "grid",
+        "metric": "val_loss", "mode": "min", "scheduler": {"type": "fifo"},
+        "max_concurrent": 2, "resources": {"num_workers": 1, "cpus_per_worker": 1},
+        "decode_tokens": 0}))
+    sys.path.insert(0, str(ROOT / "jobs"))
+    import sweep as sweep_job
+    _log("sweep starts")
+    rc = sweep_job.main(["--spec", str(spec), "--storage_path", args.storage])
+    return {"rc": rc, "nodes": {n: v.node_id for n, v in nodes.items()}, "sweep": "spread",
+            "trial_actors": _trial_nodes()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("scenario", choices=["spread", "node_loss"])
+    p.add_argument("scenario", choices=["spread", "node_loss", "sweep"])
     p.add_argument("--data", required=True, help="prepared char shards (tests' train_char_data)")
     p.add_argument("--storage", required=True, help="the shared storage_path of every node")
     p.add_argument("--out", required=True, help="result JSON")
@@ -144,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     t0 = time.monotonic()
     try:
-        result = {"spread": spread, "node_loss": node_loss}[args.scenario](args)
+        result = {"spread": spread, "node_loss": node_loss, "sweep": sweep}[args.scenario](args)
     finally:
         import ray
         _log("scenario done")

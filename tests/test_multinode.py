@@ -70,3 +70,21 @@ def test_lost_node_run_resumes_from_checkpoint_on_replacement(train_char_data, t
     assert sorted(last["node_ids"]) == sorted([nodes["a"], nodes["c"]])   # b is gone, c took over
     assert nodes["b"] not in last["node_ids"]
     assert last["param_hashes"][0] == last["param_hashes"][1]
+
+
+def test_sweep_spreads_trials_across_nodes(train_char_data, tmp_path):
+    r, storage = _scenario("sweep", train_char_data, tmp_path)
+    root = storage / r["sweep"]
+    results = json.loads((root / "results.json").read_text())
+    trials = {t["trial_id"]: t for t in results["trials"]}
+    assert sorted(trials) == ["t000", "t001"]
+    for t in trials.values():
+        assert t["status"] == "finished" and t["step"] == 20 and t["val_loss"] > 0, t
+        assert Path(t["best_checkpoint"], "config.json").is_file()      # on the shared storage
+    # trial -> the pid Tune recorded for it -> the node of that trial actor (Ray's state API)
+    node_of_pid = {a["pid"]: a["node_id"] for a in r["trial_actors"]}
+    placed = {}
+    for name in trials:
+        last = (root / name / "result.json").read_text().splitlines()[-1]
+        placed[name] = node_of_pid[json.loads(last)["pid"]]
+    assert sorted(placed.values()) == sorted([r["nodes"]["a"], r["nodes"]["b"]]), placed
