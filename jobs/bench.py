@@ -3,6 +3,7 @@
     python jobs/bench.py models [--device cuda --dtype bf16 --compile]
     python jobs/bench.py data
     python jobs/bench.py train [--quick]
+    python jobs/bench.py sweep [--quick]
 
 Numbers go to docs/benchmarks.md together with the command that made them.
 """
@@ -16,6 +17,7 @@ SUITES = {
     "models": ("chimera.benchmarks.models", "model MFU, MoE vs dense, KV-cached decoding, KV bytes"),
     "data": ("chimera.benchmarks.data", "preparation and loader throughput"),
     "train": ("chimera.benchmarks.train", "Ray Train overhead, data-parallel efficiency, time to quality"),
+    "sweep": ("chimera.benchmarks.sweep", "Ray Tune overhead, ASHA vs FIFO training steps"),
 }
 
 

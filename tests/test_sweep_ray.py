@@ -136,3 +136,31 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
     rows = json.loads((tmp_path / "resume" / "results.json").read_text())["trials"]
     assert sorted(r["status"] for r in rows) == ["finished"] * 3, out2[-3000:]
     assert "trials: 3 finished" in out2
+
+
+def test_trials_on_ray_train_workers_report_what_in_process_trials_report(ray_cluster, train_char_data,
+                                                                          tmp_path):
+    from chimera.sweep import run_sweep
+    from chimera.sweep_spec import SweepSpec, expand
+
+    rows = {}
+    for workers in (1, 2):
+        spec = SweepSpec(name=f"w{workers}", storage_path=str(tmp_path),
+                         base=base(train_char_data, n_layer=1, max_iters=10, eval_interval=5,
+                                   total_batch_size_str="2*8*32"),
+                         layers={"attn": {"gqa2": {"attn": "gqa", "n_kv_heads": 2}},
+                                 "ffn": {"moe": MOE}},
+                         resources={"num_workers": workers, "cpus_per_worker": 1}, decode_tokens=4)
+        rep = run_sweep(expand(spec), verbose=0)
+        assert rep["counts"]["finished"] == 1, rep["table"]
+        rows[workers] = json.loads((tmp_path / f"w{workers}" / "results.json").read_text())["trials"][0]
+        summary = json.loads((tmp_path / f"w{workers}" / "runs" / "t000" / "summary.json").read_text())
+        rows[workers]["summary_keys"] = {k for k in summary if not k.startswith("moe/")}
+        assert summary["world_size"] == workers
+    one, two = rows[1], rows[2]
+    assert one["summary_keys"] == two["summary_keys"]
+    for k in ("val_loss", "best_val_loss", "tokens_per_s", "mfu", "moe_maxvio", "decode_tokens_per_s",
+              "params_active", "kv_bytes_per_token"):
+        assert isinstance(two[k], (int, float)) and isinstance(one[k], (int, float)), k
+    assert one["params_total"] == two["params_total"] and one["step"] == two["step"] == 10
+    assert two["best_checkpoint"] and Path(two["best_checkpoint"], "model.safetensors").is_file()

@@ -16,6 +16,12 @@ MLA = {"attn": "mla", "q_latent_dim": 16, "kv_latent_dim": 16, "rope_head_dim": 
 MOE = {"moe": True, "n_exp": 4, "n_shared": 1, "n_act": 2, "aux_free": True, "up_dim": 64}
 
 
+@pytest.fixture(autouse=True)
+def _data(request):
+    """Every spec here points at the prepared Tiny Shakespeare (expand checks the data)."""
+    BASE["data_dir"] = str(request.getfixturevalue("train_char_data"))
+
+
 def spec(**kw) -> SweepSpec:
     return SweepSpec(**{"name": "s", "base": BASE, **kw})
 
@@ -138,8 +144,8 @@ def test_every_shipped_spec_loads_and_expands(tmp_path):
     assert {"exp1", "exp1-tiny", "exp2", "exp2-tiny", "exp3", "exp3-tiny"} <= names
     for p in specs:
         s = load_spec(p)
-        # the tiny specs read prepared Tiny Shakespeare; check them against a vocab, not files
-        s = dataclasses.replace(s, base={**s.base, "vocab_size": s.base.get("vocab_size", 128)})
+        # checked against the prepared Tiny Shakespeare (TinyStories is not prepared here)
+        s = dataclasses.replace(s, base={**s.base, "data_dir": BASE["data_dir"]})
         plan = expand(s)
         assert plan.trials and not plan.rejected, (p.name, plan.rejected)
         if p.stem.endswith("tiny"):
@@ -152,3 +158,44 @@ def test_every_shipped_spec_loads_and_expands(tmp_path):
     # exp1/exp2: {GQA, MLA} x {RoPE, sinusoidal}; exp3: homogeneous vs heterogeneous
     assert {k: counts[k] for k in ("exp1-tiny", "exp2-tiny", "exp3-tiny")} == \
         {"exp1-tiny": 4, "exp2-tiny": 4, "exp3-tiny": 2}
+
+
+# --- jobs/sweep.py: bad input answered before Ray starts ----------------------------------------
+@pytest.fixture
+def sweep_job(monkeypatch, capsys):
+    """jobs/sweep.py's main(argv) -> (exit code, captured output)."""
+    import importlib
+    monkeypatch.syspath_prepend(str(ROOT / "jobs"))
+    job = importlib.import_module("sweep")
+    return lambda argv: (job.main(argv), capsys.readouterr())
+
+
+def test_cli_refuses_bad_input_with_exit_code_2(tmp_path, sweep_job, train_char_data):
+    rc, out = sweep_job(["--spec", str(tmp_path / "nope.yaml")])
+    assert rc == 2 and "No such file" in out.err
+    rc, out = sweep_job(["--report", str(tmp_path)])
+    assert rc == 2 and "is not a sweep directory (no sweep.json)" in out.err
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({"base": {**BASE, "data_dir": str(tmp_path / "missing")},
+                                 "storage_path": str(tmp_path)}))
+    rc, out = sweep_job(["--spec", str(f)])
+    assert rc == 2 and "prepare it with jobs/prepare.py" in out.err
+    f.write_text(yaml.safe_dump({"base": {**BASE, "data_dir": str(train_char_data)}}))
+    rc, out = sweep_job(["--spec", str(f), "--storage_path", "s3://bucket/x"])
+    assert rc == 2 and "sweeps write their report locally" in out.err
+    with pytest.raises(SystemExit):                    # argparse: --spec or --report is required
+        sweep_job([])
+
+
+def test_cli_dry_run_lists_trials_and_rejections(tmp_path, sweep_job, train_char_data):
+    spec = {"base": {k: v for k, v in BASE.items() if k != "vocab_size"} | {"data_dir": str(train_char_data)},
+            "layers": {"attn": {"gqa2": {"attn": "gqa", "n_kv_heads": 2},
+                                "bad": {"attn": "gqa", "n_kv_heads": 3}}},
+            "storage_path": str(tmp_path)}
+    f = tmp_path / "dry.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    rc, out = sweep_job(["--spec", str(f), "--dry_run"])
+    assert rc == 0, out.err
+    assert f"sweep dry -> {tmp_path / 'dry'}: 1 trial(s), 3 rejected" in out.out
+    assert "t000  2×[gqa2+mlp]" in out.out and "not divisible by n_kv_heads=3" in out.out
+    assert not (tmp_path / "dry").exists()             # a dry run writes nothing

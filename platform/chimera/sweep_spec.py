@@ -385,18 +385,23 @@ def solve_budget(train: Mapping[str, Any], layers: list[dict] | None, budget: Ma
 
 
 def data_vocab(spec: SweepSpec) -> int:
-    """The model vocabulary plan_run will use: the dataset tokenizer's, padded up to 64."""
+    """The model vocabulary plan_run will use (the dataset tokenizer's, padded up to 64, unless
+    base.vocab_size is given); the data directory must be prepared already."""
     from chimera.shards import read_manifest
     from chimera.train_config import REPO
-    if "vocab_size" in spec.base:
-        return int(spec.base["vocab_size"])
     d = spec.base.get("data_dir")
-    data_dir = Path(d).expanduser().resolve() if d else REPO / "data" / spec.base.get("dataset", "shakespeare")
+    data_dir = (Path(spec.source_dir, d).expanduser().resolve() if d
+                else REPO / "data" / spec.base.get("dataset", "shakespeare"))
     try:
-        v = read_manifest(data_dir)["tokenizer"]["vocab_size"]
+        v = int(read_manifest(data_dir)["tokenizer"]["vocab_size"])
     except Exception as e:
         raise SweepSpecError(f"base.data_dir {data_dir}: {e} (prepare it with jobs/prepare.py)") from None
-    return -(-int(v) // 64) * 64
+    if "vocab_size" in spec.base:
+        if int(spec.base["vocab_size"]) < v:
+            raise SweepSpecError(f"base.vocab_size={spec.base['vocab_size']} is smaller than the "
+                                 f"dataset's tokenizer vocabulary ({v})")
+        return int(spec.base["vocab_size"])
+    return -(-v // 64) * 64
 
 
 def expand(spec: SweepSpec) -> SweepPlan:

@@ -199,7 +199,7 @@ def train_fn_per_worker(config: dict[str, Any], report=None) -> dict[str, Any]:
     fpt = raw.flops_per_token()
     peak = peak_flops(device, tc.peak_flops)
     counts = raw.num_params()
-    facts = {"params_total": counts.total, "params_active": counts.active, "flops_per_token": fpt,
+    facts = {"world_size": world, "params_total": counts.total, "params_active": counts.active, "flops_per_token": fpt,
              "kv_bytes_per_token": raw.kv_cache_bytes_per_token(
                  amp_dtype if cuda else torch.float32)}
     wb = None

@@ -1,0 +1,137 @@
+"""`python jobs/bench.py sweep`: what Ray Tune costs a sweep, and what ASHA saves.
+
+Both rows come from one run on a private local Ray instance with `--threads` CPUs, over one
+search space: `--trials` learning rates sampled log-uniformly in [1e-4, 3e-2] (seeded) for a
+tiny dense model on Tiny Shakespeare char, one CPU per trial, `--threads` trials at a time.
+  * Tune overhead: FIFO sweep wall time ÷ (sum of the trials' own times ÷ concurrency). A
+    trial's own time is measured inside it, from its start to its end (planning, training,
+    decode measurement); so the ratio prices trial start-up, scheduling, reporting and the
+    report. Target <= 1.15.
+  * ASHA vs FIFO: the same space under ASHA (grace period = one eval interval, reduction
+    factor `--reduction_factor`). Ratio = training steps ASHA's trials ran in total ÷ the
+    steps of the FIFO sweep (trials x max_iters), counted only when ASHA's best val loss is
+    within 0.02 of FIFO's best. Target <= 0.5.
+`--quick` shrinks everything for a smoke run (numbers not meaningful).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+SHARED_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="small sizes for a smoke run (numbers not meaningful)")
+    p.add_argument("--data_dir", help="Tiny Shakespeare prepared with --tokenizer char "
+                                      "(default: prepared from --source into a temp dir)")
+    p.add_argument("--source", default=str(SHARED_TEXT), help="Tiny Shakespeare text to prepare")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="CPUs of the Ray instance = trials at a time (default: all)"
+                   ).doc_default = "all CPUs"
+    p.add_argument("--trials", type=int, default=8, help="trials per sweep (>= 2)")
+    p.add_argument("--max_iters", type=int, default=300, help="training steps of a full trial")
+    p.add_argument("--eval_interval", type=int, default=50, help="steps between evals (ASHA rungs)")
+    p.add_argument("--reduction_factor", type=float, default=3.0, help="ASHA reduction factor (> 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the learning-rate samples")
+
+
+def _spec(name: str, data_dir: str, storage: str, args, scheduler: dict):
+    from chimera.sweep_spec import SweepSpec
+    base = {"data_dir": data_dir, "n_layer": 2, "n_embd": 64, "n_head": 4, "block_size": 64,
+            "attn": "gqa", "n_kv_heads": 2, "up_dim": 256, "batch_size": 8,
+            "total_batch_size_str": "8*64", "max_iters": args.max_iters, "warmup_steps": 10,
+            "eval_interval": args.eval_interval, "eval_iters": 5, "log_interval": args.eval_interval,
+            "ckpt_interval": 10 ** 6}
+    return SweepSpec(name=name, storage_path=storage, base=base, search="random",
+                     num_samples=args.trials, seed=args.seed,
+                     space={"learning_rate": {"loguniform": [1e-4, 3e-2]}}, scheduler=scheduler,
+                     max_concurrent=args.threads, decode_tokens=8)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.quick:
+        args.trials, args.max_iters, args.eval_interval = min(args.trials, 4), 40, 10
+    for k, lo in (("threads", 1), ("trials", 2), ("max_iters", 2), ("eval_interval", 1)):
+        if getattr(args, k) < lo:
+            print(f"error: --{k}={getattr(args, k)} must be >= {lo}", file=sys.stderr)
+            return 2
+    if args.eval_interval > args.max_iters:
+        print(f"error: --eval_interval={args.eval_interval} must be <= --max_iters={args.max_iters}",
+              file=sys.stderr)
+        return 2
+    if not args.reduction_factor > 1:
+        print(f"error: --reduction_factor={args.reduction_factor} must be > 1", file=sys.stderr)
+        return 2
+    if args.data_dir is None and not Path(args.source).is_file():
+        print(f"error: --source {args.source} does not exist", file=sys.stderr)
+        return 2
+    import ray
+    import torch
+    from chimera.runtime import runtime_env
+    from chimera.sweep import run_sweep
+    from chimera.sweep_spec import SweepSpecError, expand
+
+    with tempfile.TemporaryDirectory(prefix="chimera_bench_sweep_") as tmp:
+        data_dir = args.data_dir
+        if data_dir is None:
+            from chimera.prepare import prepare
+            data_dir = str(Path(tmp) / "shakespeare_char")
+            prepare("shakespeare", sources=[args.source], tokenizer="char", out=data_dir,
+                    progress=False, log=lambda *_: None)
+        data_dir = str(Path(data_dir).resolve())
+        print(f"# sweep benchmark — torch {torch.__version__}, {args.threads} CPUs for trials, "
+              f"{args.trials} trials x {args.max_iters} steps, eval every {args.eval_interval}"
+              f"{', --quick' if args.quick else ''}", flush=True)
+        try:
+            fifo_plan = expand(_spec("fifo", data_dir, tmp, args, {"type": "fifo"}))
+            asha_plan = expand(_spec("asha", data_dir, tmp, args, {
+                "type": "asha", "time_attr": "step", "grace_period": args.eval_interval,
+                "reduction_factor": args.reduction_factor}))
+        except SweepSpecError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.init(address="local", num_cpus=args.threads, runtime_env=runtime_env(), include_dashboard=False)
+        try:
+            fifo = run_sweep(fifo_plan, verbose=0)
+            asha = run_sweep(asha_plan, verbose=0)
+        finally:
+            ray.shutdown()
+
+        def rows_of(rep):
+            return json.loads((Path(rep["sweep_dir"]) / "results.json").read_text())["trials"]
+
+        f_rows, a_rows = rows_of(fifo), rows_of(asha)
+        own = sum(r["trial_time_s"] or 0.0 for r in f_rows)
+        ideal = own / min(args.threads, len(f_rows))
+        overhead = fifo["wall_time_s"] / ideal
+        f_steps = sum(r["step"] or 0 for r in f_rows)
+        a_steps = sum(r["step"] or 0 for r in a_rows)
+        f_best = min(r["best_val_loss"] for r in f_rows if r["best_val_loss"] is not None)
+        a_best = min(r["best_val_loss"] for r in a_rows if r["best_val_loss"] is not None)
+        stopped = sum(r["status"] == "stopped" for r in a_rows)
+    table = [("Tune overhead: FIFO sweep wall time ÷ (sum of trial times ÷ concurrency)",
+              f"{overhead:.3f}  ({fifo['wall_time_s']:.1f} s vs {own:.1f} s / {min(args.threads, len(f_rows))})",
+              f"≤ 1.15 — {'met' if overhead <= 1.15 else '**missed**'}")]
+    label = "ASHA vs FIFO: training steps ÷ FIFO's, same space"
+    if a_best <= f_best + 0.02:
+        ratio = a_steps / f_steps
+        table.append((label, f"{ratio:.3f}  ({a_steps:,} vs {f_steps:,} steps, {stopped} of {len(a_rows)} "
+                      f"stopped early; best val {a_best:.4f} vs {f_best:.4f})",
+                      f"≤ 0.5 — {'met' if ratio <= 0.5 else '**missed**'}"))
+    else:
+        table.append((label, f"not reached: ASHA best val {a_best:.4f} vs FIFO {f_best:.4f} (+0.02 "
+                      f"allowed; {a_steps:,} vs {f_steps:,} steps)", "≤ 0.5 — **missed**"))
+    w = max(len(a) for a, _, _ in table)
+    print(f"| {'measurement'.ljust(w)} | result | target |")
+    print(f"|{'-' * (w + 2)}|---|---|")
+    for a, b, c in table:
+        print(f"| {a.ljust(w)} | {b} | {c} |")
+    return 0
