@@ -1,11 +1,13 @@
 """cluster.yaml passes Ray's own cluster-config validation (no cloud call) and keeps the
 invariants: nothing but SSH opened (the Serve port only through the commented-out rule, and
 never to the world), dashboard on localhost, token auth on every node, shared s3:// storage
-as the jobs' default, S3 access for the workers, pinned install, repository synced."""
+as the jobs' default, S3 access for the workers, a CUDA-12-capable AMI, the pinned Ray image
+and pinned install, repository synced."""
 from __future__ import annotations
 
 import copy
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,11 +124,30 @@ def test_workers_can_write_to_s3(cluster):
             assert t["node_config"].get("IamInstanceProfile"), f"{name}: no instance profile"
 
 
-def test_pinned_install_and_repo_sync(cluster):
+def test_pinned_install_on_the_pinned_ray_image_and_repo_sync(cluster):
     setup = " ".join(cluster["setup_commands"])
-    assert "-c ~/chimera/constraints.txt -e ~/chimera" in setup
+    assert "pip install --quiet -c ~/chimera/constraints.txt -e ~/chimera" in setup
+    pins = dict(l.split("==", 1) for l in (ROOT / "constraints.txt").read_text().splitlines()
+                if "==" in l and not l.startswith("#"))
+    assert pins["torch"] == "2.13.0"
+    # Ray's image of exactly the pinned Ray, with the Python the pins were frozen with
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    d = cluster["docker"]
+    assert d["image"] == f"rayproject/ray:{pins['ray']}-{py}-gpu"
+    assert d["head_image"] == f"rayproject/ray:{pins['ray']}-{py}"
     assert cluster["file_mounts"]["~/chimera"] == "."
     assert ".gitignore" in cluster.get("rsync_filter", [])
     assert "**/.venv" in cluster["rsync_exclude"]
-    pins = (ROOT / "constraints.txt").read_text().splitlines()
-    assert "torch==2.13.0" in pins and any(p.startswith("ray==") for p in pins)
+
+
+def test_every_node_gets_a_modern_gpu_ami(cluster):
+    """Ray's default AWS AMI is an Ubuntu 18.04 / CUDA 11 image: every type names its own."""
+    import ray
+    aws_config = Path(ray.__file__).parent / "autoscaler" / "_private" / "aws" / "config.py"
+    ray_defaults = set(re.findall(r'"(ami-[0-9a-f]+)"', aws_config.read_text()))  # needs no boto3
+    assert ray_defaults
+    amis = {n: t["node_config"].get("ImageId") for n, t in cluster["available_node_types"].items()}
+    assert len(set(amis.values())) == 1, amis
+    ami = next(iter(amis.values()))
+    assert ami and ami not in ray_defaults and ami.lower() != "latest_dlami"
+    assert ami.startswith("resolve:ssm:/aws/service/deeplearning/ami/x86_64/") and "ubuntu-22.04" in ami
