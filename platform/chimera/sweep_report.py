@@ -164,7 +164,7 @@ def plots(root: Path, rows: list[dict]) -> list[str]:
     for r in rows:
         if r["curve"]:
             s, v = zip(*r["curve"])
-            ax.plot(s, v, marker="o", ms=3, label=f"{r['trial']} {r['arch']}"[:60],
+            ax.plot(s, v, marker="o", ms=3, label=f"{r['trial']} {r['arch']} {r['hparams']}"[:80],
                     ls="-" if r["status"] == "finished" else "--")
     ax.set_xlabel("training step")
     ax.set_ylabel("val loss")
@@ -187,7 +187,7 @@ def plots(root: Path, rows: list[dict]) -> list[str]:
         front = _pareto([(x, y) for x, y, _ in pts], larger)
         if front:
             fx, fy = zip(*front)
-            ax.plot(fx, fy, "r-", lw=1.2, label="Pareto front")
+            ax.plot(fx, fy, "r-", lw=1.2, marker="o", ms=11, mfc="none", mec="r", label="Pareto front")
             ax.legend(fontsize=8)
         ax.set_xlabel(label)
         ax.set_ylabel("best val loss")
@@ -212,7 +212,7 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
     from models.config import ModelConfig
     from chimera import checkpoint as ckpt
 
-    root = Path(root)
+    root = Path(root).expanduser().resolve()      # results.json carries absolute paths
     c = collect(root, decode_missing=decode_missing)
     rows, rejected = c["rows"], c["rejected"]
     table = markdown(rows + rejected)
