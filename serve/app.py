@@ -15,7 +15,6 @@ batch plus as many waiting in the engine) and queues `max_queued_requests` more;
 the handle raises BackPressureError and the client gets 503 at once. Request bodies over
 `max_body_bytes` get 413; max tokens over `max_new_tokens_cap` get 400.
 """
-from __future__ import annotations
 
 import asyncio
 import json
@@ -234,15 +233,14 @@ class Ingress:
             return self._as_response(first)
 
         async def events():
-            text = []
             try:
                 async for m in gen:
                     if m["type"] == "error":
                         yield _sse({"error": m["error"]})
                         break
-                    text.append(m["text"])
+                    # every event: the new text; the last one also the summary (text = delta)
                     yield _sse({"text": m["text"], "tokens": m["tokens"]} if m["type"] == "delta"
-                               else {"text": m["text"], "tokens": m["tokens"], **summary(m, "".join(text))})
+                               else {**summary(m, ""), "text": m["text"], "tokens": m["tokens"]})
                 yield _sse("[DONE]")
             finally:
                 gen.cancel()

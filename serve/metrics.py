@@ -34,12 +34,12 @@ class ServeMetrics:
 
         def hist(name, desc, buckets):
             h = m.Histogram(name, description=desc, boundaries=buckets, tag_keys=("model",))
-            h.set_default_tags(tags)
+            h.set_default_tags(dict(tags))     # Serve adds its tags in place
             return h
 
         def gauge(name, desc):
             g = m.Gauge(name, description=desc, tag_keys=("model",))
-            g.set_default_tags(tags)
+            g.set_default_tags(dict(tags))
             return g
 
         self.ttft = hist("chimera_serve_ttft_seconds", "time to first token", LATENCY)
@@ -49,7 +49,7 @@ class ServeMetrics:
         self.step = hist("chimera_serve_step_seconds", "one engine iteration", LATENCY)
         self.tokens = m.Counter("chimera_serve_generated_tokens_total",
                                 description="generated tokens", tag_keys=("model",))
-        self.tokens.set_default_tags(tags)
+        self.tokens.set_default_tags(dict(tags))
         self.running = gauge("chimera_serve_running_requests", "requests in the running batch")
         self.queued = gauge("chimera_serve_queued_requests", "requests waiting for a batch row")
 

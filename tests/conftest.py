@@ -76,3 +76,21 @@ def ray_cluster():
     init_ray(num_cpus=4)
     yield
     ray.shutdown()
+
+
+# --- serving (issue 6) ------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, train_char_data) -> Path:
+    """A tiny trained char-level checkpoint (2 layers, n_embd 64, block 64), trained in-process
+    for 30 steps without Ray: the run dir's best checkpoint."""
+    from chimera.train_config import load_train_config, plan_run
+    from chimera.trainer import train_fn_per_worker
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    plan = plan_run(load_train_config({
+        "data_dir": str(train_char_data), "n_layer": 2, "n_embd": 64, "n_head": 4, "block_size": 64,
+        "batch_size": 8, "total_batch_size_str": "8*64", "max_iters": 30, "eval": True,
+        "eval_interval": 30, "eval_iters": 2, "save_model": True, "storage_path": str(tmp),
+        "run_name": "tiny", "learning_rate": 1e-2, "warmup_steps": 3}))
+    s = train_fn_per_worker(plan.worker_config)
+    return Path(s["best_checkpoint"])

@@ -1,0 +1,231 @@
+"""Serving on a real local Ray cluster with real HTTP: /generate and /v1/completions (streamed
+and not), the official openai client, greedy/seeded output equal to jobs/sample.py and to the
+uncached model, batched == unbatched, two models picked by `model`, bad input -> 4xx with an
+OpenAI error body (and the server still answers), client disconnect frees the row, overload
+-> 503. One Serve app (two tiny models) is shared by the module."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "ROMEO:\nWhat"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def second_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint with perturbed weights, saved as a checkpoint of its own."""
+    from chimera.checkpoint import read_config, save_checkpoint
+    from serve.loading import load_checkpoint
+    model, tok = load_checkpoint(tiny_checkpoint)
+    with torch.no_grad():
+        for p in model.blocks.parameters():
+            p.mul_(1.5)
+    out = tmp_path_factory.mktemp("other") / "other_ckpt"
+    save_checkpoint(out, model, model_config=read_config(tiny_checkpoint), tokenizer=tok.to_dict())
+    return out
+
+
+@pytest.fixture(scope="module")
+def url(ray_cluster, tiny_checkpoint, second_checkpoint):
+    from ray import serve
+
+    from serve.app import AppArgs, build_app
+    port = _free_port()
+    args = AppArgs(checkpoint=[f"tiny={tiny_checkpoint.parent}", f"other={second_checkpoint}"],
+                   max_batch=4, max_ongoing_requests=4, max_queued_requests=4, num_cpus=0.5,
+                   max_new_tokens_cap=300, max_body_bytes=4096, health_check_period_s=2)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(args), name="chimera-test", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def post(url, path, body, **kw) -> httpx.Response:
+    return httpx.post(url + path, json=body, timeout=120, **kw)
+
+
+def sse(resp: httpx.Response) -> list:
+    lines = [ln[len("data: "):] for ln in resp.text.split("\n\n") if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(x) for x in lines[:-1]]
+
+
+def sample_cli(ckpt, *args) -> str:
+    out = subprocess.run([sys.executable, "jobs/sample.py", "--model_path", str(ckpt), *args],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout[:-1]                                       # print() added a newline
+
+
+def test_health_and_models(url):
+    h = httpx.get(url + "/health", timeout=30).json()
+    assert h["status"] == "ok" and set(h["models"]) == {"tiny", "other"}
+    ids = [m["id"] for m in httpx.get(url + "/v1/models", timeout=30).json()["data"]]
+    assert ids == ["tiny", "other"]
+
+
+@pytest.mark.parametrize("opts", [["--temperature", "0"], ["--temperature", "0.9", "--top_k", "20", "--seed", "5"]])
+def test_generate_equals_sample_cli_and_uncached_model(url, tiny_checkpoint, opts):
+    kw = dict(zip([o.lstrip("-") for o in opts[::2]], [float(v) if "." in v else int(v) for v in opts[1::2]]))
+    r = post(url, "/generate", {"prompt": PROMPT, "max_new_tokens": 80, **kw})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["completion_tokens"] == 80 and got["finish_reason"] == "length"
+    assert got["timings"]["ttft_s"] > 0 and got["timings"]["tokens_per_s"] > 0
+    assert sample_cli(tiny_checkpoint, "--prompt", PROMPT, "--max_new_tokens", "80", *opts) == PROMPT + got["text"]
+    assert sample_cli(tiny_checkpoint, "--prompt", PROMPT, "--max_new_tokens", "80", "--no_kv_cache",
+                      *opts) == PROMPT + got["text"]
+    # 80 new tokens on a 12-token prompt run past block_size 64: the sliding window is covered
+
+
+def test_generate_streamed_equals_plain(url):
+    body = {"prompt": PROMPT, "max_new_tokens": 30, "temperature": 0.7, "seed": 3}
+    plain = post(url, "/generate", body).json()
+    events = sse(post(url, "/generate", {**body, "stream": True}))
+    assert "".join(e["text"] for e in events) == plain["text"]
+    assert sum(e["tokens"] for e in events) == 30
+    assert events[-1]["finish_reason"] == "length" and events[-1]["text"] is not None
+
+
+def test_completions_plain_and_streamed(url):
+    body = {"model": "tiny", "prompt": ["First", "Second"], "max_tokens": 12, "n": 2,
+            "temperature": 1.0, "seed": 11}
+    r = post(url, "/v1/completions", body).json()
+    assert [c["index"] for c in r["choices"]] == [0, 1, 2, 3]
+    assert r["usage"]["completion_tokens"] == 48
+    assert r["usage"]["prompt_tokens"] == len("First") + len("Second")
+    assert r["choices"][0]["text"] != r["choices"][1]["text"]      # n choices: seeds seed, seed+1
+    chunks = sse(post(url, "/v1/completions", {**body, "stream": True}))
+    texts = ["", "", "", ""]
+    for c in chunks:
+        for ch in c["choices"]:
+            texts[ch["index"]] += ch["text"]
+    assert texts == [c["text"] for c in r["choices"]]
+
+
+def test_openai_client(url):
+    import openai
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list()] == ["tiny", "other"]
+    c = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0.5, seed=1)
+    assert c.usage.completion_tokens == 10 and c.choices[0].finish_reason == "length"
+    stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0.5,
+                                       seed=1, stream=True)
+    assert "".join(ch.choices[0].text for ch in stream if ch.choices) == c.choices[0].text
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="x", max_tokens=2, top_p=1.5)
+
+
+def test_batched_equals_unbatched_over_http(url):
+    bodies = [{"prompt": p, "max_new_tokens": n, "temperature": t, "seed": 7, "top_k": 30}
+              for p, n, t in (("A", 40, 0.0), ("KING:", 12, 0.9), ("Hi\nthere", 25, 1.2), ("x y", 33, 0.6))]
+    alone = [post(url, "/generate", b).json()["text"] for b in bodies]
+    with ThreadPoolExecutor(4) as ex:
+        together = list(ex.map(lambda b: post(url, "/generate", b).json()["text"], bodies))
+    assert together == alone
+
+
+def test_two_models_selected_by_model_field(url, second_checkpoint):
+    body = {"prompt": PROMPT, "max_new_tokens": 30, "temperature": 0.8, "seed": 2}
+    a = post(url, "/generate", {**body, "model": "tiny"}).json()
+    b = post(url, "/generate", {**body, "model": "other"}).json()
+    assert a["model"] == "tiny" and b["model"] == "other" and a["text"] != b["text"]
+    assert post(url, "/generate", body).json()["text"] == a["text"]          # default: the first
+    assert sample_cli(second_checkpoint, "--prompt", PROMPT, "--max_new_tokens", "30",
+                      "--temperature", "0.8", "--seed", "2") == PROMPT + b["text"]
+
+
+BAD = [
+    ("/generate", b"{not json", 400, None),
+    ("/generate", b'{"prompt": "hi", "max_new_tokens": "5"}', 400, "max_new_tokens"),
+    ("/generate", b'{"prompt": 5}', 400, "prompt"),
+    ("/generate", b'{"prompt": "hi", "model": "nope"}', 404, "model"),
+    ("/generate", b'{"prompt": ""}', 400, "prompt"),
+    ("/generate", b'{"prompt": "hi", "max_new_tokens": -1}', 400, "max_new_tokens"),
+    ("/generate", b'{"prompt": "hi", "max_new_tokens": 1000000}', 400, "max_new_tokens"),
+    ("/generate", b'{"prompt": "hi", "temperature": -0.5}', 400, "temperature"),
+    ("/generate", b'{"prompt": "hi", "top_p": 0}', 400, "top_p"),
+    ("/generate", b'{"prompt": "hi", "top_p": 1.01}', 400, "top_p"),
+    ("/generate", b'{"prompt": "hi", "top_k": 0}', 400, "top_k"),
+    ("/generate", b'{"prompt": "' + b"a" * 65 + b'"}', 400, "prompt"),      # > block_size 64
+    ("/generate", b'{"prompt": "\xff\xfe"}', 400, None),                      # not UTF-8
+    ("/generate", b'{"prompt": "\xe2\x82\xac"}', 400, "prompt"),              # not in char vocab
+    ("/generate", b'{"prompt": "hi", "bogus": 1}', 400, "bogus"),
+    ("/generate", b"[1, 2]", 400, None),
+    ("/generate", b'{"prompt": "' + b"a" * 5000 + b'"}', 413, None),         # body cap 4096
+    ("/v1/completions", b'{"model": "tiny", "prompt": [], "max_tokens": 2}', 400, "prompt"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "hi", "max_tokens": 0}', 400, "max_tokens"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "hi", "n": 0}', 400, "n"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "hi", "stream": "yes"}', 400, "stream"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", BAD)
+def test_bad_input_gets_4xx_and_the_server_keeps_answering(url, path, body, status, param):
+    r = httpx.post(url + path, content=body, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] is not None and err["param"].split(".")[0] == param, err
+    ok = post(url, "/generate", {"prompt": "hi", "max_new_tokens": 2})
+    assert ok.status_code == 200 and ok.json()["completion_tokens"] == 2
+
+
+def _running(url) -> int:
+    return httpx.get(url + "/health", timeout=30).json()["models"]["tiny"]["running"]
+
+
+def test_client_disconnect_frees_the_row(url):
+    with httpx.stream("POST", url + "/generate", json={"prompt": "A", "max_new_tokens": 300,
+                                                       "stream": True}, timeout=60) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())
+        assert _running(url) == 1
+    deadline = time.time() + 20
+    while _running(url) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _running(url) == 0
+
+
+def test_overload_gets_503_quickly(url):
+    """16 long streams at a model that takes 4 + queues 4: the rest get 503 at once."""
+    codes, t0 = [], time.time()
+    with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=20)) as c:
+        streams = [c.stream("POST", url + "/generate", json={"prompt": "B", "max_new_tokens": 300,
+                                                              "stream": True}) for _ in range(16)]
+        opened = []
+        with ThreadPoolExecutor(16) as ex:
+            for cm, resp in zip(streams, ex.map(lambda s: s.__enter__(), streams)):
+                opened.append(cm)
+                codes.append(resp.status_code)
+                if resp.status_code == 503:
+                    assert resp.read() and json.loads(resp.read())["error"]["code"] == "overloaded"
+        first_503 = time.time() - t0
+        for cm in opened:
+            cm.__exit__(None, None, None)
+    assert codes.count(503) >= 1 and set(codes) <= {200, 503}, codes
+    assert first_503 < 30
+    deadline = time.time() + 30
+    while _running(url) and time.time() < deadline:
+        time.sleep(0.2)
+    assert post(url, "/generate", {"prompt": "hi", "max_new_tokens": 2}).status_code == 200
