@@ -82,7 +82,7 @@ def _start_cluster(names: list[str]):
 
 
 def _train(args, extra: list[str]) -> int:
-    sys.path.insert(0, str(ROOT / "jobs"))
+    sys.path.append(str(ROOT / "jobs"))          # after the packages: jobs/serve.py is no `serve`
     import train
     _log("job starts")
     return train.main(["--data_dir", args.data, "--storage_path", args.storage, *TINY, *extra])
@@ -156,7 +156,7 @@ def sweep(args) -> dict:
         "metric": "val_loss", "mode": "min", "scheduler": {"type": "fifo"},
         "max_concurrent": 2, "resources": {"num_workers": 1, "cpus_per_worker": 1},
         "decode_tokens": 0}))
-    sys.path.insert(0, str(ROOT / "jobs"))
+    sys.path.append(str(ROOT / "jobs"))          # after the packages: jobs/serve.py is no `serve`
     import sweep as sweep_job
     _log("sweep starts")
     rc = sweep_job.main(["--spec", str(spec), "--storage_path", args.storage])

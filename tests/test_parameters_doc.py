@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
+from chimera import paramdocs
 
-from chimera import paramdocs  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +81,8 @@ def test_train_rows_show_real_defaults_types_and_meanings(jobs):
     assert "/work/" not in paramdocs.render(jobs)                  # no machine paths
 
 
-def test_train_help_shows_the_same_defaults():
-    import train
-    text = train.build_parser().format_help()
+def test_train_help_shows_the_same_defaults(jobs):
+    text = dict(jobs)["train"].build_parser().format_help()
     assert "optimizer steps (default: 500)" in " ".join(text.split())
 
 
@@ -140,6 +138,23 @@ def test_subcommands_get_their_own_tables():
 
 
 def test_docs_job_cli(capsys):
-    import docs
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_docs_job", ROOT / "jobs" / "docs.py")
+    docs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(docs)
     assert docs.main(["--check"]) == 0
     assert "up to date" in capsys.readouterr().out
+
+
+def test_loading_the_jobs_shadows_no_package():
+    """Collecting the jobs must not let jobs/serve.py hide the `serve` package from whatever
+    is imported next (the rest of the test session): a fresh interpreter shows it."""
+    import os
+    import subprocess
+    code = ("import sys; from chimera import paramdocs; paramdocs.job_modules(); "
+            "import serve.engine; print(serve.engine.__file__)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "platform")])}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       cwd=str(ROOT), timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().endswith(os.path.join("serve", "engine.py"))

@@ -38,8 +38,10 @@ class DocDefaultsFormatter(argparse.RawDescriptionHelpFormatter):
 
 def job_modules(jobs_dir: Path = JOBS_DIR) -> list[tuple[str, Any]]:
     """(name, module) for every jobs/*.py (not _*.py) that defines build_parser, in doc order."""
-    if str(jobs_dir) not in sys.path:            # jobs import their sibling `_paths`
-        sys.path.insert(0, str(jobs_dir))
+    # jobs import their sibling `_paths`; appended, never prepended: jobs/serve.py must not
+    # shadow the `serve` package (nor jobs/X.py any other top-level name) for later imports
+    if str(jobs_dir) not in sys.path:
+        sys.path.append(str(jobs_dir))
     found = []
     for path in sorted(jobs_dir.glob("*.py")):
         if path.name.startswith("_") or "def build_parser" not in path.read_text():
