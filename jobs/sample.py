@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         g = torch.Generator(device=device).manual_seed(seed)
         out = model.generate(torch.tensor([ids], device=device), args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             eos_id=tok.eot_id, use_cache=False, generator=g)
+                             eos_id=tok.eot_id, use_cache=False, generator=g,
+                             vocab_limit=tok.vocab_size)
         new = out[0, min(len(ids), model.cfg.block_size):].tolist()
         if tok.eot_id in new:
             new = new[:new.index(tok.eot_id) + 1]

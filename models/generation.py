@@ -30,6 +30,16 @@ def check_sampling_args(max_new_tokens, temperature, top_k, top_p) -> None:
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
 
 
+def limit_vocab(logits: torch.Tensor, vocab_limit: int | None) -> torch.Tensor:
+    """logits (B, V) with ids >= vocab_limit made impossible (-inf): the embedding may be
+    padded past the tokenizer's vocabulary (e.g. 65 chars in a 128-row table), and a padded id
+    has no text."""
+    if vocab_limit is None or vocab_limit >= logits.size(-1):
+        return logits
+    return logits.masked_fill(torch.arange(logits.size(-1), device=logits.device) >= vocab_limit,
+                              float("-inf"))
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> next token ids (B, 1). temperature 0 is greedy."""
@@ -52,11 +62,13 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None = No
 @torch.no_grad()
 def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-             use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+             use_cache: bool = True, generator: torch.Generator | None = None,
+             vocab_limit: int | None = None) -> torch.Tensor:
     """Append up to max_new_tokens tokens to idx (B, T); returns (B, T + n).
 
     With eos_id, a row that produced it is padded with eos_id afterwards, and generation stops
-    early once every row has finished.
+    early once every row has finished. With vocab_limit, only ids < vocab_limit are sampled
+    (a tokenizer smaller than the model's padded vocabulary; see `limit_vocab`).
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) < 1 \
@@ -81,7 +93,8 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
                 logits = model.next_logits(seq[:, -window:], cache, 0)
             else:
                 logits = model.next_logits(seq[:, -1:], cache, cache.length)
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)   # (B, 1)
+            nxt = sample_next(limit_vocab(logits, vocab_limit), temperature, top_k, top_p,
+                              generator)                            # (B, 1)
             if eos_id is not None:
                 nxt = nxt.masked_fill(finished.unsqueeze(1), eos_id)
                 finished |= nxt.squeeze(1) == eos_id

@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import torch
 
-from models.generation import check_sampling_args, sample_next
+from models.generation import check_sampling_args, limit_vocab, sample_next
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,8 @@ class Engine:
         self.eot = getattr(tokenizer, "eot_id", None)
         self.block = model.cfg.block_size
         self.vocab = model.cfg.vocab_size
+        # sample only ids the tokenizer can decode (the embedding may be padded past them)
+        self.vocab_limit = getattr(tokenizer, "vocab_size", None)
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens or max(self.block, 2048)
         p = next(model.parameters())
@@ -264,6 +266,7 @@ class Engine:
         return logits
 
     def _sample(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[int]:
+        logits = limit_vocab(logits, self.vocab_limit)
         out = [0] * len(seqs)
         greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0]
         if greedy:

@@ -101,8 +101,7 @@ class LLMServer:
                            ttft_s=None if first is None else first - t0, total_s=total,
                            tokens_per_s=tps)
                 if o.finish_reason == "error":
-                    msg.update(type="error", status=500,
-                               **_error(500, "generation failed", None, "engine_error"))
+                    msg.update(_error(500, "generation failed", None, "engine_error"))
             yield msg
 
     async def complete(self, req: dict) -> dict:

@@ -173,3 +173,19 @@ def test_bad_requests_are_refused():
             SamplingParams(**kw)
     with pytest.raises(ValueError, match="max_batch"):
         Engine(m, max_batch=0)
+
+
+def test_only_ids_the_tokenizer_knows_are_sampled():
+    """A padded embedding (vocab 53 here) with a 20-symbol tokenizer: padded ids have no text,
+    so neither the engine nor generate(vocab_limit=...) samples them, and the two agree."""
+    tok = get_tokenizer("char", vocab="abcdefghijklmnopqrst")
+    m = build(attn="gqa")
+    p = SamplingParams(40, temperature=2.0, seed=3)
+    got = Engine(m, tok).run({"x": ([0, 1, 2], p)})["x"]
+    assert max(got.token_ids) < 20 and got.text == tok.decode(got.token_ids)
+    ref = m.generate(torch.tensor([[0, 1, 2]]), 40, temperature=2.0, vocab_limit=20,
+                     generator=torch.Generator().manual_seed(3))[0, 3:].tolist()
+    assert got.token_ids == ref
+    free = m.generate(torch.tensor([[0, 1, 2]]), 40, temperature=2.0,
+                      generator=torch.Generator().manual_seed(3))[0, 3:].tolist()
+    assert max(free) >= 20                                   # without the limit they do occur

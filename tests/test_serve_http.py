@@ -50,7 +50,7 @@ def url(ray_cluster, tiny_checkpoint, second_checkpoint):
     port = _free_port()
     args = AppArgs(checkpoint=[f"tiny={tiny_checkpoint.parent}", f"other={second_checkpoint}"],
                    max_batch=4, max_ongoing_requests=4, max_queued_requests=4, num_cpus=0.5,
-                   max_new_tokens_cap=300, max_body_bytes=4096, health_check_period_s=2)
+                   max_new_tokens_cap=5000, max_body_bytes=4096, health_check_period_s=2)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name="chimera-test", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
@@ -196,12 +196,15 @@ def _running(url) -> int:
 
 
 def test_client_disconnect_frees_the_row(url):
-    with httpx.stream("POST", url + "/generate", json={"prompt": "A", "max_new_tokens": 300,
+    """5000 tokens take far longer than the 10 s allowed for the row to be freed."""
+    with httpx.stream("POST", url + "/generate", json={"prompt": "A", "max_new_tokens": 5000,
                                                        "stream": True}, timeout=60) as r:
         assert r.status_code == 200
-        next(r.iter_lines())
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
         assert _running(url) == 1
-    deadline = time.time() + 20
+    deadline = time.time() + 10
     while _running(url) and time.time() < deadline:
         time.sleep(0.2)
     assert _running(url) == 0
@@ -211,7 +214,7 @@ def test_overload_gets_503_quickly(url):
     """16 long streams at a model that takes 4 + queues 4: the rest get 503 at once."""
     codes, t0 = [], time.time()
     with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=20)) as c:
-        streams = [c.stream("POST", url + "/generate", json={"prompt": "B", "max_new_tokens": 300,
+        streams = [c.stream("POST", url + "/generate", json={"prompt": "B", "max_new_tokens": 5000,
                                                               "stream": True}) for _ in range(16)]
         opened = []
         with ThreadPoolExecutor(16) as ex:
