@@ -36,3 +36,15 @@ def test_models_suite_rejects_bad_flags(args, msg):
 def test_models_suite_rejects_unknown_skip_section():
     out = bench("models", "--skip", "everything")
     assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--trials", "1"], "--trials=1 must be >= 2"),
+    (["--max_iters", "10", "--eval_interval", "20"], "--eval_interval=20 must be <= --max_iters=10"),
+    (["--reduction_factor", "1"], "--reduction_factor=1.0 must be > 1"),
+    (["--source", "/nonexistent/input.txt"], "--source /nonexistent/input.txt does not exist"),
+])
+def test_sweep_suite_rejects_bad_flags_before_starting_ray(args, msg):
+    out = bench("sweep", *args)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert msg in out.stderr

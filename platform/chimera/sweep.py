@@ -204,6 +204,7 @@ def run_sweep(plan: SweepPlan, resume: bool = False, verbose: int = 1) -> dict[s
             param_space={"trial": tune.grid_search([t.name for t in trials])},
             tune_config=tune.TuneConfig(
                 metric=spec.metric, mode=spec.mode, max_concurrent_trials=spec.max_concurrent,
+                reuse_actors=True,           # no process start and imports per trial
                 scheduler=_scheduler(spec, base.max_iters, parse_batch_expr(base.total_batch_size_str)),
                 trial_name_creator=lambda t: t.config["trial"],
                 trial_dirname_creator=lambda t: t.config["trial"]),
