@@ -27,7 +27,7 @@ def _scenario(name: str, data: Path, tmp_path: Path, *extra: str) -> tuple[dict,
     with open(log, "w") as f:
         proc = subprocess.run([sys.executable, str(ROOT / "tests" / "multinode_cluster.py"), name,
                                "--data", str(data), "--storage", str(storage), "--out", str(out),
-                               *extra], stdout=f, stderr=subprocess.STDOUT, env=env, timeout=420)
+                               *extra], stdout=f, stderr=subprocess.STDOUT, env=env, timeout=560)
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
     assert proc.returncode == 0 and out.exists(), f"scenario {name} failed:\n{tail}"
     result = json.loads(out.read_text())
