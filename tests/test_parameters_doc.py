@@ -158,3 +158,22 @@ def test_loading_the_jobs_shadows_no_package():
                        cwd=str(ROOT), timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().endswith(os.path.join("serve", "engine.py"))
+
+
+def test_cpu_count_defaults_do_not_depend_on_the_machine(monkeypatch):
+    import os
+
+    def build():
+        p = argparse.ArgumentParser()
+        p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads")
+        p.add_argument("--half", type=int, default=max(1, os.cpu_count() // 2), help="half")
+        return p
+
+    docs = []
+    for cpus in (2, 64):
+        monkeypatch.setattr(os, "cpu_count", lambda c=cpus: c)
+        docs.append(paramdocs.render([("fake", _fake_job(build))]))
+    assert docs[0] == docs[1]
+    assert "| `--threads` | int | number of CPUs | threads |" in docs[0]
+    assert "| `--half` | int | 4 | half |" in docs[0]
+    assert os.cpu_count() == 64                                    # put back afterwards

@@ -13,7 +13,9 @@ argparse action; `DocDefaultsFormatter` shows the same value in `--help`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -56,6 +58,26 @@ def job_modules(jobs_dir: Path = JOBS_DIR) -> list[tuple[str, Any]]:
 
 
 # --- rendering ----------------------------------------------------------------------------------
+class _CPUs(int):
+    """What os.cpu_count() returns while the doc is generated: defaults computed from it are
+    the same on every machine, and one that is the count itself reads as words."""
+
+    def __str__(self) -> str:
+        return "number of CPUs"
+
+    __repr__ = __str__
+
+
+@contextlib.contextmanager
+def _machine_independent():
+    real = os.cpu_count
+    os.cpu_count = lambda: _CPUs(8)
+    try:
+        yield
+    finally:
+        os.cpu_count = real
+
+
 def _normalise(text: str) -> str:
     """Machine-independent paths: the shared folder as ../shared, the checkout as <repo>."""
     return text.replace(str(REPO.parent / "shared"), "../shared").replace(str(REPO), "<repo>")
@@ -163,7 +185,8 @@ def render(jobs: list[tuple[str, Any]]) -> str:
              "bool take `--x` / `--no-x`; switches take no value.", ""]
     lines += [f"- [`{n}`](#jobs{n}py)" for n, _ in jobs] + [""]
     for name, mod in jobs:
-        p = mod.build_parser()
+        with _machine_independent():
+            p = mod.build_parser()
         lines += [f"## jobs/{name}.py", ""]
         if _summary(mod):
             lines += [_summary(mod), ""]
