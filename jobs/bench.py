@@ -3,6 +3,7 @@
     python jobs/bench.py models [--device cuda --dtype bf16 --compile]
     python jobs/bench.py data
     python jobs/bench.py train [--quick]
+    python jobs/bench.py serve [--quick] [--checkpoint PATH]
     python jobs/bench.py sweep [--quick]
 
 Numbers go to docs/benchmarks.md together with the command that made them.
@@ -17,6 +18,7 @@ SUITES = {
     "models": ("chimera.benchmarks.models", "model MFU, MoE vs dense, KV-cached decoding, KV bytes"),
     "data": ("chimera.benchmarks.data", "preparation and loader throughput"),
     "train": ("chimera.benchmarks.train", "Ray Train overhead, data-parallel efficiency, time to quality"),
+    "serve": ("chimera.benchmarks.serve", "Serve overhead, continuous batching, short-behind-long, load"),
     "sweep": ("chimera.benchmarks.sweep", "Ray Tune overhead, ASHA vs FIFO training steps"),
 }
 

@@ -119,6 +119,15 @@ def _err(status: int, message: str, param: str | None = None, code: str | None =
     return JSONResponse(error_body(message, type_, param, code), status_code=status)
 
 
+def _cancel(gen) -> None:
+    """Best-effort cancel of a handle call (DeploymentResponseGenerator.cancel re-raises the
+    call's own error, e.g. BackPressureError; the call is over then anyway)."""
+    try:
+        gen.cancel()
+    except Exception:                                           # noqa: BLE001
+        pass
+
+
 def _sse(obj: Any) -> bytes:
     return f"data: {json.dumps(obj) if not isinstance(obj, str) else obj}\n\n".encode()
 
@@ -180,8 +189,7 @@ class Ingress:
         gen = handle.options(stream=True).generate.remote(payload)
         try:
             first = await gen.__anext__()
-        except BackPressureError:
-            gen.cancel()
+        except BackPressureError:           # never assigned: nothing to cancel
             first = OVERLOADED
         return first, gen
 
@@ -243,7 +251,7 @@ class Ingress:
                                else {**summary(m, ""), "text": m["text"], "tokens": m["tokens"]})
                 yield _sse("[DONE]")
             finally:
-                gen.cancel()
+                _cancel(gen)
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @api.post("/v1/completions")
@@ -279,7 +287,7 @@ class Ingress:
         bad = next((f for f, _ in opened if f["type"] == "error"), None)
         if bad:
             for _, g in opened:
-                g.cancel()
+                _cancel(g)
             return self._as_response(bad)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(self._merged(opened, head, usage, include_usage),
@@ -318,4 +326,4 @@ class Ingress:
             for t in tasks:
                 t.cancel()
             for _, g in opened:
-                g.cancel()
+                _cancel(g)

@@ -1,0 +1,84 @@
+"""What jobs/serve.py serves: checkpoint / run dir / sweep resolution and names, typed app
+arguments, and bad flags refused (exit 2) before Ray starts."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from serve.loading import default_name, parse_models, resolve_checkpoint, sweep_models
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_run_dir_resolves_to_best_then_latest(tiny_checkpoint, tmp_path):
+    run = tiny_checkpoint.parent
+    assert resolve_checkpoint(run) == tiny_checkpoint
+    assert resolve_checkpoint(tiny_checkpoint) == tiny_checkpoint
+    copy = tmp_path / "r2"
+    shutil.copytree(run / "checkpoint_000030", copy / "checkpoint_000030")
+    shutil.copytree(run / "checkpoint_000030", copy / "checkpoint_000010")
+    assert resolve_checkpoint(copy).name == "checkpoint_000030"
+    assert default_name(copy / "checkpoint_000030") == "r2-000030"
+    assert default_name(tiny_checkpoint) == "tiny"
+    (copy / "checkpoint_000030" / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        resolve_checkpoint(copy / "checkpoint_000030")
+    with pytest.raises(ValueError, match="neither a checkpoint"):
+        resolve_checkpoint(tmp_path / "nothing")
+
+
+def test_names_are_unique_and_valid(tiny_checkpoint):
+    assert parse_models([f"a={tiny_checkpoint}", str(tiny_checkpoint)]) == \
+        [("a", tiny_checkpoint), ("tiny", tiny_checkpoint)]
+    with pytest.raises(ValueError, match="two models named tiny"):
+        parse_models([str(tiny_checkpoint), str(tiny_checkpoint.parent)])
+    with pytest.raises(ValueError, match="model name"):
+        parse_models([f"bad name={tiny_checkpoint}"])
+
+
+def test_sweep_top_k(tiny_checkpoint, tmp_path):
+    trials = [{"trial_id": "t002", "status": "TERMINATED", "val_loss": 1.5, "best_checkpoint": str(tiny_checkpoint)},
+              {"trial_id": "t000", "status": "TERMINATED", "val_loss": 1.2, "best_checkpoint": str(tiny_checkpoint)},
+              {"trial_id": "t001", "status": "ERROR", "val_loss": None, "best_checkpoint": None},
+              {"trial_id": "t003", "status": "TERMINATED", "val_loss": 1.3, "best_checkpoint": str(tiny_checkpoint.parent)}]
+    (tmp_path / "results.json").write_text(json.dumps({"metric": "val_loss", "mode": "min", "trials": trials}))
+    assert sweep_models(tmp_path, 2) == [("t000", tiny_checkpoint), ("t003", tiny_checkpoint)]
+    assert [n for n, _ in sweep_models(tmp_path, 10)] == ["t000", "t003", "t002"]
+    with pytest.raises(ValueError, match="not a readable sweep result"):
+        sweep_models(tmp_path / "missing", 1)
+
+
+def test_app_args():
+    from pydantic import ValidationError
+
+    from serve.app import AppArgs, deployment_options
+    a = AppArgs(checkpoint="x,y", max_batch=4, max_replicas=3, min_replicas=0)
+    assert a.checkpoint == ["x", "y"]
+    opts = deployment_options(a, "m")
+    assert opts["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 4}
+    assert opts["max_ongoing_requests"] == 8 and "num_replicas" not in opts
+    assert deployment_options(AppArgs(checkpoint=["x"], num_replicas=2), "m")["num_replicas"] == 2
+    for bad, msg in (({}, "give --checkpoint"), ({"checkpoint": ["x"], "max_batch": 0}, "max_batch"),
+                     ({"checkpoint": ["x"], "min_replicas": 3, "max_replicas": 2}, "min_replicas=3"),
+                     ({"checkpoint": ["x"], "nope": 1}, "nope")):
+        with pytest.raises(ValidationError, match=msg):
+            AppArgs(**bad)
+
+
+@pytest.mark.parametrize("args, msg", [
+    ([], "give --checkpoint PATH"),
+    (["--checkpoint", "/no/such/dir"], "neither a checkpoint directory"),
+    (["--checkpoint", "x", "--port", "0"], "--port must be in 1..65535"),
+    (["--checkpoint", "x", "--max_batch", "0"], "--max_batch: Input should be greater than or equal to 1"),
+    (["--from_sweep", "/no/sweep"], "not a readable sweep result"),
+])
+def test_serve_job_rejects_bad_flags_before_ray(args, msg):
+    r = subprocess.run([sys.executable, "jobs/serve.py", *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and msg in r.stderr, r.stderr
+    assert "Started a local Ray instance" not in r.stderr + r.stdout
