@@ -82,3 +82,14 @@ def test_serve_job_rejects_bad_flags_before_ray(args, msg):
                        text=True, timeout=120)
     assert r.returncode == 2 and msg in r.stderr, r.stderr
     assert "Started a local Ray instance" not in r.stderr + r.stdout
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--requests", "0"], "--requests must be >= 1"),
+    (["--checkpoint", "/no/such/ckpt"], "neither a checkpoint directory"),
+])
+def test_serve_bench_rejects_bad_flags(args, msg):
+    r = subprocess.run([sys.executable, "jobs/bench.py", "serve", *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and msg in r.stderr, r.stdout + r.stderr

@@ -1,7 +1,8 @@
 """`python jobs/bench.py serve`: the serving benchmark table, every row from one run.
 
-A small checkpoint is trained first (char Tiny Shakespeare, 4 layers, n_embd 128, 4 heads,
-block 1024, `--train_iters` steps, in-process) unless `--checkpoint` is given. Then:
+A small checkpoint is trained first (char Tiny Shakespeare, 4 layers of GQA (4 heads, 2 KV
+heads) + MLP, n_embd 128, block 1024, batch 2, `--train_iters` steps, in-process) unless
+`--checkpoint` is given. Then:
   * Serve overhead: median time to first token over HTTP (streamed POST /generate, keep-alive
     client, concurrency 1) minus the median time to first token of the same engine called
     in-process (serve/engine.py, same torch threads), same prompt. Target <= 5 ms.
@@ -11,7 +12,8 @@ block 1024, `--train_iters` steps, in-process) unless `--checkpoint` is given. T
     request alone (median of 3 each). Target <= 1.5.
   * Load: `--requests` requests at concurrency 16, max_new_tokens drawn from 16..256, every
     other one streamed: errors (target 0), p50/p99 latency.
-Ray runs locally with `--threads` CPUs; the model replica gets all of them (torch threads).
+Ray runs locally; the model replica gets `--threads` CPUs and torch threads (default: all
+cores but one, left to the HTTP proxy and ingress), the in-process engine the same threads.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import os
 import random
 import socket
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -35,8 +38,10 @@ PROMPT = "ROMEO:\nWhat light through yonder window breaks?\n"
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="checkpoint or run dir to serve (default: train a small one)")
     p.add_argument("--quick", action="store_true", help="fewer requests and steps (smoke run)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPUs for Ray/torch")
-    p.add_argument("--train_iters", type=int, default=60, help="steps of the bench model's training")
+    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="torch threads and CPUs of the model replica (default: all cores but "
+                        "one, left to the HTTP proxy and ingress)")
+    p.add_argument("--train_iters", type=int, default=40, help="steps of the bench model's training")
     p.add_argument("--tokens", type=int, default=128, help="new tokens per throughput request")
     p.add_argument("--requests", type=int, default=300, help="load test: number of requests")
     p.add_argument("--max_batch", type=int, default=16)
@@ -57,8 +62,9 @@ def _train(tmp: Path, iters: int) -> Path:
     prepare("shakespeare", sources=[SHARED_TEXT], tokenizer="char", out=data, progress=False,
             log=lambda *_: None)
     plan = plan_run(load_train_config({
-        "data_dir": str(data), "n_layer": 4, "n_embd": 128, "n_head": 4, "block_size": 1024,
-        "batch_size": 4, "total_batch_size_str": "4*1024", "max_iters": iters, "eval": True,
+        "data_dir": str(data), "n_layer": 4, "n_embd": 128, "n_head": 4, "attn": "gqa",
+        "n_kv_heads": 2, "block_size": 1024, "batch_size": 2, "total_batch_size_str": "2*1024",
+        "max_iters": iters, "eval": True,
         "eval_interval": iters, "eval_iters": 2, "save_model": True, "learning_rate": 3e-3,
         "warmup_steps": 5, "storage_path": str(tmp / "runs"), "run_name": "bench_serve",
         "log_interval": max(1, iters // 4)}))
@@ -125,7 +131,7 @@ def _throughput(url: str, conc: int, n_req: int, tokens: int) -> float:
 def run(args: argparse.Namespace) -> int:
     msg = _check(args)
     if msg:
-        print(f"error: {msg}")
+        print(f"error: {msg}", file=sys.stderr)
         return 2
     import httpx
     from ray import serve
@@ -139,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
             ckpt = resolve_checkpoint(args.checkpoint) if args.checkpoint else \
                 _train(Path(tmp), 10 if q else args.train_iters)
         except ValueError as e:
-            print(f"error: {e}")
+            print(f"error: {e}", file=sys.stderr)
             return 2
         print(f"checkpoint {ckpt}", flush=True)
         reps = 5 if q else 20
@@ -147,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        init_ray(num_cpus=args.threads)
+        init_ray(num_cpus=args.threads + 1)
         rows = []
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
