@@ -21,8 +21,9 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# offline: make demo SOURCE=../shared/data/tinyshakespeare/input.txt
 demo: $(STAMP)
-	$(PY) jobs/demo.py
+	$(PY) jobs/demo.py $(if $(SOURCE),--source $(SOURCE))
 
 bench: $(STAMP)
 	$(PY) jobs/bench.py models

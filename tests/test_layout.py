@@ -49,31 +49,3 @@ assert not torch.distributed.is_initialized()
 print('ok')
 """
     assert run_py(code).strip() == "ok"
-
-
-def test_demo_prints_sizes_and_a_generation():
-    out = subprocess.run([sys.executable, "jobs/demo.py", "--max_new_tokens", "8"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert "parameters          total" in out.stdout and "active" in out.stdout
-    assert "KV cache bytes/tok" in out.stdout
-    assert "2×[mla+moe8/3] + 2×[gqa2+mlp]" in out.stdout
-    assert "generation (untrained" in out.stdout
-
-
-def test_demo_rejects_bad_flags_before_doing_any_work():
-    for args, msg in ((["--max_new_tokens", "0"], "max_new_tokens must be a positive integer"),
-                      (["--n_embd", "100"], "layers[0].attn: n_embd=100 is not divisible by n_head=8")):
-        out = subprocess.run([sys.executable, "jobs/demo.py", *args], cwd=ROOT,
-                             capture_output=True, text=True, timeout=300)
-        assert out.returncode == 2 and msg in out.stderr
-        assert "parameters" not in out.stdout
-
-
-def test_demo_rejects_a_bad_layer_file(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"attn": "gqa", "n_head": 8, "n_kv_heads": 3}\n')
-    out = subprocess.run([sys.executable, "jobs/demo.py", "--layers", str(bad)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2
-    assert "layers[0].attn: n_head=8 is not divisible by n_kv_heads=3" in out.stderr
