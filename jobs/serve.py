@@ -32,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--from_sweep", metavar="DIR", help="serve the --top_k best trials of this sweep dir")
     a("--top_k", type=int, default=1, help="with --from_sweep: how many trials (default 1)")
     a("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    a("--port", type=int, default=8000)
-    a("--app_name", default="chimera")
+    a("--port", type=int, default=8000, help="HTTP port of Serve's proxy")
+    a("--app_name", default="chimera", help="name of the Serve application")
     a("--max_batch", type=int, default=16, help="rows of the running batch per replica")
     a("--max_new_tokens_cap", type=int, default=1024, help="largest max_new_tokens/max_tokens accepted")
     a("--max_body_bytes", type=int, default=1 << 20, help="largest request body (413 above)")
@@ -45,8 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--target_ongoing_requests", type=float, help="autoscaling target (default --max_batch)")
     a("--num_cpus", type=float, default=1.0, help="CPUs per model replica (= torch threads)")
     a("--num_gpus", type=float, default=0.0, help="GPUs per model replica")
-    a("--health_check_period_s", type=float, default=10.0)
-    a("--health_check_timeout_s", type=float, default=30.0)
+    a("--health_check_period_s", type=float, default=10.0,
+      help="seconds between replica health checks (a one-token generation)")
+    a("--health_check_timeout_s", type=float, default=30.0,
+      help="seconds before a health check counts as failed (the replica is replaced)")
     return p
 
 

@@ -73,7 +73,9 @@ def ray_cluster():
     for k in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_ENABLE_PRINT_PATCH",
               "RAY_TRAIN_METRICS_ENABLED", "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION"):
         os.environ.setdefault(k, "0")
-    init_ray(num_cpus=4)
+    # a private instance: never a cluster of `ray start` (RAY_ADDRESS, /tmp/ray/ray_current_cluster)
+    os.environ.pop("RAY_ADDRESS", None)
+    init_ray(num_cpus=4, address="local")
     yield
     ray.shutdown()
 

@@ -14,6 +14,7 @@ import torch
 
 from models import LLM, ModelConfig
 from models.generation import sample_next
+from models.positions import SIN_SCALE
 
 V, BLOCK = 53, 16
 
@@ -35,6 +36,8 @@ def _varied(m: LLM) -> LLM:
         for name, p in m.named_parameters():
             if p.dim() >= 2 and not name.startswith("wte"):
                 p.mul_(10)
+        if m.pos is not None and m.pos.kind == "sin":
+            m.pos.table.mul_(1 / SIN_SCALE)           # positions at full strength, too
     return m.double().eval()
 
 

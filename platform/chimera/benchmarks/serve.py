@@ -44,7 +44,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train_iters", type=int, default=40, help="steps of the bench model's training")
     p.add_argument("--tokens", type=int, default=128, help="new tokens per throughput request")
     p.add_argument("--requests", type=int, default=300, help="load test: number of requests")
-    p.add_argument("--max_batch", type=int, default=16)
+    p.add_argument("--max_batch", type=int, default=16,
+                   help="rows of the served replica's running batch")
 
 
 def _check(args) -> str | None:
