@@ -47,6 +47,13 @@ def spec(**kw) -> SweepSpec:
     ({"scheduler": {"type": "asha", "time_attr": "epoch"}}, "'step' or 'tokens'"),
     ({"scheduler": {"type": "asha", "reduction_factor": 1}}, "must be a number > 1"),
     ({"metric": "accuracy"}, "metric='accuracy' must be one of"),
+    ({"metric": "mfu"}, "metric='mfu' must be one of val_loss, train_loss"),
+    ({"storage_path": 5}, "storage_path=5 must be a path"),
+    ({"layers": {"attn": {"g": {"attn": "gqa"}}}, "space": {"n_layer": {"grid": [2, 4]}}},
+     "the depth comes from layers.groups"),
+    ({"space": {"layer_configs_jsonl": {"grid": ["a", "b"]}}}, "use `stacks` for layer files"),
+    ({"resources": {"gpus_per_worker": 0.5}}, "must be 0 or 1"),
+    ({"scheduler": {"type": "asha", "reduction_factor": float("nan")}}, "must be a number > 1"),
     ({"mode": "up"}, "'min' or 'max'"),
     ({"max_concurrent": 0}, "max_concurrent=0 must be an integer >= 1"),
     ({"resources": {"num_workers": 2, "gpu": 1}}, "unknown key 'gpu'"),
@@ -199,3 +206,22 @@ def test_cli_dry_run_lists_trials_and_rejections(tmp_path, sweep_job, train_char
     assert f"sweep dry -> {tmp_path / 'dry'}: 1 trial(s), 3 rejected" in out.out
     assert "t000  2×[gqa2+mlp]" in out.out and "not divisible by n_kv_heads=3" in out.out
     assert not (tmp_path / "dry").exists()             # a dry run writes nothing
+
+
+def test_the_report_hook_sees_eval_records_only_also_after_a_resume(tmp_path):
+    """Tune needs the metric in every report: a run resumed mid-way must not report its first
+    log-only record (its val loss is not known yet)."""
+    from chimera.train_config import load_train_config, plan_run
+    from chimera.trainer import train_fn_per_worker
+
+    flags = {**{k: v for k, v in BASE.items() if k != "vocab_size"}, "n_layer": 1, "max_iters": 8,
+             "eval": True, "eval_interval": 4, "eval_iters": 1, "log_interval": 1, "ckpt_interval": 4,
+             "save_model": True, "storage_path": str(tmp_path)}
+    first: list[dict] = []
+    train_fn_per_worker(plan_run(load_train_config({**flags, "run_name": "a"})).worker_config,
+                        report=first.append)
+    assert [m["step"] for m in first] == [0, 4, 8]
+    again: list[dict] = []
+    resumed = {**flags, "run_name": "b", "resume_from": str(tmp_path / "a" / "checkpoint_000004")}
+    train_fn_per_worker(plan_run(load_train_config(resumed)).worker_config, report=again.append)
+    assert [m["step"] for m in again] == [8] and "val_loss" in again[0]

@@ -41,11 +41,22 @@ def sweep_dir(spec: SweepSpec) -> Path:
 
 
 def measure_decode(ckpt_dir: str | Path, tokens: int, device: str = "cpu") -> float:
-    """Tokens/s of batch-1 KV-cached sampling from a checkpoint (after a short warm-up)."""
+    """Tokens/s of batch-1 KV-cached sampling from a checkpoint (after a short warm-up), on
+    one CPU thread by default, so that every trial of a sweep is timed the same way."""
     import torch
     from chimera import checkpoint as ckpt
     from models import LLM, ModelConfig
 
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    try:
+        return _decode(ckpt_dir, tokens, device, torch, ckpt, LLM, ModelConfig)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _decode(ckpt_dir, tokens, device, torch, ckpt, LLM, ModelConfig) -> float:
     model = LLM(ModelConfig.from_dict(ckpt.read_config(ckpt_dir))).to(device).eval()
     ckpt.load_weights(model, ckpt_dir, device)
     idx = torch.zeros((1, 1), dtype=torch.long, device=device)
@@ -67,8 +78,8 @@ def _trial_train_config(trial: dict, ctx: dict):
     run_dir = Path(ctx["runs"]) / trial["name"]
     d = {**trial["train"], "storage_path": ctx["runs"], "run_name": trial["name"], "eval": True,
          "save_model": True, "num_workers": ctx["num_workers"], "use_gpu": ctx["gpus"] > 0}
+    d.setdefault("num_threads", max(1, int(ctx["cpus"])))
     if ctx["num_workers"] == 1 and ctx["gpus"] == 0:
-        d.setdefault("num_threads", max(1, int(ctx["cpus"])))
         existing = ckpt.list_checkpoints(run_dir)        # an interrupted trial continues
         if existing:
             d["resume_from"] = str(existing[-1])
@@ -89,13 +100,15 @@ def clean(m: dict, static: dict | None = None) -> dict:
     return {**{k: m[k] for k in FIRST if k in m}, **m}
 
 
-def _forwarder():
-    """TuneReportCallback that cleans each Ray Train report first (multi-worker trials)."""
+def _forwarder(static: dict):
+    """TuneReportCallback for multi-worker trials: forwards the eval reports (those carry the
+    metric; log-only reports after a restore may not), cleaned, with the trial's fields."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class Forward(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            super().after_report(run_context, [clean(x) for x in metrics], checkpoint)
+            if metrics and "val_loss" in metrics[0]:
+                super().after_report(run_context, [clean(x, static) for x in metrics], checkpoint)
     return Forward()
 
 
@@ -120,13 +133,16 @@ def run_trial(config: dict, trials: dict, ctx: dict) -> None:
     if ctx["num_workers"] == 1 and ctx["gpus"] == 0:
         s = train_fn_per_worker(plan.worker_config, report=lambda m: tune.report(clean(m, static)))
     else:
-        s = fit(plan, callbacks=[_forwarder()])
-    final = {**clean(s["metrics"], static), "train_time_s": time.time() - t0}
+        s = fit(plan, callbacks=[_forwarder(static)])
+    from chimera.sweep_report import _history
+    latest: dict = {}
+    for m in _history(run_dir):          # a run resumed at its last step reports nothing new
+        latest.update(m)
+    final = {**clean({**latest, **s["metrics"]}, static), "train_time_s": time.time() - t0}
     if s.get("best_checkpoint"):
         final["best_checkpoint"] = s["best_checkpoint"]
-        if ctx["decode_tokens"]:
-            final["decode_tokens_per_s"] = measure_decode(
-                s["best_checkpoint"], ctx["decode_tokens"], "cuda" if ctx["gpus"] > 0 else "cpu")
+        if ctx["decode_tokens"]:         # on this actor's CPU, as for trials stopped early
+            final["decode_tokens_per_s"] = measure_decode(s["best_checkpoint"], ctx["decode_tokens"])
     final["trial_time_s"] = time.time() - t0
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(final, indent=2, default=str) + "\n")
@@ -180,9 +196,10 @@ def run_sweep(plan: SweepPlan, resume: bool = False, verbose: int = 1) -> dict[s
         saved = read_plan(root)
         trials = [Trial(**t) for t in saved["trials"]]
     else:
-        if (root / "sweep.json").exists():
+        if (root / "sweep.json").exists() and tune.Tuner.can_restore(str(root)):
             raise SweepSpecError(f"{root} already holds a sweep: pass --resume to continue it, or "
                                  f"choose another name / storage_path")
+        # (a sweep.json without Tune state: the driver died before any trial started; start over)
         write_plan(plan, root)
         trials = plan.trials
     ctx = {"runs": str(root / "runs"), "num_workers": spec.num_workers, "cpus": spec.cpus_per_worker,

@@ -111,8 +111,12 @@ def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
             if cache.is_file():
                 row["decode_tokens_per_s"] = json.loads(cache.read_text())["decode_tokens_per_s"]
             elif spec.get("decode_tokens"):
-                v = measure_decode(row["best_checkpoint"], spec["decode_tokens"])
-                cache.write_text(json.dumps({"decode_tokens_per_s": v}) + "\n")
+                try:
+                    v = measure_decode(row["best_checkpoint"], spec["decode_tokens"])
+                except Exception:             # e.g. a best checkpoint cut by a kill: no number
+                    v = None
+                if v is not None:
+                    cache.write_text(json.dumps({"decode_tokens_per_s": v}) + "\n")
                 row["decode_tokens_per_s"] = v
         rows.append(row)
 

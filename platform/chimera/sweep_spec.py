@@ -15,12 +15,12 @@ A spec (YAML) holds:
     stacks:                       or whole stacks as candidates: name -> JSONL path or a list
       hetero: configs/hetero.jsonl   of layer dicts (an item may hold `repeat: N`)
     space:                        hyperparameters: key -> {loguniform|uniform: [lo, hi]},
-      learning_rate: {loguniform: [1e-4, 1e-2]}   {randint: [lo, hi]}, {choice: [...]},
+      learning_rate: {loguniform: [1.0e-4, 1.0e-2]}   {randint: [lo, hi)}, {choice: [...]},
       pos_emb: {grid: [rope, sin]}                {grid: [...]} or a constant
     search: grid | random         architecture options as a grid (default) or sampled
     num_samples: 1                samples of the random parts (times every grid point)
     seed: 0
-    metric: val_loss, mode: min
+    metric: val_loss | train_loss, mode: min
     budget: {active_params: N | flops_per_token: N, tolerance: 0.02, multiple: 8}
     scheduler: {type: fifo | asha, time_attr: step | tokens, grace_period, reduction_factor}
     max_concurrent: 2
@@ -46,7 +46,7 @@ SPEC_KEYS = ("name", "storage_path", "base", "layers", "stacks", "space", "searc
              "seed", "metric", "mode", "budget", "scheduler", "max_concurrent", "resources",
              "decode_tokens", "description")
 SAMPLERS = ("loguniform", "uniform", "randint", "choice", "grid")
-METRICS = ("val_loss", "train_loss", "loss", "tokens_per_s", "mfu", "decode_tokens_per_s")
+METRICS = ("val_loss", "train_loss")      # measured at every eval, so in every report to Tune
 
 
 class SweepSpecError(ValueError):
@@ -95,6 +95,8 @@ class SweepSpec:
     source_dir: str = "."            # relative paths in the spec resolve against the cwd
 
     def __post_init__(self) -> None:
+        if self.storage_path is not None and not isinstance(self.storage_path, str):
+            raise SweepSpecError(f"storage_path={self.storage_path!r} must be a path (a string)")
         if not isinstance(self.name, str) or not self.name or "/" in self.name or self.name in (".", ".."):
             raise SweepSpecError(f"name={self.name!r} must be a plain non-empty name (no '/')")
         base = _keys("base", self.base, set(MODEL_KEYS) | {f.name for f in dataclasses.fields(TrainConfig)})
@@ -133,8 +135,12 @@ class SweepSpec:
             raise SweepSpecError("stacks: expected a non-empty mapping name -> JSONL path or layer list")
         space = _keys("space", self.space or {}, set(MODEL_KEYS) | {f.name for f in dataclasses.fields(TrainConfig)})
         for k, v in space.items():
-            if k in ("storage_path", "run_name", "resume_from", "data_dir", "num_workers", "use_gpu"):
-                raise SweepSpecError(f"space.{k}: cannot be searched")
+            if k in ("storage_path", "run_name", "resume_from", "data_dir", "dataset", "vocab_size",
+                     "num_workers", "use_gpu", "num_threads", "layer_configs", "layer_configs_jsonl"):
+                raise SweepSpecError(f"space.{k}: cannot be searched"
+                                     + (" (use `stacks` for layer files)" if "layer" in k else ""))
+            if k == "n_layer" and (self.layers is not None or self.stacks is not None):
+                raise SweepSpecError("space.n_layer: the depth comes from layers.groups / stacks")
             _domain(f"space.{k}", v)         # checks the sampler form
         if self.search not in ("grid", "random"):
             raise SweepSpecError(f"search={self.search!r} must be 'grid' or 'random'")
@@ -166,14 +172,13 @@ class SweepSpec:
         if "grace_period" in sch:
             _int("scheduler.grace_period", sch["grace_period"], 1)
         rf = sch.get("reduction_factor", 2)
-        if not isinstance(rf, (int, float)) or isinstance(rf, bool) or rf <= 1:
+        if not isinstance(rf, (int, float)) or isinstance(rf, bool) or not 1 < rf < float("inf"):
             raise SweepSpecError(f"scheduler.reduction_factor={rf!r} must be a number > 1")
         res = _keys("resources", self.resources, {"num_workers", "cpus_per_worker", "gpus_per_worker"})
         _int("resources.num_workers", res.get("num_workers", 1), 1)
-        for k in ("cpus_per_worker", "gpus_per_worker"):
-            v = res.get(k, 1 if k == "cpus_per_worker" else 0)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-                raise SweepSpecError(f"resources.{k}={v!r} must be a number >= 0")
+        _int("resources.cpus_per_worker", res.get("cpus_per_worker", 1), 1)
+        if res.get("gpus_per_worker", 0) not in (0, 1) or isinstance(res.get("gpus_per_worker"), bool):
+            raise SweepSpecError(f"resources.gpus_per_worker={res.get('gpus_per_worker')!r} must be 0 or 1")
 
     # --- derived ---------------------------------------------------------------------------------
     @property

@@ -266,7 +266,7 @@ def train_fn_per_worker(config: dict[str, Any], report=None) -> dict[str, Any]:
         elif ctx is not None:
             import ray.train
             ray.train.report(dict(last))
-        if report is not None:
+        if report is not None and "val_loss" in metrics:      # at evals: every key is fresh
             report(dict(last))
 
     def eval_metrics() -> tuple[dict, bool]:
@@ -369,11 +369,11 @@ def fit(plan: RunPlan, callbacks: list | None = None) -> dict[str, Any]:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     tc = plan.train
-    per_worker = {} if tc.use_gpu else {"CPU": max(1, tc.num_threads)}
+    per_worker = {"CPU": max(1, tc.num_threads), **({"GPU": 1} if tc.use_gpu else {})}
     trainer = TorchTrainer(
         train_fn_per_worker, train_loop_config=plan.worker_config,
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker=per_worker or None),
+                                     resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         run_config=RunConfig(name=plan.run_name, storage_path=plan.storage_path,
                              failure_config=FailureConfig(max_failures=tc.max_failures),

@@ -37,7 +37,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=int, default=8, help="trials per sweep (>= 2)")
     p.add_argument("--max_iters", type=int, default=300, help="training steps of a full trial")
     p.add_argument("--eval_interval", type=int, default=50, help="steps between evals (ASHA rungs)")
-    p.add_argument("--reduction_factor", type=float, default=3.0, help="ASHA reduction factor (> 1)")
+    p.add_argument("--reduction_factor", type=float, default=2.0, help="ASHA reduction factor (> 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the learning-rate samples")
 
 
@@ -109,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
             return json.loads((Path(rep["sweep_dir"]) / "results.json").read_text())["trials"]
 
         f_rows, a_rows = rows_of(fifo), rows_of(asha)
+        if any(r["best_val_loss"] is None for r in f_rows + a_rows):
+            print("error: a trial failed: " + "; ".join(str(r.get("error")) for r in f_rows + a_rows
+                                                       if r["best_val_loss"] is None), file=sys.stderr)
+            return 1
         own = sum(r["trial_time_s"] or 0.0 for r in f_rows)
         ideal = own / min(args.threads, len(f_rows))
         overhead = fifo["wall_time_s"] / ideal
