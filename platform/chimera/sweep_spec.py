@@ -92,7 +92,6 @@ class SweepSpec:
     resources: Mapping[str, Any] = field(default_factory=dict)
     decode_tokens: int = 32
     description: str = ""
-    source_dir: str = "."            # relative paths in the spec resolve against the cwd
 
     def __post_init__(self) -> None:
         if self.storage_path is not None and not isinstance(self.storage_path, str):
@@ -198,19 +197,11 @@ class SweepSpec:
 
 
 def load_spec(path: str | Path, **overrides: Any) -> SweepSpec:
-    """Read a YAML/JSON spec; `overrides` (e.g. storage_path from the CLI) win."""
+    """Read a YAML (.yaml/.yml) or JSON spec; `overrides` (e.g. storage_path from the CLI) win.
+    Relative paths in it resolve against the current directory."""
+    from chimera.train_config import read_config_file
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise SweepSpecError(f"--spec {p}: {e.strerror or e}") from None
-    try:
-        import yaml
-        d = yaml.safe_load(text)
-    except Exception as e:
-        raise SweepSpecError(f"--spec {p}: cannot parse: {str(e).splitlines()[0]}") from None
-    if not isinstance(d, dict):
-        raise SweepSpecError(f"--spec {p}: expected a mapping of keys, got {type(d).__name__}")
+    d = read_config_file(p, "--spec", SweepSpecError)
     _keys(f"--spec {p}", d, SPEC_KEYS)
     d.update({k: v for k, v in overrides.items() if v is not None})
     if "name" not in d:
@@ -270,7 +261,7 @@ def _stack_layers(spec: SweepSpec, name: str) -> list[dict]:
     from models.config import ConfigError, read_layer_file
     src = spec.stacks[name]
     if isinstance(src, str):
-        path = Path(spec.source_dir, src).expanduser().resolve()
+        path = Path(src).expanduser().resolve()
         try:
             return read_layer_file(path)
         except (ConfigError, OSError) as e:
@@ -312,7 +303,7 @@ def _layer_list(spec: SweepSpec, choices: Mapping[str, Any]) -> list[dict] | Non
     if spec.layers is None:
         from models.config import read_layer_file
         if spec.base.get("layer_configs_jsonl"):
-            return read_layer_file(Path(spec.source_dir, spec.base["layer_configs_jsonl"]).expanduser().resolve())
+            return read_layer_file(Path(spec.base["layer_configs_jsonl"]).expanduser().resolve())
         if spec.base.get("layer_configs"):
             layers = json.loads(spec.base["layer_configs"])
             if not isinstance(layers, list):
@@ -395,7 +386,7 @@ def data_vocab(spec: SweepSpec) -> int:
     from chimera.shards import read_manifest
     from chimera.train_config import REPO
     d = spec.base.get("data_dir")
-    data_dir = (Path(spec.source_dir, d).expanduser().resolve() if d
+    data_dir = (Path(d).expanduser().resolve() if d
                 else REPO / "data" / spec.base.get("dataset", "shakespeare"))
     try:
         v = int(read_manifest(data_dir)["tokenizer"]["vocab_size"])
@@ -438,7 +429,7 @@ def expand(spec: SweepSpec) -> SweepPlan:
                    ("block_size", "pos_emb", "norm", "n_embd", "dropout", "vocab_size", "act_recomp")}
             out.pop("layer_configs_jsonl", None)
             if out.get("data_dir"):               # trials run elsewhere (Ray changes the cwd)
-                out["data_dir"] = str(Path(spec.source_dir, out["data_dir"]).expanduser().resolve())
+                out["data_dir"] = str(Path(out["data_dir"]).expanduser().resolve())
             out["layer_configs"] = json.dumps([b.to_dict() for b in cfg.layers])
             TrainConfig.from_dict(out)
         except (ConfigError, SweepSpecError, TrainConfigError) as e:

@@ -151,12 +151,13 @@ def _unknown(key: str, valid) -> TrainConfigError:
     return TrainConfigError(f"unknown key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
+def read_config_file(path: str | Path, flag: str = "--config", error=TrainConfigError) -> dict[str, Any]:
+    """A YAML (.yaml/.yml) or JSON file holding a mapping; `error(message)` naming `flag` if not."""
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as e:
-        raise TrainConfigError(f"--config {p}: {e.strerror or e}") from None
+        raise error(f"{flag} {p}: {e.strerror or e}") from None
     try:
         if p.suffix in (".yaml", ".yml"):
             import yaml
@@ -164,9 +165,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         else:
             d = json.loads(text)
     except Exception as e:  # yaml.YAMLError / JSONDecodeError: one line is enough
-        raise TrainConfigError(f"--config {p}: cannot parse: {str(e).splitlines()[0]}") from None
+        raise error(f"{flag} {p}: cannot parse: {str(e).splitlines()[0]}") from None
     if not isinstance(d, dict):
-        raise TrainConfigError(f"--config {p}: expected a mapping of keys, got {type(d).__name__}")
+        raise error(f"{flag} {p}: expected a mapping of keys, got {type(d).__name__}")
     return d
 
 

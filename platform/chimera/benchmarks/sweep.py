@@ -22,8 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[3]
-SHARED_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+from chimera.benchmarks.train import SHARED_TEXT, char_data
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -78,13 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from chimera.sweep_spec import SweepSpecError, expand
 
     with tempfile.TemporaryDirectory(prefix="chimera_bench_sweep_") as tmp:
-        data_dir = args.data_dir
-        if data_dir is None:
-            from chimera.prepare import prepare
-            data_dir = str(Path(tmp) / "shakespeare_char")
-            prepare("shakespeare", sources=[args.source], tokenizer="char", out=data_dir,
-                    progress=False, log=lambda *_: None)
-        data_dir = str(Path(data_dir).resolve())
+        data_dir = char_data(args.data_dir, args.source, tmp)
         print(f"# sweep benchmark — torch {torch.__version__}, {args.threads} CPUs for trials, "
               f"{args.trials} trials x {args.max_iters} steps, eval every {args.eval_interval}"
               f"{', --quick' if args.quick else ''}", flush=True)

@@ -275,6 +275,17 @@ def _quality(data_dir: str, storage: str, s: dict, args) -> dict[str, Any]:
     return {"evals": evals, "total": total, "timed_out": timed_out}
 
 
+def char_data(data_dir: str | None, source: str, tmp: str) -> str:
+    """`data_dir` if given, else Tiny Shakespeare prepared from `source` (char) under tmp;
+    an absolute path either way (the sweep benchmark uses it too)."""
+    if data_dir is None:
+        from chimera.prepare import prepare
+        data_dir = str(Path(tmp) / "shakespeare_char")
+        prepare("shakespeare", sources=[source], tokenizer="char", out=data_dir,
+                progress=False, log=lambda *_: None)
+    return str(Path(data_dir).resolve())
+
+
 def _mmss(sec: float) -> str:
     return f"{int(sec // 60)}:{sec % 60:04.1f}"
 
@@ -292,13 +303,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     rows: list[tuple[str, str, str]] = []
     with tempfile.TemporaryDirectory(prefix="chimera_bench_train_") as tmp:
-        data_dir = args.data_dir
-        if data_dir is None:
-            from chimera.prepare import prepare
-            data_dir = str(Path(tmp) / "shakespeare_char")
-            prepare("shakespeare", sources=[args.source], tokenizer="char", out=data_dir,
-                    progress=False, log=lambda *_: None)
-        data_dir = str(Path(data_dir).resolve())
+        data_dir = char_data(args.data_dir, args.source, tmp)
         tok = json.loads((Path(data_dir) / "manifest.json").read_text())["tokenizer"]
         print(f"# train benchmark — torch {torch.__version__}, {args.threads} threads, "
               f"{os.cpu_count()} CPUs, data {data_dir} ({tok.get('name', tok.get('kind', '?'))}, "
