@@ -182,6 +182,10 @@ def test_cli_refuses_bad_input_with_exit_code_2(tmp_path, sweep_job, train_char_
     assert rc == 2 and "No such file" in out.err
     rc, out = sweep_job(["--report", str(tmp_path)])
     assert rc == 2 and "is not a sweep directory (no sweep.json)" in out.err
+    (tmp_path / "sweep.json").write_text('{"spec": {"name": "x"}')          # cut short
+    rc, out = sweep_job(["--report", str(tmp_path)])
+    assert rc == 2 and "not a sweep plan this version wrote" in out.err
+    (tmp_path / "sweep.json").unlink()
     f = tmp_path / "s.yaml"
     f.write_text(yaml.safe_dump({"base": {**BASE, "data_dir": str(tmp_path / "missing")},
                                  "storage_path": str(tmp_path)}))

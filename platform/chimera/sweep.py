@@ -178,7 +178,12 @@ def read_plan(root: Path) -> dict:
     f = Path(root) / "sweep.json"
     if not f.is_file():
         raise SweepSpecError(f"{root} is not a sweep directory (no sweep.json)")
-    return json.loads(f.read_text())
+    try:
+        doc = json.loads(f.read_text())
+        doc["spec"], doc["trials"], doc["rejected"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SweepSpecError(f"{f}: not a sweep plan this version wrote ({type(e).__name__}: {e})") from None
+    return doc
 
 
 def run_sweep(plan: SweepPlan, resume: bool = False, verbose: int = 1) -> dict[str, Any]:
