@@ -7,7 +7,8 @@
 Datasets: shakespeare, wikitext, tinystories, fineweb-edu. Without --source the default source
 is downloaded (needs network); --source takes .txt/.jsonl/.parquet files or folders. The gpt2
 tokenizer reads its BPE files from $TIKTOKEN_CACHE_DIR when offline (see docs/data.md).
-Output: data/<dataset> under the repository (data/<dataset>_<tokenizer> for char/byte).
+Output: data/<dataset>_<tokenizer> under the repository (what jobs/train.py --dataset
+--tokenizer reads by default), or --out.
 Interrupted? Re-run the same command: finished shards are kept.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     from _paths import setup
     setup()
     from chimera.datasets import DATASETS
+    from chimera.paths import DEFAULT_TOKENIZER
     from chimera.prepare import DEFAULT_SHARD_SIZE, parse_count
     from chimera.tokenizers import TOKENIZERS
 
@@ -28,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True, help=f"one of: {', '.join(DATASETS)}")
     p.add_argument("--source", nargs="+", help="local .txt/.jsonl/.parquet files or folders (default: download)")
-    p.add_argument("--tokenizer", default="gpt2", help=f"one of: {', '.join(TOKENIZERS)}")
-    p.add_argument("--out", help="output folder (default: data/<dataset>[_<tokenizer>] in the repository)")
+    p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help=f"one of: {', '.join(TOKENIZERS)}")
+    p.add_argument("--out", help="output folder (default: <repo>/data/<dataset>_<tokenizer>)")
     p.add_argument("--text_column", default="text", help="text column of jsonl/parquet sources")
     p.add_argument("--shard_size", type=parse_count, default=DEFAULT_SHARD_SIZE, help="tokens per shard (e.g. 100M)")
     p.add_argument("--val_fraction", type=float, help="fraction of the text for validation (default per dataset)")
@@ -41,14 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from _paths import setup
-    repo = setup()
+    setup()
     from chimera.datasets import DataError
+    from chimera.paths import resolve_data_dir
     from chimera.prepare import prepare
     from chimera.tokenizers import TokenizerError
 
     args = build_parser().parse_args(argv)
-    suffix = "" if args.tokenizer == "gpt2" else f"_{args.tokenizer}"
-    out = args.out or repo / "data" / f"{args.dataset}{suffix}"
+    out = resolve_data_dir(args.out, args.dataset, args.tokenizer)
     command = shlex.join(["python", "jobs/prepare.py", *(sys.argv[1:] if argv is None else argv)])
     try:
         r = prepare(args.dataset, out=out, sources=args.source, tokenizer=args.tokenizer,

@@ -97,8 +97,8 @@ class AttnConfig:
     `rope_head_dim` is MLA's decoupled RoPE width; it is 0 unless the model uses RoPE.
     Fields that the mechanism does not use are normalised (None) so equal layers compare equal.
     """
-    attn: str = "gqa"
-    n_head: int = 8
+    attn: str = ATTN_DEFAULTS["attn"]         # defaults: the flag tables above, declared once
+    n_head: int = ATTN_DEFAULTS["n_head"]
     n_kv_heads: int | None = None
     q_latent_dim: int | None = None
     kv_latent_dim: int | None = None
@@ -145,9 +145,9 @@ class FFNConfig:
     auxiliary loss (`coeff`) or auxiliary-loss-free bias updates (`aux_free`: `gamma` step size
     and the small sequence-wise loss `alpha`). Unused fields are None.
     """
-    moe: bool = False
-    up_dim: int = 512
-    non_linearity: str = "swiglu"
+    moe: bool = FFN_DEFAULTS["moe"]
+    up_dim: int = FFN_DEFAULTS["up_dim"]
+    non_linearity: str = FFN_DEFAULTS["non_linearity"]
     n_exp: int | None = None
     n_shared: int | None = None
     n_act: int | None = None
@@ -209,7 +209,7 @@ class BlockConfig:
     """One transformer block: attention + FFN, with its own residual dropout."""
     attn: AttnConfig
     ffn: FFNConfig
-    dropout: float = 0.0
+    dropout: float = GLOBAL_DEFAULTS["dropout"]
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.attn.to_dict(), **self.ffn.to_dict(), "dropout": self.dropout}
@@ -227,14 +227,14 @@ class BlockConfig:
 class ModelConfig:
     """The whole model: global settings plus one BlockConfig per layer."""
     layers: tuple[BlockConfig, ...]
-    vocab_size: int = 50304
-    block_size: int = 1024
-    n_embd: int = 256
-    n_layer: int = 6
-    dropout: float = 0.0
-    pos_emb: str = "rope"
-    norm: str = "layernorm"
-    act_recomp: bool = False
+    vocab_size: int = GLOBAL_DEFAULTS["vocab_size"]
+    block_size: int = GLOBAL_DEFAULTS["block_size"]
+    n_embd: int = GLOBAL_DEFAULTS["n_embd"]
+    n_layer: int = GLOBAL_DEFAULTS["n_layer"]
+    dropout: float = GLOBAL_DEFAULTS["dropout"]
+    pos_emb: str = GLOBAL_DEFAULTS["pos_emb"]
+    norm: str = GLOBAL_DEFAULTS["norm"]
+    act_recomp: bool = GLOBAL_DEFAULTS["act_recomp"]
 
     def __post_init__(self) -> None:
         # the one place where cross-field rules live; every message names path and values

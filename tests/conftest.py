@@ -1,13 +1,54 @@
-"""Shared test fixtures. Unit tests run on CPU without Ray; integration tests carry markers."""
+"""Shared test fixtures. Unit tests run on CPU without Ray; integration tests carry markers.
+
+Every test runs on a machine that looks new: before anything imports Ray, this file points
+HOME and TMPDIR at fresh empty folders and drops the variables a developer's shell may carry
+(RAY_*, W&B, tiktoken and Hugging Face caches, CHIMERA_STORAGE). So a Ray token in
+~/.ray/auth_token, a W&B login, or a tiktoken cache in /tmp/data-gym-cache cannot make a test
+pass that fails for a new user. Subprocesses inherit the same environment. The folders are
+removed after a passing session and kept (their path printed) after a failing one.
+"""
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
+
+# what a developer's environment may hold that a new user's does not
+LEAKY_ENV_PREFIXES = ("RAY_", "WANDB_", "HF_", "CHIMERA_")
+TEST_KNOBS = ("CHIMERA_README_TEST",)          # settings of the test run itself (.ci/run)
+LEAKY_ENV = ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR", "TRANSFORMERS_CACHE", "TORCH_HOME",
+             "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "PYTHONSTARTUP")
+
+
+def _fresh_machine() -> Path:
+    """HOME and TMPDIR -> new empty folders (short: Ray's socket paths must stay < 108 chars)."""
+    base = Path(tempfile.mkdtemp(prefix="cht-", dir="/tmp"))
+    (base / "home").mkdir()
+    (base / "t").mkdir()
+    for k in list(os.environ):
+        if (k.startswith(LEAKY_ENV_PREFIXES) or k in LEAKY_ENV) and k not in TEST_KNOBS:
+            del os.environ[k]
+    os.environ["HOME"] = str(base / "home")
+    os.environ["TMPDIR"] = str(base / "t")
+    tempfile.tempdir = None                        # recomputed from TMPDIR (pytest's tmp_path too)
+    return base
+
+
+FRESH = _fresh_machine()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+    if exitstatus == 0:
+        shutil.rmtree(FRESH, ignore_errors=True)
+    else:
+        print(f"\nthe tests' HOME and TMPDIR are kept in {FRESH}", file=sys.stderr)
 # Import from this checkout even when the package is not installed (e.g. a bare clone).
 for p in (ROOT, ROOT / "platform"):
     if str(p) not in sys.path:

@@ -103,7 +103,7 @@ def test_token_auth_on_every_node(cluster):
 
 
 def test_shared_storage_is_s3_and_the_jobs_default(cluster, monkeypatch):
-    from chimera.train_config import STORAGE_ENV, resolve_storage_path
+    from chimera.paths import STORAGE_ENV, resolve_storage_path
 
     exports = [m for c in cluster["setup_commands"]
                for m in re.findall(r"export (\w+)=(s3://\S+?)'", c)]

@@ -495,4 +495,4 @@ def test_cli_default_out_is_under_the_repository(cli_main, monkeypatch, tmp_path
     monkeypatch.chdir(tmp_path)                       # not the cwd: the file's location
     for tok in ("gpt2", "char"):
         assert cli_main(["--dataset", "shakespeare", "--tokenizer", tok]) == 2
-    assert seen == {"gpt2": ROOT / "data" / "shakespeare", "char": ROOT / "data" / "shakespeare_char"}
+    assert seen == {"gpt2": ROOT / "data" / "shakespeare_gpt2", "char": ROOT / "data" / "shakespeare_char"}

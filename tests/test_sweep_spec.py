@@ -152,7 +152,8 @@ def test_every_shipped_spec_loads_and_expands(tmp_path):
     for p in specs:
         s = load_spec(p)
         # checked against the prepared Tiny Shakespeare (TinyStories is not prepared here)
-        s = dataclasses.replace(s, base={**s.base, "data_dir": BASE["data_dir"]})
+        assert s.base["tokenizer"] == ("char" if p.stem.endswith("tiny") else "gpt2"), p.name
+        s = dataclasses.replace(s, base={**s.base, "data_dir": BASE["data_dir"], "tokenizer": "char"})
         plan = expand(s)
         assert plan.trials and not plan.rejected, (p.name, plan.rejected)
         if p.stem.endswith("tiny"):

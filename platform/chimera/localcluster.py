@@ -2,9 +2,17 @@
 without touching any other Ray cluster on the machine.
 
     with LocalCluster(num_cpus=2) as c:          # ray start --head in its own temp dir, free ports
-        c.env                                    # RAY_ADDRESS / RAY_AUTH_MODE=token for clients
+        c.env                                    # RAY_ADDRESS, RAY_AUTH_MODE=token and the
+                                                 # cluster's token file for clients
         c.dashboard_url                          # `ray job submit --address` takes it
     # left: every process of this cluster killed (also on Ctrl-C)
+
+Token authentication from nothing: Ray 2.60's `ray start --head` never creates a token (only
+`ray.init()` of a new local cluster and `ray get-auth-token --generate` do, in ~/.ray), and
+turns authentication on only when one exists. So the cluster gets its own token, generated
+here into its temp dir (mode 0600) and passed to `ray start` and to every client through
+RAY_AUTH_TOKEN_PATH: it works on a machine where Ray never ran, and it neither reads nor
+writes the user's ~/.ray.
 
 `ray stop` would kill every Ray process of the user (other clusters, a test session's), so
 stop() kills only the processes whose command line names this cluster's temp dir or ports,
@@ -13,6 +21,7 @@ and their children (the worker processes).
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -32,9 +41,12 @@ class LocalCluster:
     def __init__(self, num_cpus: int = 2, log=print):
         self.num_cpus = num_cpus
         self.log = log
-        self.temp_dir = tempfile.mkdtemp(prefix="chimera_ray_")     # short: socket paths < 108
+        # Ray's socket paths (<temp>/session_<date>_<pid>/sockets/plasma_store) must stay < 108
+        base = tempfile.gettempdir()
+        self.temp_dir = tempfile.mkdtemp(prefix="chimera_ray_", dir=base if len(base) <= 32 else "/tmp")
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.ports = [self.gcs_port, self.dashboard_port, free_port(), free_port()]
+        self.token_path = str(Path(self.temp_dir) / "auth_token")
         self.started = False
 
     @property
@@ -51,7 +63,16 @@ class LocalCluster:
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token"}
+        """The environment of a client (and of `ray start`): this cluster, its token, auth on."""
+        env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}   # it would win
+        return {**env, "RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN_PATH": self.token_path}
+
+    def _write_token(self) -> None:
+        # the format of Ray's own generator (256 random bits, hex); private to this cluster
+        fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
 
     def start(self) -> "LocalCluster":
         cmd = [self.ray_bin, "start", "--head", f"--num-cpus={self.num_cpus}", "--num-gpus=0",
@@ -62,8 +83,9 @@ class LocalCluster:
                f"--dashboard-agent-listen-port={self.ports[2]}",
                f"--ray-client-server-port={self.ports[3]}", "--disable-usage-stats"]
         self.started = True          # from here on stop() must run, even if start fails
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
-                             env={**os.environ, "RAY_AUTH_MODE": "token"})
+        self._write_token()
+        env = {k: v for k, v in self.env.items() if k != "RAY_ADDRESS"}
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
         if out.returncode != 0:
             raise RuntimeError(f"ray start failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
         deadline = time.time() + 60               # the job server answers once the dashboard is up

@@ -134,7 +134,7 @@ class SweepSpec:
             raise SweepSpecError("stacks: expected a non-empty mapping name -> JSONL path or layer list")
         space = _keys("space", self.space or {}, set(MODEL_KEYS) | {f.name for f in dataclasses.fields(TrainConfig)})
         for k, v in space.items():
-            if k in ("storage_path", "run_name", "resume_from", "data_dir", "dataset", "vocab_size",
+            if k in ("storage_path", "run_name", "resume_from", "data_dir", "dataset", "tokenizer", "vocab_size",
                      "num_workers", "use_gpu", "num_threads", "layer_configs", "layer_configs_jsonl"):
                 raise SweepSpecError(f"space.{k}: cannot be searched"
                                      + (" (use `stacks` for layer files)" if "layer" in k else ""))
@@ -380,18 +380,30 @@ def solve_budget(train: Mapping[str, Any], layers: list[dict] | None, budget: Ma
     return c, v, s
 
 
+def base_data_dir(spec: SweepSpec) -> Path:
+    """The trials' data folder: base.data_dir, else the default folder of base.dataset and
+    base.tokenizer (chimera.paths); absolute, since trials run elsewhere (Ray changes the cwd)."""
+    from chimera.paths import resolve_data_dir
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return resolve_data_dir(spec.base.get("data_dir"), spec.base.get("dataset", fields["dataset"]),
+                            spec.base.get("tokenizer"))
+
+
 def data_vocab(spec: SweepSpec) -> int:
     """The model vocabulary plan_run will use (the dataset tokenizer's, padded up to 64, unless
     base.vocab_size is given); the data directory must be prepared already."""
     from chimera.shards import read_manifest
-    from chimera.train_config import REPO
-    d = spec.base.get("data_dir")
-    data_dir = (Path(d).expanduser().resolve() if d
-                else REPO / "data" / spec.base.get("dataset", "shakespeare"))
+    data_dir = base_data_dir(spec)
     try:
-        v = int(read_manifest(data_dir)["tokenizer"]["vocab_size"])
+        tok = read_manifest(data_dir)["tokenizer"]
+        v = int(tok["vocab_size"])
     except Exception as e:
-        raise SweepSpecError(f"base.data_dir {data_dir}: {e} (prepare it with jobs/prepare.py)") from None
+        from chimera.paths import job_copy_hint
+        hint = job_copy_hint("base.data_dir") if "data_dir" not in spec.base else ""
+        raise SweepSpecError(f"base.data_dir {data_dir}: {e} (prepare it with jobs/prepare.py){hint}") from None
+    if spec.base.get("tokenizer") not in (None, tok.get("name")):
+        raise SweepSpecError(f"base.tokenizer={spec.base['tokenizer']!r} but {data_dir} was prepared "
+                             f"with {tok.get('name')!r}")
     if "vocab_size" in spec.base:
         if int(spec.base["vocab_size"]) < v:
             raise SweepSpecError(f"base.vocab_size={spec.base['vocab_size']} is smaller than the "
@@ -428,8 +440,7 @@ def expand(spec: SweepSpec) -> SweepPlan:
             out = {k: v for k, v in train.items() if k not in MODEL_KEYS or k in
                    ("block_size", "pos_emb", "norm", "n_embd", "dropout", "vocab_size", "act_recomp")}
             out.pop("layer_configs_jsonl", None)
-            if out.get("data_dir"):               # trials run elsewhere (Ray changes the cwd)
-                out["data_dir"] = str(Path(out["data_dir"]).expanduser().resolve())
+            out["data_dir"] = str(base_data_dir(spec))    # trials run elsewhere (Ray changes the cwd)
             out["layer_configs"] = json.dumps([b.to_dict() for b in cfg.layers])
             TrainConfig.from_dict(out)
         except (ConfigError, SweepSpecError, TrainConfigError) as e:

@@ -15,14 +15,13 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from chimera.batchexpr import BatchExprError, parse_batch_expr
-
-REPO = Path(__file__).resolve().parents[2]
+from chimera.paths import (job_copy_hint, older_default_data_dir, resolve_data_dir,
+                           resolve_storage_path)
 MODEL_KEYS = ("n_layer", "n_embd", "vocab_size", "block_size", "dropout", "pos_emb", "norm",
               "up_dim", "non_linearity", "attn", "n_head", "n_kv_heads", "q_latent_dim",
               "kv_latent_dim", "rope_head_dim", "moe", "n_exp", "n_shared", "n_act", "coeff",
@@ -40,7 +39,8 @@ class TrainConfig:
     layer_configs: str | None = None          # JSON list of layer dicts
     layer_configs_jsonl: str | None = None    # JSONL file, one layer dict per line
     dataset: str = "shakespeare"
-    data_dir: str | None = None               # default <repo>/data/<dataset>
+    tokenizer: str | None = None              # default folder's tokenizer (gpt2); checked
+    data_dir: str | None = None               # default <repo>/data/<dataset>_<tokenizer>
     total_batch_size_str: str = "2**13"       # tokens per optimizer step, all workers together
     batch_size: int = 4                       # sequences per micro-step per worker
     max_iters: int = 500
@@ -110,6 +110,10 @@ class TrainConfig:
         for k in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, k) < 1.0:
                 raise TrainConfigError(f"{k}={getattr(self, k)} must be in [0, 1)")
+        if self.tokenizer is not None:
+            from chimera.tokenizers import TOKENIZERS
+            if self.tokenizer not in TOKENIZERS:
+                raise TrainConfigError(f"tokenizer={self.tokenizer!r}: choose one of {', '.join(TOKENIZERS)}")
         if self.layer_configs is not None and self.layer_configs_jsonl is not None:
             raise TrainConfigError("give at most one of layer_configs and layer_configs_jsonl")
         try:
@@ -204,29 +208,14 @@ def _join(base: str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}" if "://" in base else str(Path(base) / name)
 
 
-STORAGE_ENV = "CHIMERA_STORAGE"     # cluster.yaml exports it on every node: s3://BUCKET/chimera
-
-
-def resolve_storage_path(path: str | None) -> str:
-    """Absolute local path or URI (s3://, gs://, ...). Default $CHIMERA_STORAGE when set, else
-    <repo>/runs; inside a Ray job's unpacked working dir (deleted with the job) ~/chimera_runs."""
-    if path is None:
-        path = os.environ.get(STORAGE_ENV) or None
-    if path is None:
-        if "runtime_resources" in str(REPO):
-            return str(Path.home() / "chimera_runs")
-        return str(REPO / "runs")
-    if "://" in path:
-        return path
-    return str(Path(path).expanduser().resolve())
-
-
 def default_run_name(tc: TrainConfig, model_config: dict) -> str:
     """Same settings -> same name, so re-running a command resumes its run."""
     keep = {k: v for k, v in tc.to_dict().items()
             if k not in ("model", "layer_configs", "layer_configs_jsonl", "storage_path",
                          "run_name", "resume_from", "wandb_log", "wandb_project",
                          "wandb_run_name", "max_failures", "crash_at_step", "num_threads")}
+    if keep.get("tokenizer") is None:          # names from before the key existed stay valid
+        keep.pop("tokenizer", None)
     blob = json.dumps({"model": model_config, "train": keep}, sort_keys=True, default=str)
     return f"{tc.dataset}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
@@ -236,16 +225,25 @@ def plan_run(tc: TrainConfig, world_size: int | None = None) -> RunPlan:
     from models.config import ConfigError, ModelConfig
     from chimera.shards import read_manifest
 
-    data_dir = Path(tc.data_dir).expanduser() if tc.data_dir else REPO / "data" / tc.dataset
-    data_dir = data_dir.resolve()
+    data_dir = resolve_data_dir(tc.data_dir, tc.dataset, tc.tokenizer)
     if not data_dir.is_dir():
-        raise TrainConfigError(f"data_dir {data_dir} does not exist: prepare it with "
-                               f"`python jobs/prepare.py --dataset {tc.dataset} --out {data_dir}`")
+        cmd = (f"python jobs/prepare.py --dataset {tc.dataset}"
+               + (f" --tokenizer {tc.tokenizer}" if tc.tokenizer else "")
+               + (f" --out {data_dir}" if tc.data_dir else ""))
+        old = None if tc.data_dir else older_default_data_dir(tc.dataset)
+        hint = (f"; {old} holds data prepared by an older version: pass --data_dir {old} or "
+                f"rename it to {data_dir.name}" if old else "")
+        if not tc.data_dir and job_copy_hint():
+            hint = job_copy_hint()
+        raise TrainConfigError(f"data_dir {data_dir} does not exist: prepare it with `{cmd}`{hint}")
     try:
         manifest = read_manifest(data_dir)
     except Exception as e:
         raise TrainConfigError(f"data_dir {data_dir}: {e}") from None
     tokenizer = manifest["tokenizer"]
+    if tc.tokenizer is not None and tokenizer.get("name") != tc.tokenizer:
+        raise TrainConfigError(f"tokenizer={tc.tokenizer!r} but data_dir {data_dir} was prepared "
+                               f"with {tokenizer.get('name')!r}")
     flags = dict(tc.model)
     if "vocab_size" not in flags:
         flags["vocab_size"] = -(-tokenizer["vocab_size"] // 64) * 64     # padded up to 64
@@ -323,8 +321,9 @@ MODEL_HELP = {
     "act_recomp": "recompute activations in the backward pass (less memory, more compute)",
 }
 FIELD_HELP = {
-    "dataset": "dataset name (data_dir defaults to <repo>/data/<dataset>)",
-    "data_dir": "folder of prepared shards and manifest.json (jobs/prepare.py output; default <repo>/data/<dataset>)",
+    "dataset": "dataset name (data_dir defaults to <repo>/data/<dataset>_<tokenizer>)",
+    "tokenizer": "tokenizer of the prepared data, as given to jobs/prepare.py: picks the default data_dir and must match its manifest",
+    "data_dir": "folder of prepared shards and manifest.json (jobs/prepare.py output; default <repo>/data/<dataset>_<tokenizer>)",
     "total_batch_size_str": "tokens per optimizer step over all workers, an integer expression (2**13, 8*1024); grad_accum = total / (batch_size*block_size*num_workers)",
     "batch_size": "sequences per micro-step per worker",
     "max_iters": "optimizer steps",
@@ -392,4 +391,7 @@ def add_arguments(p) -> None:
                                default=S, help=FIELD_HELP[f.name])
         if f.default is not None:
             a.doc_default = f.default
+        elif f.name == "tokenizer":                  # None: "not given", the folder rule's gpt2
+            from chimera.paths import DEFAULT_TOKENIZER
+            a.doc_default = DEFAULT_TOKENIZER
     p.add_argument("--config", default=S, help="YAML/JSON file with the same keys (CLI overrides it)")
