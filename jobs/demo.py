@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --{k}={getattr(args, k)} must be >= {lo}", file=sys.stderr)
             return 2
     from chimera.localcluster import LocalCluster, free_port
-    from chimera.prepare import prepare
-    from chimera.train_config import resolve_storage_path
+    from chimera.data.prepare import prepare
+    from chimera.train.config import resolve_storage_path
 
     data_dir = args.data_dir or str(repo / "data" / "demo_shakespeare_char")
     storage = resolve_storage_path(args.storage_path)

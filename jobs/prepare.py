@@ -21,10 +21,10 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     from _paths import setup
     setup()
-    from chimera.datasets import DATASETS
+    from chimera.data.sources import DATASETS
     from chimera.paths import DEFAULT_TOKENIZER
-    from chimera.prepare import DEFAULT_SHARD_SIZE, parse_count
-    from chimera.tokenizers import TOKENIZERS
+    from chimera.data.prepare import DEFAULT_SHARD_SIZE, parse_count
+    from chimera.data.tokenizers import TOKENIZERS
 
     p = argparse.ArgumentParser(prog="jobs/prepare.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,10 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from _paths import setup
     setup()
-    from chimera.datasets import DataError
+    from chimera.data.sources import DataError
     from chimera.paths import resolve_data_dir
-    from chimera.prepare import prepare
-    from chimera.tokenizers import TokenizerError
+    from chimera.data.prepare import prepare
+    from chimera.data.tokenizers import TokenizerError
 
     args = build_parser().parse_args(argv)
     out = resolve_data_dir(args.out, args.dataset, args.tokenizer)

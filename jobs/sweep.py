@@ -6,7 +6,7 @@
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/sweep.py --spec ... \
         --storage_path /shared/chimera
 
-The spec format is described in platform/chimera/sweep_spec.py and the README. Every trial is
+The spec format is described in platform/chimera/sweep/spec.py and the README. Every trial is
 checked before anything launches (invalid combinations are listed, not run; exit code 2 when
 the spec itself is wrong). The sweep directory is <storage_path>/<name>.
 """
@@ -34,10 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     from _paths import setup
     setup()
     args = build_parser().parse_args(argv)
-    from chimera.sweep_spec import SweepSpecError, expand, load_spec
+    from chimera.sweep.spec import SweepSpecError, expand, load_spec
 
     if args.report:
-        from chimera.sweep_report import write_report
+        from chimera.sweep.report import write_report
         try:
             rep = write_report(args.report)
         except (SweepSpecError, OSError) as e:
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         plan = expand(load_spec(args.spec, storage_path=args.storage_path, name=args.name))
-        from chimera.sweep import sweep_dir
+        from chimera.sweep.run import sweep_dir
         root = sweep_dir(plan.spec)
     except SweepSpecError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     from chimera.runtime import init_ray
-    from chimera.sweep import run_sweep
+    from chimera.sweep.run import run_sweep
     init_ray()
     try:
         rep = run_sweep(plan, resume=args.resume)

@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     from _paths import setup
     setup()
     from chimera.paramdocs import DocDefaultsFormatter
-    from chimera.train_config import add_arguments
+    from chimera.train.config import add_arguments
 
     p = argparse.ArgumentParser(prog="jobs/train.py", description=__doc__,
                                 formatter_class=DocDefaultsFormatter)
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from _paths import setup
     setup()
-    from chimera.train_config import TrainConfigError, load_train_config, plan_run
+    from chimera.train.config import TrainConfigError, load_train_config, plan_run
 
     p = build_parser()
     args = vars(p.parse_args(argv))
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
           f"grad_accum {plan.grad_accum})", flush=True)
 
     from chimera.runtime import init_ray
-    from chimera.trainer import fit
+    from chimera.train.loop import fit
     init_ray()
     try:
         s = fit(plan)

@@ -99,7 +99,7 @@ def sweep_models(sweep_dir: str | Path, top_k: int) -> list[tuple[str, Path]]:
 
 def load_checkpoint(path: str | Path, device: str = "cpu"):
     """(model in eval mode on device, tokenizer) from a checkpoint directory."""
-    from chimera.tokenizers import Tokenizer
+    from chimera.data.tokenizers import Tokenizer
     from models import LLM, ModelConfig
 
     p = resolve_checkpoint(path)

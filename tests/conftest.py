@@ -94,7 +94,7 @@ def shakespeare_path(shared_data) -> Path:
 @pytest.fixture(scope="session")
 def train_char_data(tmp_path_factory, shakespeare_path) -> Path:
     """Tiny Shakespeare prepared with the char tokenizer (vocab 65), one shard per split."""
-    from chimera.prepare import prepare
+    from chimera.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("train_shakespeare_char")
     prepare("shakespeare", sources=[shakespeare_path], tokenizer="char", out=out,
@@ -126,8 +126,8 @@ def ray_cluster():
 def tiny_checkpoint(tmp_path_factory, train_char_data) -> Path:
     """A tiny trained char-level checkpoint (2 layers, n_embd 64, block 64), trained in-process
     for 30 steps without Ray: the run dir's best checkpoint."""
-    from chimera.train_config import load_train_config, plan_run
-    from chimera.trainer import train_fn_per_worker
+    from chimera.train.config import load_train_config, plan_run
+    from chimera.train.loop import train_fn_per_worker
 
     tmp = tmp_path_factory.mktemp("tiny_run")
     plan = plan_run(load_train_config({

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from chimera.loader import ShardLoader
-from chimera.prepare import prepare
-from chimera.shards import MANIFEST, ShardError
+from chimera.data.loader import ShardLoader
+from chimera.data.prepare import prepare
+from chimera.data.shards import MANIFEST, ShardError
 
 
 @pytest.fixture(scope="session")

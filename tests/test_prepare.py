@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chimera.datasets import DataError
-from chimera.datasets import PIECE_CHARS
-from chimera.prepare import parse_count, prepare
-from chimera.shards import MANIFEST, PROGRESS, ShardError, file_sha256, read_manifest
-from chimera.tokenizers import TokenizerError
+from chimera.data.sources import DataError
+from chimera.data.sources import PIECE_CHARS
+from chimera.data.prepare import parse_count, prepare
+from chimera.data.shards import MANIFEST, PROGRESS, ShardError, file_sha256, read_manifest
+from chimera.data.tokenizers import TokenizerError
 
 ROOT = Path(__file__).resolve().parents[1]
 N_CHARS = 1115394                 # Tiny Shakespeare
@@ -118,7 +118,7 @@ def test_shard_size_and_threads_do_not_change_the_tokens(tmp_path, shakespeare_p
 
 
 def test_pieces_cut_only_at_tokenization_neutral_line_breaks():
-    from chimera.datasets import pieces
+    from chimera.data.sources import pieces
 
     doc = "word, word.\n\n  indented line\nnext line\n" * 20_000
     out = list(pieces([(doc, True)]))
@@ -484,14 +484,14 @@ def test_cli_runs_as_a_new_user_would(tmp_path, shakespeare_path, _tiktoken_cach
 
 
 def test_cli_default_out_is_under_the_repository(cli_main, monkeypatch, tmp_path):
-    import chimera.prepare
+    import chimera.data.prepare
 
     seen = {}
 
     def fake_prepare(dataset, *, out, **kw):
         seen[kw["tokenizer"]] = Path(out)
         raise DataError("stop here")
-    monkeypatch.setattr(chimera.prepare, "prepare", fake_prepare)
+    monkeypatch.setattr(chimera.data.prepare, "prepare", fake_prepare)
     monkeypatch.chdir(tmp_path)                       # not the cwd: the file's location
     for tok in ("gpt2", "char"):
         assert cli_main(["--dataset", "shakespeare", "--tokenizer", tok]) == 2

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from chimera.tokenizers import get_tokenizer
+from chimera.data.tokenizers import get_tokenizer
 from models import LLM, ModelConfig
 from serve.engine import Engine, SamplingParams, TextStream
 from test_generation import BLOCK, CASES, V, _varied, build, hetero

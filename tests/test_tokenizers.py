@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from chimera.tokenizers import (ByteTokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer,
+from chimera.data.tokenizers import (ByteTokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer,
                                 TokenizerError, get_tokenizer)
 
 SAMPLE = "Hello world! Ünïcödé — 漢字 🙂\n\tend <|endoftext|> after"

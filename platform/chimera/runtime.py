@@ -4,13 +4,13 @@
     init_ray()            # RAY_ADDRESS (set by `ray job submit`) or a running local cluster,
                           # else a fresh local one; no-op when Ray is already initialised
 
-Workers unpickle `chimera.trainer.train_fn_per_worker` (Serve replicas `serve.app` classes),
+Workers unpickle `chimera.train.loop.train_fn_per_worker` (Serve replicas `serve.app` classes),
 so `chimera`, `models` and `serve` must be
 importable on every node even where the project is not installed. `platform/` is a source
 root, not a package, so the working dir alone is not enough: the packages travel as
 runtime_env `py_modules` (uploaded once, content-addressed). Data, checkpoints and the venv are
 not part of them; `ray job submit --working-dir .` skips them through .gitignore.
-Storage paths and run names are resolved in chimera.train_config (absolute before workers start).
+Storage paths and run names are resolved in chimera.train.config (absolute before workers start).
 """
 from __future__ import annotations
 

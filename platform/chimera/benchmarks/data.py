@@ -72,8 +72,8 @@ def _seconds(fn) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from chimera.prepare import prepare
-    from chimera.tokenizers import TokenizerError, get_tokenizer
+    from chimera.data.prepare import prepare
+    from chimera.data.tokenizers import TokenizerError, get_tokenizer
 
     paths = [Path(t) for t in args.text] if args.text else [SHARED / t for t in DEFAULT_TEXTS]
     missing = [str(p) for p in paths if not p.is_file()]
@@ -135,8 +135,8 @@ def run(args: argparse.Namespace) -> int:
 def _loader_row(out: Path, src: Path, args, threads: int):
     import torch
 
-    from chimera.loader import ShardLoader
-    from chimera.prepare import prepare
+    from chimera.data.loader import ShardLoader
+    from chimera.data.prepare import prepare
 
     if not (out / "manifest.json").is_file():
         prepare("tinystories", sources=[src], out=out, tokenizer="gpt2", val_fraction=0.01,

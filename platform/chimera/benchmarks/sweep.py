@@ -41,7 +41,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _spec(name: str, data_dir: str, storage: str, args, scheduler: dict):
-    from chimera.sweep_spec import SweepSpec
+    from chimera.sweep.spec import SweepSpec
     base = {"data_dir": data_dir, "n_layer": 2, "n_embd": 64, "n_head": 4, "block_size": 64,
             "attn": "gqa", "n_kv_heads": 2, "up_dim": 256, "batch_size": 8,
             "total_batch_size_str": "8*64", "max_iters": args.max_iters, "warmup_steps": 10,
@@ -73,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
     import ray
     import torch
     from chimera.runtime import runtime_env
-    from chimera.sweep import run_sweep
-    from chimera.sweep_spec import SweepSpecError, expand
+    from chimera.sweep.run import run_sweep
+    from chimera.sweep.spec import SweepSpecError, expand
 
     with tempfile.TemporaryDirectory(prefix="chimera_bench_sweep_") as tmp:
         data_dir = char_data(args.data_dir, args.source, tmp)

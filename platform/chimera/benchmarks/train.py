@@ -132,7 +132,7 @@ def timed_worker(config: dict[str, Any]) -> dict[str, Any]:
     """train_fn_per_worker(config), recording the wall-clock time of every rank-0 log line
     ("step N/M ...") into <run_dir>.stamps.json (local storage) as [[step, seconds], ...].
     Module-level so that Ray workers import it (chimera travels as a py_module)."""
-    import chimera.trainer as tr
+    import chimera.train.loop as tr
 
     original, stamps = tr._print0, []
 
@@ -156,7 +156,7 @@ def timed_worker(config: dict[str, Any]) -> dict[str, Any]:
 @contextlib.contextmanager
 def _fit_runs_timed_worker():
     """fit(plan) exactly as jobs/train.py calls it, with timed_worker as the per-worker fn."""
-    import chimera.trainer as tr
+    import chimera.train.loop as tr
     original = tr.train_fn_per_worker
     tr.train_fn_per_worker = timed_worker
     try:
@@ -166,7 +166,7 @@ def _fit_runs_timed_worker():
 
 
 def _plan(data_dir: str, storage: str, name: str, s: dict, workers: int, threads: int):
-    from chimera.train_config import load_train_config, plan_run
+    from chimera.train.config import load_train_config, plan_run
     iters = s["warmup"] + s["steps"]
     iters = -(-iters // s["log_interval"]) * s["log_interval"]
     cli = {**_model(s), "data_dir": data_dir, "storage_path": storage, "run_name": name,
@@ -279,7 +279,7 @@ def char_data(data_dir: str | None, source: str, tmp: str) -> str:
     """`data_dir` if given, else Tiny Shakespeare prepared from `source` (char) under tmp;
     an absolute path either way (the sweep benchmark uses it too)."""
     if data_dir is None:
-        from chimera.prepare import prepare
+        from chimera.data.prepare import prepare
         data_dir = str(Path(tmp) / "shakespeare_char")
         prepare("shakespeare", sources=[source], tokenizer="char", out=data_dir,
                 progress=False, log=lambda *_: None)
@@ -309,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
               f"{os.cpu_count()} CPUs, data {data_dir} ({tok.get('name', tok.get('kind', '?'))}, "
               f"vocab {tok.get('vocab_size')}){', --quick' if args.quick else ''}", flush=True)
         storage = str(Path(tmp) / "runs")
-        from chimera.train_config import TrainConfigError
+        from chimera.train.config import TrainConfigError
 
         if {"overhead", "dp"} - set(args.skip):
             half = args.threads // 2

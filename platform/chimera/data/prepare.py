@@ -1,11 +1,11 @@
 """Dataset preparation: text -> tokenizer -> uint16 token shards + manifest (see shards.py).
 
     python jobs/prepare.py --dataset shakespeare --source ../shared/data/tinyshakespeare/input.txt
-    from chimera.prepare import prepare
+    from chimera.data.prepare import prepare
     result = prepare("tinystories", sources=["stories.jsonl"], tokenizer="gpt2", out="data/ts")
 
 Pipeline (streaming; memory is bounded by a few task batches whatever the corpus size):
-  1. sources -> fragments -> *pieces* of about PIECE_CHARS characters (datasets.py: long
+  1. sources -> fragments -> *pieces* of about PIECE_CHARS characters (sources.py: long
      documents are cut only where GPT-2's pre-tokenizer cannot join text across the cut, so
      pieces encode to exactly the tokens of the whole document).
   2. split: local sources -> the tail: train = the first int(C * (1 - val_fraction)) characters
@@ -42,12 +42,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from chimera.datasets import (HARD_PIECE_CHARS, PIECE_CHARS, DataError, Source, get_dataset,
+from chimera.data.sources import (HARD_PIECE_CHARS, PIECE_CHARS, DataError, Source, get_dataset,
                               pieces, resolve_source)
-from chimera.shards import (DTYPE, FORMAT, MANIFEST, MAX_VOCAB, PROGRESS, SPLITS, VERSION,
+from chimera.data.shards import (DTYPE, FORMAT, MANIFEST, MAX_VOCAB, PROGRESS, SPLITS, VERSION,
                             ShardError, ShardWriter, is_shard_file, read_manifest,
                             verify_shards, write_json_atomic)
-from chimera.tokenizers import TOKENIZERS, CharTokenizer, Tokenizer, get_tokenizer
+from chimera.data.tokenizers import TOKENIZERS, CharTokenizer, Tokenizer, get_tokenizer
 
 TASK_CHARS = 1 << 18         # characters per thread-pool task
 TASK_ITEMS = 512

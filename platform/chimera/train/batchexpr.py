@@ -1,6 +1,6 @@
 """Safe integer arithmetic for `--total_batch_size_str` ("2**13", "8*1024", "(4+4)*2**10").
 
-    from chimera.batchexpr import parse_batch_expr
+    from chimera.train.batchexpr import parse_batch_expr
     parse_batch_expr("2**13")      # 8192
 
 Only integer literals, + - * // ** (binary), unary + -, and parentheses are accepted; the text

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from chimera.train_config import MODEL_KEYS, TrainConfig, TrainConfigError
+from chimera.train.config import MODEL_KEYS, TrainConfig, TrainConfigError
 
 SPEC_KEYS = ("name", "storage_path", "base", "layers", "stacks", "space", "search", "num_samples",
              "seed", "metric", "mode", "budget", "scheduler", "max_concurrent", "resources",
@@ -199,7 +199,7 @@ class SweepSpec:
 def load_spec(path: str | Path, **overrides: Any) -> SweepSpec:
     """Read a YAML (.yaml/.yml) or JSON spec; `overrides` (e.g. storage_path from the CLI) win.
     Relative paths in it resolve against the current directory."""
-    from chimera.train_config import read_config_file
+    from chimera.train.config import read_config_file
     p = Path(path)
     d = read_config_file(p, "--spec", SweepSpecError)
     _keys(f"--spec {p}", d, SPEC_KEYS)
@@ -392,7 +392,7 @@ def base_data_dir(spec: SweepSpec) -> Path:
 def data_vocab(spec: SweepSpec) -> int:
     """The model vocabulary plan_run will use (the dataset tokenizer's, padded up to 64, unless
     base.vocab_size is given); the data directory must be prepared already."""
-    from chimera.shards import read_manifest
+    from chimera.data.shards import read_manifest
     data_dir = base_data_dir(spec)
     try:
         tok = read_manifest(data_dir)["tokenizer"]

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from chimera.datasets import DataError
+from chimera.data.sources import DataError
 
 FORMAT = "chimera-token-shards"
 VERSION = 1

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from chimera.batchexpr import BatchExprError, parse_batch_expr
+from chimera.train.batchexpr import BatchExprError, parse_batch_expr
 from chimera.paths import (job_copy_hint, older_default_data_dir, resolve_data_dir,
                            resolve_storage_path)
 MODEL_KEYS = ("n_layer", "n_embd", "vocab_size", "block_size", "dropout", "pos_emb", "norm",
@@ -111,7 +111,7 @@ class TrainConfig:
             if not 0.0 <= getattr(self, k) < 1.0:
                 raise TrainConfigError(f"{k}={getattr(self, k)} must be in [0, 1)")
         if self.tokenizer is not None:
-            from chimera.tokenizers import TOKENIZERS
+            from chimera.data.tokenizers import TOKENIZERS
             if self.tokenizer not in TOKENIZERS:
                 raise TrainConfigError(f"tokenizer={self.tokenizer!r}: choose one of {', '.join(TOKENIZERS)}")
         if self.layer_configs is not None and self.layer_configs_jsonl is not None:
@@ -223,7 +223,7 @@ def default_run_name(tc: TrainConfig, model_config: dict) -> str:
 def plan_run(tc: TrainConfig, world_size: int | None = None) -> RunPlan:
     """Validate everything that depends on files and the model; raise TrainConfigError."""
     from models.config import ConfigError, ModelConfig
-    from chimera.shards import read_manifest
+    from chimera.data.shards import read_manifest
 
     data_dir = resolve_data_dir(tc.data_dir, tc.dataset, tc.tokenizer)
     if not data_dir.is_dir():

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from chimera.shards import DTYPE, ShardError, read_manifest, verify_shards
+from chimera.data.shards import DTYPE, ShardError, read_manifest, verify_shards
 
 STATE_VERSION = 1
 

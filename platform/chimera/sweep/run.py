@@ -1,8 +1,8 @@
-"""Sweeps on Ray Tune: every trial is a training run of chimera.trainer.
+"""Sweeps on Ray Tune: every trial is a training run of chimera.train.loop.
 
-    from chimera.sweep_spec import load_spec, expand
+    from chimera.sweep.spec import load_spec, expand
     plan = expand(load_spec("configs/sweeps/exp1-tiny.yaml"))
-    summary = run_sweep(plan)                 # Tuner.fit(); then the report (chimera.sweep_report)
+    summary = run_sweep(plan)                 # Tuner.fit(); then the report (chimera.sweep.report)
     summary = run_sweep(plan, resume=True)    # Tuner.restore(): finished trials are not rerun
 
 Layout of a sweep directory <storage_path>/<name>/:
@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chimera.sweep_spec import SweepPlan, SweepSpec, SweepSpecError, Trial
-from chimera.train_config import resolve_storage_path
+from chimera.sweep.spec import SweepPlan, SweepSpec, SweepSpecError, Trial
+from chimera.train.config import resolve_storage_path
 
 SUMMARY = "summary.json"
 
@@ -73,7 +73,7 @@ def _decode(ckpt_dir, tokens, device, torch, ckpt, LLM, ModelConfig) -> float:
 def _trial_train_config(trial: dict, ctx: dict):
     """The trial's TrainConfig: base + choices, its own run dir, eval and checkpoints on."""
     from chimera import checkpoint as ckpt
-    from chimera.train_config import TrainConfig
+    from chimera.train.config import TrainConfig
 
     run_dir = Path(ctx["runs"]) / trial["name"]
     d = {**trial["train"], "storage_path": ctx["runs"], "run_name": trial["name"], "eval": True,
@@ -116,8 +116,8 @@ def run_trial(config: dict, trials: dict, ctx: dict) -> None:
     """The Tune trainable: train one trial, report as it goes, then measure decoding.
     `config["trial"]` is the trial's name; `trials` maps names to Trial dicts."""
     from ray import tune
-    from chimera.train_config import plan_run
-    from chimera.trainer import fit, train_fn_per_worker
+    from chimera.train.config import plan_run
+    from chimera.train.loop import fit, train_fn_per_worker
 
     trial = trials[config["trial"]]
     static = {"trial": trial["name"], "arch": trial["arch"]}
@@ -134,7 +134,7 @@ def run_trial(config: dict, trials: dict, ctx: dict) -> None:
         s = train_fn_per_worker(plan.worker_config, report=lambda m: tune.report(clean(m, static)))
     else:
         s = fit(plan, callbacks=[_forwarder(static)])
-    from chimera.sweep_report import _history
+    from chimera.sweep.report import _history
     latest: dict = {}
     for m in _history(run_dir):          # a run resumed at its last step reports nothing new
         latest.update(m)
@@ -189,9 +189,9 @@ def read_plan(root: Path) -> dict:
 def run_sweep(plan: SweepPlan, resume: bool = False, verbose: int = 1) -> dict[str, Any]:
     """Run (or resume) the sweep on the connected Ray cluster, then write its report."""
     from ray import tune
-    from chimera.sweep_report import write_report
-    from chimera.batchexpr import parse_batch_expr
-    from chimera.train_config import TrainConfig
+    from chimera.sweep.report import write_report
+    from chimera.train.batchexpr import parse_batch_expr
+    from chimera.train.config import TrainConfig
 
     spec = plan.spec
     root = sweep_dir(spec)

@@ -1,6 +1,6 @@
 """Tokenizers: `gpt2` (tiktoken BPE), `char` (vocabulary built from text) and `byte` (UTF-8).
 
-    from chimera.tokenizers import get_tokenizer, Tokenizer
+    from chimera.data.tokenizers import get_tokenizer, Tokenizer
     tok = get_tokenizer("gpt2")                  # vocab 50257, eot_id 50256
     tok = get_tokenizer("char", vocab="abc\\n")   # vocab = the symbols, in id order
     tok = CharTokenizer.from_text(text)          # sorted set of the text's characters
