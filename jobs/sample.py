@@ -39,17 +39,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from models.generation import check_sampling_args
     from serve.engine import Engine, SamplingParams
-    from serve.loading import load_checkpoint, resolve_checkpoint
+    from chimera.checkpoint import load_model
     try:
         check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
         if not args.prompt:
             raise ValueError("--prompt is empty")
         if args.device not in ("auto", "cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
             raise ValueError(f"--device {args.device}: use auto, cpu or cuda (with a visible GPU)")
-        ckpt = resolve_checkpoint(args.model_path)
         device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
             ("cpu" if args.device == "auto" else args.device)
-        model, tok = load_checkpoint(ckpt, device)
+        model, tok, _ = load_model(args.model_path, device)
         ids = tok.encode(args.prompt)
         if not ids:
             raise ValueError("--prompt encodes to no tokens")

@@ -1,14 +1,10 @@
-"""What to serve: checkpoint / run-directory / sweep resolution, and loading a checkpoint.
+"""What to serve: model names for checkpoints and run directories, and a sweep's best trials.
 
-    resolve_checkpoint("runs/my_run")              # a run dir -> its best (else latest) checkpoint
-    parse_models(["runs/a", "small=runs/b/checkpoint_000300"])   # [(name, path), ...]
+    parse_models(["runs/a", "small=runs/b/checkpoint_000300"])   # [(name, checkpoint dir), ...]
     sweep_models("sweeps/s1", top_k=2)             # the 2 best trials of a sweep
-    model, tok = load_checkpoint(path, device)     # weights (safetensors) + config + tokenizer
 
-A checkpoint is a directory as training writes it (platform/chimera/checkpoint.py): the model
-is rebuilt only from its config.json, weights come from model.safetensors (no pickle), the
-tokenizer from tokenizer.json. A run directory holds checkpoint_NNNNNN/ folders and
-<file_name>_best/ (default llm_model_best); the best one is served, else the latest.
+A run directory serves its best checkpoint, else its latest (chimera.checkpoint
+.resolve_checkpoint); replicas load it with chimera.checkpoint.load_model.
 """
 from __future__ import annotations
 
@@ -17,31 +13,9 @@ import math
 import re
 from pathlib import Path
 
-from chimera.checkpoint import CONFIG, TOKENIZER, WEIGHTS, list_checkpoints, load_weights, read_config
+from chimera.checkpoint import resolve_checkpoint
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-def _is_checkpoint(p: Path) -> bool:
-    return (p / CONFIG).is_file() and (p / WEIGHTS).is_file()
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir as is; a run dir -> its *_best checkpoint, else its latest one."""
-    p = Path(path).expanduser().resolve()
-    if _is_checkpoint(p):
-        if not (p / TOKENIZER).is_file():
-            raise ValueError(f"{path}: checkpoint has no {TOKENIZER} (needed to serve text)")
-        return p
-    if p.is_dir():
-        best = sorted(d for d in p.glob("*_best") if _is_checkpoint(d))
-        if best:
-            return resolve_checkpoint(next((d for d in best if d.name == "llm_model_best"), best[0]))
-        latest = [d for d in list_checkpoints(p) if _is_checkpoint(d)]
-        if latest:
-            return resolve_checkpoint(latest[-1])
-    raise ValueError(f"{path}: neither a checkpoint directory ({CONFIG} + {WEIGHTS}) nor a run "
-                     f"directory holding *_best/ or checkpoint_*/ checkpoints")
 
 
 def default_name(ckpt: Path) -> str:
@@ -95,17 +69,3 @@ def sweep_models(sweep_dir: str | Path, top_k: int) -> list[tuple[str, Path]]:
         raise ValueError(f"{f}: no trial has a checkpoint and a finite {metric}")
     return parse_models([f"{default_name(Path(str(t['trial_id'])))}={t['best_checkpoint']}"
                          for t in ok[:top_k]])
-
-
-def load_checkpoint(path: str | Path, device: str = "cpu"):
-    """(model in eval mode on device, tokenizer) from a checkpoint directory."""
-    from chimera.data.tokenizers import Tokenizer
-    from models import LLM, ModelConfig
-
-    p = resolve_checkpoint(path)
-    model = LLM(ModelConfig.from_dict(read_config(p)))
-    load_weights(model, p, device)
-    tok = Tokenizer.from_dict(json.loads((p / TOKENIZER).read_text()))
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"{p}: tokenizer vocab {tok.vocab_size} > model vocab {model.cfg.vocab_size}")
-    return model.to(device).eval(), tok

@@ -33,11 +33,11 @@ class LLMServer:
                  health_timeout_s: float = 20.0):
         import torch
 
-        from serve.loading import load_checkpoint
+        from chimera.checkpoint import load_model
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, threads))
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, tok = load_checkpoint(checkpoint, device)
+        model, tok, _ = load_model(checkpoint, device)
         self.name, self.tok, self.block = name, tok, model.cfg.block_size
         self.engine = Engine(model, tok, max_batch=max_batch)
         self.metrics = ServeMetrics(name)

@@ -32,8 +32,8 @@ def _free_port() -> int:
 def second_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
     """The tiny checkpoint with perturbed weights, saved as a checkpoint of its own."""
     from chimera.checkpoint import read_config, save_checkpoint
-    from serve.loading import load_checkpoint
-    model, tok = load_checkpoint(tiny_checkpoint)
+    from chimera.checkpoint import load_model
+    model, tok, _ = load_model(tiny_checkpoint)
     with torch.no_grad():
         for p in model.blocks.parameters():
             p.mul_(1.5)

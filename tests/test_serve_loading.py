@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from serve.loading import default_name, parse_models, resolve_checkpoint, sweep_models
+from chimera.checkpoint import resolve_checkpoint
+from serve.loading import default_name, parse_models, sweep_models
 
 ROOT = Path(__file__).resolve().parents[1]
 

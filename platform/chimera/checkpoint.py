@@ -1,9 +1,11 @@
-"""Checkpoints: one directory per checkpoint, loadable without unpickling arbitrary objects.
+"""Checkpoints: one directory per checkpoint, loadable without unpickling arbitrary objects,
+and the one door from a checkpoint to a model.
 
+    model, tok, meta = load_model("runs/my_run", device="cpu")   # a run dir: its best checkpoint
     save_checkpoint(dir, model, model_config=..., tokenizer=..., train_state={...})
-    load_weights(model, dir)                 # safetensors
+    load_weights(model, dir)                 # safetensors (training resumes with this)
     state = load_train_state(dir)            # torch.load(weights_only=True)
-    cfg = ModelConfig.from_dict(read_config(dir))
+    resolve_checkpoint("runs/my_run")        # run dir -> <file_name>_best, else its latest
 
 Layout:
     <dir>/model.safetensors   model weights and buffers (MoE biases too); tied weights stored once
@@ -12,6 +14,9 @@ Layout:
     <dir>/train_state.pt      step, optimizer, GradScaler, loader state, RNG states of every rank,
                               best val loss, train config: tensors and plain containers only
     <dir>/meta.json           step, losses, time: for people and listings
+A run directory holds checkpoint_NNNNNN/ folders and <file_name>_best/ (default llm_model_best).
+Sampling, serving, the sweep's decode measurement and the benchmarks all load through
+load_model, so a checkpoint means the same model everywhere.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model as load_safetensors, save_model
 
 WEIGHTS, CONFIG, TOKENIZER, STATE, META = ("model.safetensors", "config.json", "tokenizer.json",
                                            "train_state.pt", "meta.json")
@@ -44,7 +49,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, *, model_config: d
 
 
 def load_weights(model: torch.nn.Module, path: str | Path, device: str | torch.device = "cpu") -> None:
-    missing, unexpected = load_model(model, str(Path(path) / WEIGHTS), strict=True, device=str(device))
+    load_safetensors(model, str(Path(path) / WEIGHTS), strict=True, device=str(device))
 
 
 def load_train_state(path: str | Path) -> dict[str, Any]:
@@ -58,6 +63,45 @@ def read_config(path: str | Path) -> dict:
 def read_meta(path: str | Path) -> dict:
     f = Path(path) / META
     return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def is_checkpoint(p: Path) -> bool:
+    return (p / CONFIG).is_file() and (p / WEIGHTS).is_file()
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir as is; a run dir -> its *_best checkpoint (llm_model_best first), else
+    its latest checkpoint_*. ValueError naming the path when neither, or without a tokenizer."""
+    p = Path(path).expanduser().resolve()
+    if is_checkpoint(p):
+        if not (p / TOKENIZER).is_file():
+            raise ValueError(f"{path}: checkpoint has no {TOKENIZER} (needed to serve text)")
+        return p
+    if p.is_dir():
+        best = sorted(d for d in p.glob("*_best") if is_checkpoint(d))
+        if best:
+            return resolve_checkpoint(next((d for d in best if d.name == "llm_model_best"), best[0]))
+        latest = [d for d in list_checkpoints(p) if is_checkpoint(d)]
+        if latest:
+            return resolve_checkpoint(latest[-1])
+    raise ValueError(f"{path}: neither a checkpoint directory ({CONFIG} + {WEIGHTS}) nor a run "
+                     f"directory holding *_best/ or checkpoint_*/ checkpoints")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode on `device`, tokenizer, meta) from a checkpoint or run directory:
+    the model rebuilt from config.json only, weights from model.safetensors (strict), the
+    tokenizer from tokenizer.json. ValueError (ConfigError, TokenizerError) when unusable."""
+    from chimera.data.tokenizers import Tokenizer
+    from models import LLM, ModelConfig
+
+    p = resolve_checkpoint(path)
+    model = LLM(ModelConfig.from_dict(read_config(p)))
+    load_weights(model, p, device)
+    tok = Tokenizer.from_dict(json.loads((p / TOKENIZER).read_text()))
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"{p}: tokenizer vocab {tok.vocab_size} > model vocab {model.cfg.vocab_size}")
+    return model.to(device).eval(), tok, {**read_meta(p), "path": str(p)}
 
 
 # --- RNG states as tensors / plain lists (weights_only-loadable) ------------------------------

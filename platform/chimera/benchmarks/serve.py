@@ -76,9 +76,9 @@ def _engine_ttft(ckpt: Path, threads: int, reps: int) -> float:
     import torch
 
     from serve.engine import Engine, SamplingParams
-    from serve.loading import load_checkpoint
+    from chimera.checkpoint import load_model
     torch.set_num_threads(threads)
-    model, tok = load_checkpoint(ckpt)
+    model, tok, _ = load_model(ckpt)
     engine, ids, times = Engine(model, tok, max_batch=16), tok.encode(PROMPT), []
     for i in range(reps + 2):
         t0 = time.perf_counter()
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
 
     from chimera.runtime import init_ray
     from serve.app import AppArgs, build_app
-    from serve.loading import resolve_checkpoint
+    from chimera.checkpoint import resolve_checkpoint
     q = args.quick
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
         try:

@@ -44,21 +44,19 @@ def measure_decode(ckpt_dir: str | Path, tokens: int, device: str = "cpu") -> fl
     """Tokens/s of batch-1 KV-cached sampling from a checkpoint (after a short warm-up), on
     one CPU thread by default, so that every trial of a sweep is timed the same way."""
     import torch
-    from chimera import checkpoint as ckpt
-    from models import LLM, ModelConfig
 
     threads = torch.get_num_threads()
     if device == "cpu":
         torch.set_num_threads(1)
     try:
-        return _decode(ckpt_dir, tokens, device, torch, ckpt, LLM, ModelConfig)
+        return _decode(ckpt_dir, tokens, device, torch)
     finally:
         torch.set_num_threads(threads)
 
 
-def _decode(ckpt_dir, tokens, device, torch, ckpt, LLM, ModelConfig) -> float:
-    model = LLM(ModelConfig.from_dict(ckpt.read_config(ckpt_dir))).to(device).eval()
-    ckpt.load_weights(model, ckpt_dir, device)
+def _decode(ckpt_dir, tokens, device, torch) -> float:
+    from chimera.checkpoint import load_model
+    model, _, _ = load_model(ckpt_dir, device)
     idx = torch.zeros((1, 1), dtype=torch.long, device=device)
     g = torch.Generator(device=device).manual_seed(0)
     n = max(1, min(tokens, model.cfg.block_size - 1))
