@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     from chimera.localcluster import LocalCluster, free_port
     from chimera.data.prepare import prepare
-    from chimera.train.config import resolve_storage_path
+    from chimera.paths import resolve_storage_path
 
     data_dir = args.data_dir or str(repo / "data" / "demo_shakespeare_char")
     storage = resolve_storage_path(args.storage_path)

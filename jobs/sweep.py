@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         plan = expand(load_spec(args.spec, storage_path=args.storage_path, name=args.name))
-        from chimera.sweep.run import sweep_dir
+        from chimera.sweep.store import sweep_dir
         root = sweep_dir(plan.spec)
     except SweepSpecError as e:
         print(f"error: {e}", file=sys.stderr)

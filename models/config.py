@@ -37,30 +37,79 @@ _NORM_ALIASES = {"layer": "layernorm", "ln": "layernorm", "rms": "rmsnorm"}
 ACTIVATIONS = ("relu", "gelu", "silu", "swish", "mish", "selu", "celu", "elu", "lrelu",
                "tanh", "sigmoid", "glu", "swiglu")
 
-# seed defaults (train.py of the seed repository)
-GLOBAL_DEFAULTS: dict[str, Any] = dict(
-    vocab_size=50304, block_size=1024, n_embd=256, n_layer=6, dropout=0.0,
-    pos_emb="rope", norm="layernorm", act_recomp=False,
-)
-ATTN_DEFAULTS: dict[str, Any] = dict(
-    attn="mla", n_head=8, n_kv_heads=4, q_latent_dim=32, kv_latent_dim=32, rope_head_dim=16,
-)
-FFN_DEFAULTS: dict[str, Any] = dict(
-    moe=False, up_dim=512, non_linearity="swiglu", n_exp=8, n_shared=1, n_act=4,
-    coeff=0.01, aux_free=False, alpha=0.0001, gamma=0.001,
-)
-LAYER_KEYS = frozenset(ATTN_DEFAULTS) | frozenset(FFN_DEFAULTS) | {"dropout"}
-GLOBAL_KEYS = frozenset(GLOBAL_DEFAULTS)
-ALL_FLAT_KEYS = GLOBAL_KEYS | LAYER_KEYS
+@dataclass(frozen=True)
+class Flag:
+    """One model flag, declared once: its name, type, default (the seed's train.py defaults)
+    and meaning. The config loader below, jobs/train.py's flags (and --help), sweep specs'
+    accepted keys and docs/parameters.md are all generated from FLAGS; adding a model flag is
+    one entry here (plus the mechanism that reads it)."""
+    name: str
+    type: type
+    default: Any
+    help: str
+    scope: str            # "global": model-wide; "attn" / "ffn": per layer (dropout: both)
 
-_TYPES: dict[str, type] = {
-    "vocab_size": int, "block_size": int, "n_embd": int, "n_layer": int, "dropout": float,
-    "pos_emb": str, "norm": str, "act_recomp": bool,
-    "attn": str, "n_head": int, "n_kv_heads": int, "q_latent_dim": int, "kv_latent_dim": int,
-    "rope_head_dim": int,
-    "moe": bool, "up_dim": int, "non_linearity": str, "n_exp": int, "n_shared": int,
-    "n_act": int, "coeff": float, "aux_free": bool, "alpha": float, "gamma": float,
-}
+
+def _one_of(names) -> str:
+    return ", ".join(names[:-1]) + f" or {names[-1]}"
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("n_layer", int, 6, "number of transformer layers (must equal the number of layer dicts when given)", "global"),
+    Flag("n_embd", int, 256, "model width (embedding size)", "global"),
+    Flag("vocab_size", int, 50304, "vocabulary size (default: the dataset's tokenizer vocabulary rounded up to 64)", "global"),
+    Flag("block_size", int, 1024, "context length in tokens", "global"),
+    Flag("dropout", float, 0.0, "dropout probability", "global"),
+    Flag("pos_emb", str, "rope", f"positions: {_one_of(POS_EMBS)}", "global"),
+    Flag("norm", str, "layernorm", _one_of(NORMS), "global"),
+    Flag("up_dim", int, 512, "hidden width of the MLP / of each expert", "ffn"),
+    Flag("non_linearity", str, "swiglu", f"MLP activation ({' '.join(ACTIVATIONS)})", "ffn"),
+    Flag("attn", str, "mla", f"attention: {_one_of(ATTN_TYPES)} (DeepSeek multi-head latent attention)", "attn"),
+    Flag("n_head", int, 8, "attention heads", "attn"),
+    Flag("n_kv_heads", int, 4, "key/value heads (gqa; mha uses n_head, mqa 1)", "attn"),
+    Flag("q_latent_dim", int, 32, "mla: query latent width", "attn"),
+    Flag("kv_latent_dim", int, 32, "mla: key/value latent width (what the KV cache stores)", "attn"),
+    Flag("rope_head_dim", int, 16, "mla: decoupled RoPE width per head (0 without rope)", "attn"),
+    Flag("moe", bool, False, "mixture of experts instead of the dense MLP", "ffn"),
+    Flag("n_exp", int, 8, "moe: experts per layer", "ffn"),
+    Flag("n_shared", int, 1, "moe: always-active shared experts", "ffn"),
+    Flag("n_act", int, 4, "moe: active experts per token, shared ones included", "ffn"),
+    Flag("coeff", float, 0.01, "moe: auxiliary load-balancing loss weight (without --aux_free)", "ffn"),
+    Flag("aux_free", bool, False, "moe: auxiliary-loss-free balancing (per-expert router bias)", "ffn"),
+    Flag("alpha", float, 0.0001, "moe --aux_free: weight of the small sequence-wise balance loss", "ffn"),
+    Flag("gamma", float, 0.001, "moe --aux_free: bias update step per optimizer step", "ffn"),
+    Flag("act_recomp", bool, False, "recompute activations in the backward pass (less memory, more compute)", "global"),
+)
+
+
+def derive(flags: tuple[Flag, ...]) -> dict[str, Any]:
+    """The views of a flag table that the loader and the jobs read (module globals below).
+    Code elsewhere reads them as `models.config.X` at call time, never copies them."""
+    glob = {f.name: f.default for f in flags if f.scope == "global"}
+    attn = {f.name: f.default for f in flags if f.scope == "attn"}
+    ffn = {f.name: f.default for f in flags if f.scope == "ffn"}
+    layer = frozenset(attn) | frozenset(ffn) | {"dropout"}
+    return {"FLAGS": flags, "MODEL_KEYS": tuple(f.name for f in flags), "GLOBAL_DEFAULTS": glob,
+            "ATTN_DEFAULTS": attn, "FFN_DEFAULTS": ffn, "LAYER_KEYS": layer,
+            "GLOBAL_KEYS": frozenset(glob), "ALL_FLAT_KEYS": frozenset(glob) | layer,
+            "_TYPES": {f.name: f.type for f in flags}}
+
+
+_views = derive(FLAGS)
+MODEL_KEYS: tuple[str, ...] = _views["MODEL_KEYS"]        # every model flag, in FLAGS order
+GLOBAL_DEFAULTS: dict[str, Any] = _views["GLOBAL_DEFAULTS"]
+ATTN_DEFAULTS: dict[str, Any] = _views["ATTN_DEFAULTS"]
+FFN_DEFAULTS: dict[str, Any] = _views["FFN_DEFAULTS"]
+LAYER_KEYS: frozenset[str] = _views["LAYER_KEYS"]
+GLOBAL_KEYS: frozenset[str] = _views["GLOBAL_KEYS"]
+ALL_FLAT_KEYS: frozenset[str] = _views["ALL_FLAT_KEYS"]
+_TYPES: dict[str, type] = _views["_TYPES"]
+
+
+def pad_vocab(n: int, multiple: int = 64) -> int:
+    """A tokenizer's vocabulary size padded up to a multiple of 64: the model's vocab_size when
+    none is given (faster matmuls; the extra rows are never sampled)."""
+    return -(-n // multiple) * multiple
 
 
 def _check_type(where: str, key: str, value: Any) -> Any:
@@ -354,13 +403,18 @@ class ModelConfig:
     @classmethod
     def from_layer_list(cls, text: str, **global_flags: Any) -> "ModelConfig":
         """A JSON string holding a list of layer dicts (the seed's --layer_configs)."""
-        try:
-            layers = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"layer configs: invalid JSON: {e}") from None
-        if not isinstance(layers, list):
-            raise ConfigError("layer configs must be a JSON list of per-layer dicts")
-        return cls.from_dict({**global_flags, "layers": layers})
+        return cls.from_dict({**global_flags, "layers": parse_layer_list(text)})
+
+
+def parse_layer_list(text: str) -> list:
+    """The seed's --layer_configs: a JSON string holding a list of layer dicts."""
+    try:
+        layers = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"layer configs: invalid JSON: {e}") from None
+    if not isinstance(layers, list):
+        raise ConfigError("layer configs must be a JSON list of per-layer dicts")
+    return layers
 
 
 def read_layer_file(path: str | Path) -> list[dict]:

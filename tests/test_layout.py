@@ -49,3 +49,81 @@ assert not torch.distributed.is_initialized()
 print('ok')
 """
     assert run_py(code).strip() == "ok"
+
+
+# --- the pipeline's import direction -----------------------------------------------------------
+# models <- data <- checkpoint <- train / serve <- sweep <- benchmarks, paramdocs. A module may
+# import its own folder and the ranks below its own, never above, and no two modules may import
+# each other (directly or round a longer loop). Imports inside functions count too.
+RANKS = [("models", 0), ("chimera.paths", 0), ("chimera.runtime", 1), ("chimera.localcluster", 1),
+         ("chimera.data", 1), ("chimera.checkpoint", 2), ("chimera.train", 3), ("serve", 3),
+         ("chimera.sweep", 4), ("chimera.benchmarks", 5), ("chimera.paramdocs", 5), ("chimera", 0)]
+
+
+def _rank(mod: str) -> tuple[str, int] | None:
+    for prefix, r in RANKS:
+        if mod == prefix or mod.startswith(prefix + "."):
+            return prefix, r
+    return None
+
+
+def _our_modules() -> dict[str, Path]:
+    out = {}
+    for base, pkg_root in ((ROOT, "models"), (ROOT, "serve"), (ROOT / "platform", "chimera")):
+        for f in (base / pkg_root).rglob("*.py"):
+            parts = list(f.relative_to(base).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join(parts)] = f
+    return out
+
+
+def _imports(f: Path, me: str, known) -> set[str]:
+    import ast
+    found = set()
+    for node in ast.walk(ast.parse(f.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:                                   # relative: resolve against me
+                base = me.split(".")[: len(me.split(".")) - node.level + (f.name == "__init__.py")]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            names = [mod] + [f"{mod}.{a.name}" for a in node.names]
+        else:
+            continue
+        for n in names:
+            while n and n not in known:                      # longest known prefix
+                n = n.rpartition(".")[0]
+            if n and n != me:
+                found.add(n)
+    return found
+
+
+def test_imports_flow_one_way_and_have_no_cycles():
+    mods = _our_modules()
+    graph = {m: _imports(f, m, mods) for m, f in mods.items()}
+    wrong = []
+    for m, deps in graph.items():
+        (mp, mr) = _rank(m)
+        for d in deps:
+            dp, dr = _rank(d)
+            if dp != mp and dr >= mr and not (mp == "chimera" or dp == "chimera"):
+                wrong.append(f"{m} imports {d} (rank {mr} -> {dr})")
+    assert not wrong, "imports running back up the pipeline:\n" + "\n".join(sorted(wrong))
+    # cycles: a depth-first search over the module graph
+    state, cycles = {}, []
+
+    def visit(m, path):
+        state[m] = "open"
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == "open":
+                cycles.append(" -> ".join(path[path.index(d):] + [d]))
+            elif d not in state:
+                visit(d, path + [d])
+        state[m] = "done"
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -128,7 +129,8 @@ def test_budget_mode_hits_the_budget_on_every_trial(kind):
     assert len(plan.trials) == 16 and not plan.rejected
     widths = set()
     for t in plan.trials:
-        cfg = ModelConfig.from_layer_list(t.train["layer_configs"], n_embd=32, block_size=32, vocab_size=128)
+        cfg = ModelConfig.from_layer_list(json.dumps(t.model_config["layers"]), n_embd=32, block_size=32,
+                                          vocab_size=128)
         m = LLM(cfg)                         # a real model, counted independently of the solver
         got = m.num_params().active if kind == "active_params" else m.flops_per_token()
         assert abs(got / target - 1) <= 0.02, (t.arch, got)
@@ -230,3 +232,31 @@ def test_the_report_hook_sees_eval_records_only_also_after_a_resume(tmp_path):
     resumed = {**flags, "run_name": "b", "resume_from": str(tmp_path / "a" / "checkpoint_000004")}
     train_fn_per_worker(plan_run(load_train_config(resumed)).worker_config, report=again.append)
     assert [m["step"] for m in again] == [8] and "val_loss" in again[0]
+
+
+def test_trials_carry_their_resolved_model_and_old_sweep_files_are_upgraded(tmp_path, train_char_data):
+    """A trial's model_config is what plan_run resolves for it; a sweep.json written before
+    trials carried it (flags + a layer_configs JSON string in `train`) reads the same."""
+    import json as _json
+
+    from chimera.sweep.store import read_plan, write_plan
+    from chimera.train.config import load_train_config, plan_run
+    s = spec(layers={"groups": [1, 1], "attn": {"mla": MLA}, "ffn": {"moe": MOE}})
+    plan = expand(s)
+    t = plan.trials[0]
+    assert "layer_configs" not in t.train and "n_embd" not in t.train
+    flags = {**t.train, **{k: v for k, v in t.model_config.items() if k not in ("layers", "n_layer")},
+             "layer_configs": _json.dumps(t.model_config["layers"])}
+    assert plan_run(load_train_config(flags)).model_config == t.model_config
+    write_plan(plan, tmp_path)
+    doc = _json.loads((tmp_path / "sweep.json").read_text())
+    for d in doc["trials"]:                              # what the older version wrote
+        mc = d.pop("model_config")
+        d["train"].update({k: v for k, v in mc.items() if k != "layers"},
+                          layer_configs=_json.dumps(mc["layers"]))
+    (tmp_path / "sweep.json").write_text(_json.dumps(doc))
+    notes = []
+    again = read_plan(tmp_path, log=notes.append)
+    assert [d["model_config"] for d in again["trials"]] == [x.model_config for x in plan.trials]
+    assert [d["train"] for d in again["trials"]] == [x.train for x in plan.trials]
+    assert len(notes) == len(plan.trials) and "upgraded" in notes[0]

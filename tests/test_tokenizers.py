@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from chimera.data.tokenizers import (ByteTokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer,
-                                TokenizerError, get_tokenizer)
+                                     TokenizerError, get_tokenizer)
 
 SAMPLE = "Hello world! Ünïcödé — 漢字 🙂\n\tend <|endoftext|> after"
 

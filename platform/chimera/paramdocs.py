@@ -4,7 +4,7 @@
     python jobs/docs.py --check      # exit 1 (and say so) when it is out of date
 
 Every `jobs/*.py` that defines `build_parser() -> argparse.ArgumentParser` is documented, so a
-new job appears once it has one. Each job gets one table per argument group (and per
+new job appears once it has one; then the keys of a sweep spec, from SweepSpec's fields. Each job gets one table per argument group (and per
 subcommand for jobs with subparsers): flag | type | default | meaning. The meaning is the
 flag's help string. A flag whose argparse default is SUPPRESS (train.py's: only flags actually
 given reach the config) may carry its real default as the attribute `doc_default` on its
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-REPO = Path(__file__).resolve().parents[2]
+from chimera.paths import REPO
 JOBS_DIR = REPO / "jobs"
 DOC_PATH = REPO / "docs" / "parameters.md"
 # the issue's order; jobs not listed follow alphabetically
@@ -183,7 +183,7 @@ def render(jobs: list[tuple[str, Any]]) -> str:
              "changing a flag (tests/test_parameters_doc.py fails while this file and the flags "
              "disagree). `—` means no default: the flag is absent unless given. Flags of type "
              "bool take `--x` / `--no-x`; switches take no value.", ""]
-    lines += [f"- [`{n}`](#jobs{n}py)" for n, _ in jobs] + [""]
+    lines += [f"- [`{n}`](#jobs{n}py)" for n, _ in jobs] + ["- [sweep spec keys](#sweep-spec-keys)", ""]
     for name, mod in jobs:
         with _machine_independent():
             p = mod.build_parser()
@@ -192,7 +192,34 @@ def render(jobs: list[tuple[str, Any]]) -> str:
             lines += [_summary(mod), ""]
         lines += [f"Usage: `{_cell(_usage(p, name))}`", ""]
         _tables(p, lines, "###")
+    lines += _spec_table()
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _spec_table() -> list[str]:
+    """The keys of a sweep spec file (`jobs/sweep.py --spec FILE`), from SweepSpec's fields."""
+    import dataclasses
+    from chimera.sweep.spec import SweepSpec
+    lines = ["## sweep spec keys", "",
+             "The YAML file of `jobs/sweep.py --spec` (see [sweeps.md](sweeps.md)); `base` and "
+             "`space` take the keys of `jobs/train.py` above.", "",
+             "| key | default | meaning |", "| --- | --- | --- |"]
+    for f in dataclasses.fields(SweepSpec):
+        if "doc_default" in f.metadata:
+            d = f.metadata["doc_default"]
+        elif f.default is not dataclasses.MISSING:
+            d = "—" if f.default is None else _fmt_default(f.default) if f.default != "" else '""'
+        else:
+            d = _flow(f.default_factory())
+        lines.append(f"| `{f.name}` | {_cell(d)} | {_cell(f.metadata['help'])} |")
+    return lines + [""]
+
+
+def _flow(v: Any) -> str:
+    """A YAML flow-style rendering of a small default ({type: fifo}, {})."""
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_flow(x)}" for k, x in v.items()) + "}"
+    return str(v)
 
 
 def _usage(p: argparse.ArgumentParser, name: str) -> str:

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+SHARED_DATA = REPO.parent / "shared" / "data"   # local copies of the datasets (../shared/data), if any
 DEFAULT_TOKENIZER = "gpt2"
 STORAGE_ENV = "CHIMERA_STORAGE"     # cluster.yaml exports it on every node: s3://BUCKET/chimera
 

@@ -15,10 +15,10 @@ Storage paths and run names are resolved in chimera.train.config (absolute befor
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+from chimera.paths import REPO
+
 
 
 def runtime_env() -> dict[str, Any]:

@@ -42,11 +42,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from chimera.paths import DEFAULT_TOKENIZER
 from chimera.data.sources import (HARD_PIECE_CHARS, PIECE_CHARS, DataError, Source, get_dataset,
-                              pieces, resolve_source)
+                                  pieces, resolve_source)
 from chimera.data.shards import (DTYPE, FORMAT, MANIFEST, MAX_VOCAB, PROGRESS, SPLITS, VERSION,
-                            ShardError, ShardWriter, is_shard_file, read_manifest,
-                            verify_shards, write_json_atomic)
+                                 ShardError, ShardWriter, is_shard_file, read_manifest,
+                                 verify_shards, write_json_atomic)
 from chimera.data.tokenizers import TOKENIZERS, CharTokenizer, Tokenizer, get_tokenizer
 
 TASK_CHARS = 1 << 18         # characters per thread-pool task
@@ -79,7 +80,7 @@ def parse_count(text: str | int) -> int:
 
 
 def prepare(dataset: str, *, out: str | Path, sources: Sequence[str | Path] | None = None,
-            tokenizer: str = "gpt2", text_column: str = "text",
+            tokenizer: str = DEFAULT_TOKENIZER, text_column: str = "text",
             shard_size: int = DEFAULT_SHARD_SIZE, val_fraction: float | None = None,
             num_proc: int | None = None, overwrite: bool = False, command: str | None = None,
             progress: bool = True, log: Callable[[str], None] = print) -> PrepareResult:

@@ -32,20 +32,6 @@ COLUMNS = [("rank", "#"), ("trial", "trial"), ("status", "status"), ("arch", "ar
            ("decode_tokens_per_s", "decode tok/s"), ("error", "error")]
 
 
-def _history(run_dir: Path) -> list[dict]:
-    f = run_dir / "metrics.jsonl"
-    if not f.is_file():
-        return []
-    by_step: dict[int, dict] = {}
-    for line in f.read_text().splitlines():
-        try:
-            m = json.loads(line)
-        except json.JSONDecodeError:            # a line cut by a kill
-            continue
-        by_step.setdefault(int(m.get("step", 0)), {}).update(m)   # a resumed run repeats steps
-    return [by_step[k] for k in sorted(by_step)]
-
-
 def _error(root: Path, name: str) -> str | None:
     f = root / name / "error.txt"
     if not f.is_file():
@@ -71,7 +57,8 @@ def _fmt(key: str, v: Any) -> str:
 
 def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
     """Rows for every trial of a sweep directory, best first (see the module docstring)."""
-    from chimera.sweep.run import SUMMARY, measure_decode, read_plan
+    from chimera.sweep.measure import measure_decode
+    from chimera.sweep.store import SUMMARY, history, read_plan
 
     root = Path(root)
     plan = read_plan(root)
@@ -80,7 +67,7 @@ def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
     rows = []
     for t in plan["trials"]:
         run = root / "runs" / t["name"]
-        hist = _history(run)
+        hist = history(run)
         latest: dict = {}
         for m in hist:
             latest.update(m)
@@ -246,8 +233,8 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
         cfg = ModelConfig.from_dict(ckpt.read_config(best["best_checkpoint"]))
         _atomic(root / "best_layers.jsonl", cfg.layers_jsonl())
         trial = next(t for t in c["trials"] if t["name"] == best["trial"])
-        flags = {k: v for k, v in trial["train"].items() if k != "layer_configs"}
-        flags["layer_configs_jsonl"] = str(root / "best_layers.jsonl")
+        glob = {k: v for k, v in cfg.to_dict().items() if k not in ("layers", "n_layer")}
+        flags = {**trial["train"], **glob, "layer_configs_jsonl": str(root / "best_layers.jsonl")}
         _atomic(root / "best_train.yaml", f"# best trial {best['trial']}: {best['arch']}\n"
                 + yaml.safe_dump(flags, sort_keys=True))
         out["best"] = {"trial": best["trial"], "arch": best["arch"], "best_val_loss": best["best_val_loss"],

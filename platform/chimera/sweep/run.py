@@ -5,12 +5,7 @@
     summary = run_sweep(plan)                 # Tuner.fit(); then the report (chimera.sweep.report)
     summary = run_sweep(plan, resume=True)    # Tuner.restore(): finished trials are not rerun
 
-Layout of a sweep directory <storage_path>/<name>/:
-    sweep.json                the spec, the checked trials and the rejected combinations
-    runs/<trial>/             each trial's training run: checkpoints, metrics.jsonl,
-                              llm_model_best/, summary.json (written when the trial completed)
-    <trial>/ , *.pkl, ...     Tune's own experiment state (what --resume restores from)
-    results.{md,csv,json}, best_layers.jsonl, best_train.yaml, *.png    the report
+The sweep directory's layout and files: chimera.sweep.store.
 
 Trials with one worker and no GPU run in-process inside the Tune trial (train_fn_per_worker
 with a report hook); others launch a Ray Train TorchTrainer from the trial and forward its
@@ -26,47 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from chimera.sweep.measure import measure_decode
 from chimera.sweep.spec import SweepPlan, SweepSpec, SweepSpecError, Trial
-from chimera.train.config import resolve_storage_path
-
-SUMMARY = "summary.json"
-
-
-def sweep_dir(spec: SweepSpec) -> Path:
-    storage = resolve_storage_path(spec.storage_path)
-    if "://" in storage:
-        raise SweepSpecError(f"storage_path={storage}: sweeps write their report locally; use a "
-                             f"local or mounted shared path (multi-node: a shared file system)")
-    return Path(storage) / spec.name
-
-
-def measure_decode(ckpt_dir: str | Path, tokens: int, device: str = "cpu") -> float:
-    """Tokens/s of batch-1 KV-cached sampling from a checkpoint (after a short warm-up), on
-    one CPU thread by default, so that every trial of a sweep is timed the same way."""
-    import torch
-
-    threads = torch.get_num_threads()
-    if device == "cpu":
-        torch.set_num_threads(1)
-    try:
-        return _decode(ckpt_dir, tokens, device, torch)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _decode(ckpt_dir, tokens, device, torch) -> float:
-    from chimera.checkpoint import load_model
-    model, _, _ = load_model(ckpt_dir, device)
-    idx = torch.zeros((1, 1), dtype=torch.long, device=device)
-    g = torch.Generator(device=device).manual_seed(0)
-    n = max(1, min(tokens, model.cfg.block_size - 1))
-    model.generate(idx, min(4, n), temperature=1.0, generator=g)              # warm-up
-    t0 = time.perf_counter()
-    model.generate(idx, n, temperature=1.0, generator=g)
-    if device != "cpu":
-        torch.cuda.synchronize()
-    return n / (time.perf_counter() - t0)
-
+from chimera.sweep.store import SUMMARY, history, read_plan, sweep_dir, write_plan
 
 def _trial_train_config(trial: dict, ctx: dict):
     """The trial's TrainConfig: base + choices, its own run dir, eval and checkpoints on."""
@@ -127,14 +84,13 @@ def run_trial(config: dict, trials: dict, ctx: dict) -> None:
         tune.report(json.loads(done.read_text()))
         return
     t0 = time.time()
-    plan = plan_run(tc)
+    plan = plan_run(tc, model_config=trial["model_config"])
     if ctx["num_workers"] == 1 and ctx["gpus"] == 0:
         s = train_fn_per_worker(plan.worker_config, report=lambda m: tune.report(clean(m, static)))
     else:
         s = fit(plan, callbacks=[_forwarder(static)])
-    from chimera.sweep.report import _history
     latest: dict = {}
-    for m in _history(run_dir):          # a run resumed at its last step reports nothing new
+    for m in history(run_dir):          # a run resumed at its last step reports nothing new
         latest.update(m)
     final = {**clean({**latest, **s["metrics"]}, static), "train_time_s": time.time() - t0}
     if s.get("best_checkpoint"):
@@ -160,28 +116,6 @@ def _scheduler(spec: SweepSpec, max_iters: int, tokens_per_step: int):
     return ASHAScheduler(time_attr=attr, max_t=max_iters * unit, grace_period=min(grace, max_iters * unit),
                          reduction_factor=float(sch.get("reduction_factor", 2)),
                          stop_last_trials=False)    # a trial at max_t still measures decoding
-
-
-def write_plan(plan: SweepPlan, root: Path) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    doc = {"spec": plan.spec.to_dict(),
-           "trials": [t.__dict__ for t in plan.trials],
-           "rejected": [{"choices": c, "error": m} for c, m in plan.rejected]}
-    tmp = root / "sweep.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    os.replace(tmp, root / "sweep.json")
-
-
-def read_plan(root: Path) -> dict:
-    f = Path(root) / "sweep.json"
-    if not f.is_file():
-        raise SweepSpecError(f"{root} is not a sweep directory (no sweep.json)")
-    try:
-        doc = json.loads(f.read_text())
-        doc["spec"], doc["trials"], doc["rejected"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise SweepSpecError(f"{f}: not a sweep plan this version wrote ({type(e).__name__}: {e})") from None
-    return doc
 
 
 def run_sweep(plan: SweepPlan, resume: bool = False, verbose: int = 1) -> dict[str, Any]:

@@ -35,16 +35,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from chimera.train.config import MODEL_KEYS, TrainConfig, TrainConfigError
+from chimera.train.config import TrainConfig, TrainConfigError, config_keys, opt
+from models import config as mconfig
 
-SPEC_KEYS = ("name", "storage_path", "base", "layers", "stacks", "space", "search", "num_samples",
-             "seed", "metric", "mode", "budget", "scheduler", "max_concurrent", "resources",
-             "decode_tokens", "description")
 SAMPLERS = ("loguniform", "uniform", "randint", "choice", "grid")
 METRICS = ("val_loss", "train_loss")      # measured at every eval, so in every report to Tune
 
@@ -75,30 +72,52 @@ def _int(where: str, v: Any, lo: int) -> int:
 
 @dataclass(frozen=True)
 class SweepSpec:
-    name: str
-    base: Mapping[str, Any]
-    storage_path: str | None = None
-    layers: Mapping[str, Any] | None = None
-    stacks: Mapping[str, Any] | None = None
-    space: Mapping[str, Any] = field(default_factory=dict)
-    search: str = "grid"
-    num_samples: int = 1
-    seed: int = 0
-    metric: str = "val_loss"
-    mode: str = "min"
-    budget: Mapping[str, Any] | None = None
-    scheduler: Mapping[str, Any] = field(default_factory=lambda: {"type": "fifo"})
-    max_concurrent: int = 1
-    resources: Mapping[str, Any] = field(default_factory=dict)
-    decode_tokens: int = 32
-    description: str = ""
+    """Every key of a sweep spec, declared once with its meaning: load_spec accepts exactly
+    these, and docs/parameters.md's sweep spec table is generated from them."""
+    name: str = field(metadata={"help": "the sweep directory is `<storage_path>/<name>`",
+                                "doc_default": "the spec file's name"})
+    base: Mapping[str, Any] = field(metadata={
+        "help": "`jobs/train.py` keys every trial starts from (model and training keys mixed, as in "
+                "`--config`)", "doc_default": "required"})
+    storage_path: str | None = opt(None, "where sweeps go (`--storage_path` overrides)", "<repo>/runs")
+    layers: Mapping[str, Any] | None = opt(None, (
+        "per-layer choices: `groups` (layer counts summing to the depth; one group per layer if "
+        "absent), `attn` and `ffn`: named options, each a dict of layer keys. Every group picks one "
+        "attention and one FFN option"))
+    stacks: Mapping[str, Any] | None = opt(None, (
+        "whole stacks as candidates instead: name → a JSONL layer file (seed format) or a list of "
+        "layer dicts; an item may carry `repeat: N`"))
+    space: Mapping[str, Any] = opt({}, (
+        "other keys → `{loguniform: [lo, hi]}`, `{uniform: [lo, hi]}`, `{randint: [lo, hi]}` (hi "
+        "excluded), `{choice: [...]}`, `{grid: [...]}` or a constant"))
+    search: str = opt("grid", ("`grid`: every architecture option combination; `random`: options "
+                               "sampled (`num_samples` times)"))
+    num_samples: int = opt(1, "samples of the random parts (each grid point is sampled that often)")
+    seed: int = opt(0, "seed of the sampling (the trial list is reproducible)")
+    metric: str = opt("val_loss", (
+        "what ranks trials and drives ASHA: `val_loss` (ranked by the run's best) or `train_loss` "
+        "(both measured at every eval). The table holds every other metric for sorting by hand"))
+    mode: str = opt("min", "`min` or `max` of the metric")
+    budget: Mapping[str, Any] | None = opt(None, (
+        "`{active_params: N}` or `{flops_per_token: N}`, `tolerance` (fraction, 0.02), `multiple` "
+        "(8): every trial's FFN widths are scaled by one factor until the measure is within the "
+        "tolerance; the achieved value is recorded"))
+    scheduler: Mapping[str, Any] = opt({"type": "fifo"}, (
+        "`{type: fifo}` or `{type: asha, time_attr: step | tokens, grace_period, reduction_factor}` "
+        "(ASHA's rungs are the eval points; grace period defaults to one eval interval)"))
+    max_concurrent: int = opt(1, "trials at a time")
+    resources: Mapping[str, Any] = opt({}, (
+        "`num_workers` (Ray Train workers per trial, 1), `cpus_per_worker` (also its torch "
+        "threads, 1), `gpus_per_worker` (0 or 1; 0)"))
+    decode_tokens: int = opt(32, "tokens timed after training (batch 1, KV cache) for the decode speed; 0 skips")
+    description: str = opt("", "free text, for people")
 
     def __post_init__(self) -> None:
         if self.storage_path is not None and not isinstance(self.storage_path, str):
             raise SweepSpecError(f"storage_path={self.storage_path!r} must be a path (a string)")
         if not isinstance(self.name, str) or not self.name or "/" in self.name or self.name in (".", ".."):
             raise SweepSpecError(f"name={self.name!r} must be a plain non-empty name (no '/')")
-        base = _keys("base", self.base, set(MODEL_KEYS) | {f.name for f in dataclasses.fields(TrainConfig)})
+        base = _keys("base", self.base, config_keys())
         for k in ("storage_path", "run_name", "resume_from"):
             if k in base:
                 raise SweepSpecError(f"base.{k}: set by the sweep, not in base")
@@ -132,7 +151,7 @@ class SweepSpec:
                                  f"{sum(self.layers['groups'])} layers but base.n_layer={base['n_layer']}")
         if self.stacks is not None and (not isinstance(self.stacks, Mapping) or not self.stacks):
             raise SweepSpecError("stacks: expected a non-empty mapping name -> JSONL path or layer list")
-        space = _keys("space", self.space or {}, set(MODEL_KEYS) | {f.name for f in dataclasses.fields(TrainConfig)})
+        space = _keys("space", self.space or {}, config_keys())
         for k, v in space.items():
             if k in ("storage_path", "run_name", "resume_from", "data_dir", "dataset", "tokenizer", "vocab_size",
                      "num_workers", "use_gpu", "num_threads", "layer_configs", "layer_configs_jsonl"):
@@ -196,13 +215,18 @@ class SweepSpec:
         return dataclasses.asdict(self)
 
 
+def spec_keys() -> tuple[str, ...]:
+    """The keys a spec file may hold: SweepSpec's fields."""
+    return tuple(f.name for f in dataclasses.fields(SweepSpec))
+
+
 def load_spec(path: str | Path, **overrides: Any) -> SweepSpec:
     """Read a YAML (.yaml/.yml) or JSON spec; `overrides` (e.g. storage_path from the CLI) win.
     Relative paths in it resolve against the current directory."""
     from chimera.train.config import read_config_file
     p = Path(path)
     d = read_config_file(p, "--spec", SweepSpecError)
-    _keys(f"--spec {p}", d, SPEC_KEYS)
+    _keys(f"--spec {p}", d, spec_keys())
     d.update({k: v for k, v in overrides.items() if v is not None})
     if "name" not in d:
         d["name"] = p.stem
@@ -244,8 +268,9 @@ def _domain(where: str, v: Any):
 class Trial:
     name: str                       # short id, stable for a spec: t000, t001, ...
     choices: dict                   # what was picked: {"g0.attn": "mla", ..., "learning_rate": ...}
-    train: dict                     # flat jobs/train.py keys (layer_configs as a JSON string)
+    train: dict                     # flat jobs/train.py training keys (data_dir absolute)
     arch: str                       # ModelConfig.summary()
+    model_config: dict              # the resolved model (ModelConfig.to_dict()), as trained
     budget_value: int | None = None
     up_scale: float | None = None
 
@@ -300,16 +325,8 @@ def _arch_space(spec: SweepSpec) -> dict[str, Any]:
 def _layer_list(spec: SweepSpec, choices: Mapping[str, Any]) -> list[dict] | None:
     if spec.stacks is not None:
         return _stack_layers(spec, choices["stack"])
-    if spec.layers is None:
-        from models.config import read_layer_file
-        if spec.base.get("layer_configs_jsonl"):
-            return read_layer_file(Path(spec.base["layer_configs_jsonl"]).expanduser().resolve())
-        if spec.base.get("layer_configs"):
-            layers = json.loads(spec.base["layer_configs"])
-            if not isinstance(layers, list):
-                raise SweepSpecError("base.layer_configs must be a JSON list of layer dicts")
-            return layers
-        return None
+    if spec.layers is None:                  # base's own stack, if any, as jobs/train.py reads it
+        return TrainConfig.from_dict(spec.base).layer_list()
     lay = spec.layers
     groups = lay.get("groups") or [1] * int(spec.base["n_layer"])
     layers: list[dict] = []
@@ -323,9 +340,11 @@ def _layer_list(spec: SweepSpec, choices: Mapping[str, Any]) -> list[dict] | Non
 
 
 def _model_config(train: Mapping[str, Any], layers: list[dict] | None, up_scale: float | None,
-                  multiple: int):
-    from models.config import ModelConfig
-    flags = {k: v for k, v in train.items() if k in MODEL_KEYS}
+                  multiple: int, data_vocab: int):
+    """A trial's ModelConfig (chimera.train.config.resolve_model, as plan_run resolves a run's),
+    its layers' FFN widths scaled by up_scale when a budget is solved."""
+    from chimera.train.config import resolve_model
+    flags = {k: v for k, v in train.items() if k in mconfig.MODEL_KEYS}
     if layers is not None:
         flags.pop("n_layer", None)
         base_up = flags.pop("up_dim", None)
@@ -335,10 +354,10 @@ def _model_config(train: Mapping[str, Any], layers: list[dict] | None, up_scale:
                       for ld in layers]
         elif base_up is not None:
             layers = [{"up_dim": base_up, **ld} for ld in layers]
-        return ModelConfig.from_dict({**flags, "layers": layers})
+        return resolve_model(flags, layers, data_vocab)
     if up_scale is not None:
         flags["up_dim"] = max(multiple, int(round(up_scale * flags.get("up_dim", 512) / multiple)) * multiple)
-    return ModelConfig.from_dict(flags)
+    return resolve_model(flags, None, data_vocab)
 
 
 def measure(cfg, kind: str) -> int:
@@ -350,14 +369,15 @@ def measure(cfg, kind: str) -> int:
     return m.num_params().active if kind == "active_params" else m.flops_per_token()
 
 
-def solve_budget(train: Mapping[str, Any], layers: list[dict] | None, budget: Mapping[str, Any]):
+def solve_budget(train: Mapping[str, Any], layers: list[dict] | None, budget: Mapping[str, Any],
+                 data_vocab: int):
     """Scale every layer's up_dim by one factor so the measure hits the budget.
     Returns (model config, achieved value, scale); SweepSpecError if out of tolerance."""
     kind = "active_params" if "active_params" in budget else "flops_per_token"
     target, tol, mult = budget[kind], float(budget.get("tolerance", 0.02)), int(budget.get("multiple", 8))
 
     def at(s):
-        c = _model_config(train, layers, s, mult)
+        c = _model_config(train, layers, s, mult, data_vocab)
         return c, measure(c, kind)
 
     # the measure is affine in the widths (up to rounding to `multiple`): secant steps
@@ -390,8 +410,8 @@ def base_data_dir(spec: SweepSpec) -> Path:
 
 
 def data_vocab(spec: SweepSpec) -> int:
-    """The model vocabulary plan_run will use (the dataset tokenizer's, padded up to 64, unless
-    base.vocab_size is given); the data directory must be prepared already."""
+    """The vocabulary of the trials' data (its tokenizer's); the data directory must be
+    prepared already, and base.vocab_size, when given, must hold it."""
     from chimera.data.shards import read_manifest
     data_dir = base_data_dir(spec)
     try:
@@ -408,8 +428,7 @@ def data_vocab(spec: SweepSpec) -> int:
         if int(spec.base["vocab_size"]) < v:
             raise SweepSpecError(f"base.vocab_size={spec.base['vocab_size']} is smaller than the "
                                  f"dataset's tokenizer vocabulary ({v})")
-        return int(spec.base["vocab_size"])
-    return -(-v // 64) * 64
+    return v
 
 
 def expand(spec: SweepSpec) -> SweepPlan:
@@ -428,26 +447,23 @@ def expand(spec: SweepSpec) -> SweepPlan:
         variants += [resolved for _, resolved in generate_variants(space, random_state=rng)]
     trials, rejected = [], []
     for choices in variants:
-        train = {**spec.base, "vocab_size": vocab,
-                 **{k: v for k, v in choices.items() if "." not in k and k != "stack"}}
+        train = {**spec.base, **{k: v for k, v in choices.items() if "." not in k and k != "stack"}}
         try:
             layers = _layer_list(spec, choices)
             if spec.budget is not None:
-                cfg, value, scale = solve_budget(train, layers, spec.budget)
+                cfg, value, scale = solve_budget(train, layers, spec.budget, vocab)
             else:
-                cfg, value, scale = _model_config(train, layers, None, 8), None, None
-            # the resolved stack travels as a layer list; global model keys stay flags
-            out = {k: v for k, v in train.items() if k not in MODEL_KEYS or k in
-                   ("block_size", "pos_emb", "norm", "n_embd", "dropout", "vocab_size", "act_recomp")}
-            out.pop("layer_configs_jsonl", None)
+                cfg, value, scale = _model_config(train, layers, None, 8, vocab), None, None
+            # the trial carries its resolved model; `train` keeps the training keys only
+            out = {k: v for k, v in train.items()
+                   if k not in mconfig.MODEL_KEYS and k not in ("layer_configs", "layer_configs_jsonl")}
             out["data_dir"] = str(base_data_dir(spec))    # trials run elsewhere (Ray changes the cwd)
-            out["layer_configs"] = json.dumps([b.to_dict() for b in cfg.layers])
             TrainConfig.from_dict(out)
         except (ConfigError, SweepSpecError, TrainConfigError) as e:
             rejected.append((choices, str(e)))
             continue
         trials.append(Trial(name=f"t{len(trials):03d}", choices=choices, train=out, arch=cfg.summary(),
-                            budget_value=value, up_scale=scale))
+                            model_config=cfg.to_dict(), budget_value=value, up_scale=scale))
     if not trials:
         msgs = "; ".join(sorted({m for _, m in rejected}))[:500]
         raise SweepSpecError(f"no valid trial in the search space ({len(rejected)} rejected: {msgs})")

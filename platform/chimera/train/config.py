@@ -22,11 +22,23 @@ from typing import Any, Mapping
 from chimera.train.batchexpr import BatchExprError, parse_batch_expr
 from chimera.paths import (job_copy_hint, older_default_data_dir, resolve_data_dir,
                            resolve_storage_path)
-MODEL_KEYS = ("n_layer", "n_embd", "vocab_size", "block_size", "dropout", "pos_emb", "norm",
-              "up_dim", "non_linearity", "attn", "n_head", "n_kv_heads", "q_latent_dim",
-              "kv_latent_dim", "rope_head_dim", "moe", "n_exp", "n_shared", "n_act", "coeff",
-              "aux_free", "alpha", "gamma", "act_recomp")
-_BOOL_MODEL_KEYS = ("moe", "aux_free", "act_recomp")
+from models import config as mconfig            # the model flag table, read at call time
+
+
+def opt(default: Any, help: str, doc_default: str | None = None):
+    """A config field with its help text beside it (litgpt's args.py style); a mutable
+    default becomes a factory. `doc_default`: what the docs show when the value is computed."""
+    meta = {"help": help, **({"doc_default": doc_default} if doc_default is not None else {})}
+    if isinstance(default, (dict, list)):
+        import copy
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def config_keys() -> set[str]:
+    """Every key of a --config file or a sweep spec's base: the model flags and TrainConfig's
+    fields (`model` among them: a mapping of model flags)."""
+    return set(mconfig.MODEL_KEYS) | {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 class TrainConfigError(ValueError):
@@ -35,43 +47,80 @@ class TrainConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: Mapping[str, Any] = field(default_factory=dict)   # explicitly given model flags
-    layer_configs: str | None = None          # JSON list of layer dicts
-    layer_configs_jsonl: str | None = None    # JSONL file, one layer dict per line
-    dataset: str = "shakespeare"
-    tokenizer: str | None = None              # default folder's tokenizer (gpt2); checked
-    data_dir: str | None = None               # default <repo>/data/<dataset>_<tokenizer>
-    total_batch_size_str: str = "2**13"       # tokens per optimizer step, all workers together
-    batch_size: int = 4                       # sequences per micro-step per worker
-    max_iters: int = 500
-    learning_rate: float = 3e-4
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0                    # 0 disables clipping
-    eval: bool = False
-    eval_interval: int = 100
-    eval_iters: int = 20
-    log_interval: int = 10
-    save_model: bool = False
-    ckpt_interval: int = 500
-    keep_checkpoints: int = 3
-    file_name: str = "llm_model"              # prefix of the exported best/last weights
-    wandb_log: bool = False
-    wandb_project: str = "chimera"
-    wandb_run_name: str | None = None         # default: the run name
-    compile: bool = False
-    num_workers: int = 1
-    use_gpu: bool = False
-    num_threads: int = 0                      # torch threads per worker (0: leave as is)
-    peak_flops: float | None = None           # per worker, for MFU (default per device)
-    storage_path: str | None = None           # default <repo>/runs
-    run_name: str | None = None               # default derived from the config (deterministic)
-    max_failures: int = 0                     # worker-group restarts (-1: unlimited)
-    seed: int = 1337
-    resume_from: str | None = None            # a checkpoint directory to start from
-    crash_at_step: int = 0                    # test hook: worker rank 0 os._exit()s once there
+    """Every training key, declared once with its default and meaning: jobs/train.py's flags,
+    --config files, sweep specs' base keys and docs/parameters.md are generated from these
+    fields (model keys are in models.config.FLAGS)."""
+    model: Mapping[str, Any] = field(default_factory=dict)   # the model flags given (FLAGS)
+    layer_configs: str | None = opt(None, "JSON list of per-layer dicts")
+    layer_configs_jsonl: str | None = opt(None, "JSONL file, one layer dict per line")
+    dataset: str = opt("shakespeare",
+        "dataset name (data_dir defaults to <repo>/data/<dataset>_<tokenizer>)")
+    tokenizer: str | None = opt(None,
+        "tokenizer of the prepared data, as given to jobs/prepare.py: picks the default data_dir and must match its manifest")
+    data_dir: str | None = opt(None,
+        "folder of prepared shards and manifest.json (jobs/prepare.py output; default <repo>/data/<dataset>_<tokenizer>)")
+    total_batch_size_str: str = opt("2**13",
+        "tokens per optimizer step over all workers, an integer expression (2**13, 8*1024); grad_accum = total / (batch_size*block_size*num_workers)")
+    batch_size: int = opt(4,
+        "sequences per micro-step per worker")
+    max_iters: int = opt(500,
+        "optimizer steps")
+    learning_rate: float = opt(3e-4,
+        "peak learning rate (linear warmup, then cosine decay to 10%)")
+    warmup_steps: int = opt(100,
+        "linear warmup steps")
+    weight_decay: float = opt(0.1,
+        "AdamW weight decay (matrices only)")
+    beta1: float = opt(0.9,
+        "AdamW beta1")
+    beta2: float = opt(0.95,
+        "AdamW beta2")
+    grad_clip: float = opt(1.0,
+        "gradient-norm clipping (0 disables it)")
+    eval: bool = opt(False,
+        "evaluate train/val loss at step 0, every eval_interval and at the end")
+    eval_interval: int = opt(100,
+        "steps between evaluations")
+    eval_iters: int = opt(20,
+        "batches per evaluation")
+    log_interval: int = opt(10,
+        "steps between metric rows (loss, lr, tokens/s, MFU)")
+    save_model: bool = opt(False,
+        "write checkpoints (every ckpt_interval, at the end, and the best-val copy)")
+    ckpt_interval: int = opt(500,
+        "steps between checkpoints")
+    keep_checkpoints: int = opt(3,
+        "newest checkpoints kept in the run folder")
+    file_name: str = opt("llm_model",
+        "prefix of the best-checkpoint copy (<run>/<file_name>_best)")
+    wandb_log: bool = opt(False,
+        "log metrics to Weights & Biases (WANDB_MODE=offline works)")
+    wandb_project: str = opt("chimera",
+        "W&B project")
+    wandb_run_name: str | None = opt(None,
+        "W&B run name (default: the run name)")
+    compile: bool = opt(False,
+        "torch.compile the model")
+    num_workers: int = opt(1,
+        "Ray Train workers (data-parallel ranks)")
+    use_gpu: bool = opt(False,
+        "one GPU per worker (NCCL); CPU and gloo otherwise")
+    num_threads: int = opt(0,
+        "torch threads and Ray CPUs per worker (0: torch's default, 1 CPU)")
+    peak_flops: float | None = opt(None,
+        "peak FLOP/s per worker for MFU (default: by GPU model, or 1e11 per CPU thread)")
+    storage_path: str | None = opt(None,
+        "where runs live: a local folder or s3://... (multi-node runs need shared storage); default $CHIMERA_STORAGE, else <repo>/runs")
+    run_name: str | None = opt(None,
+        "run folder under storage_path; the same name resumes (default: a hash of the settings)")
+    max_failures: int = opt(0,
+        "worker-group restarts from the last checkpoint after a failure (-1: unlimited)")
+    seed: int = opt(1337,
+        "random seed (init, data order)")
+    resume_from: str | None = opt(None,
+        "checkpoint folder to start a new run from (same model config)")
+    crash_at_step: int = opt(0,
+        "test hook: the last rank exits once at this step (0: never)")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -121,12 +170,20 @@ class TrainConfig:
         except BatchExprError as e:
             raise TrainConfigError(str(e)) from None
         for k in self.model:
-            if k not in MODEL_KEYS:
-                raise _unknown(k, MODEL_KEYS)
+            if k not in mconfig.MODEL_KEYS:
+                raise _unknown(k, mconfig.MODEL_KEYS)
 
     @property
     def total_batch_size(self) -> int:
         return parse_batch_expr(self.total_batch_size_str)
+
+    def layer_list(self) -> list | None:
+        """The layer stack of layer_configs (JSON list) or layer_configs_jsonl (file), if any;
+        ConfigError (naming the file and line) when it does not parse."""
+        from models.config import parse_layer_list, read_layer_file
+        if self.layer_configs_jsonl is not None:
+            return read_layer_file(Path(self.layer_configs_jsonl).expanduser().resolve())
+        return None if self.layer_configs is None else parse_layer_list(self.layer_configs)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -139,12 +196,12 @@ class TrainConfig:
         train: dict[str, Any] = {}
         names = {f.name for f in dataclasses.fields(cls)} - {"model"}
         for k, v in d.items():
-            if k in MODEL_KEYS:
+            if k in mconfig.MODEL_KEYS:
                 model[k] = v
             elif k in names:
                 train[k] = v
             else:
-                raise _unknown(k, names | set(MODEL_KEYS))
+                raise _unknown(k, names | set(mconfig.MODEL_KEYS))
         if isinstance(train.get("total_batch_size_str"), int):
             train["total_batch_size_str"] = str(train["total_batch_size_str"])
         return cls(model=model, **train)
@@ -220,8 +277,27 @@ def default_run_name(tc: TrainConfig, model_config: dict) -> str:
     return f"{tc.dataset}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
-def plan_run(tc: TrainConfig, world_size: int | None = None) -> RunPlan:
-    """Validate everything that depends on files and the model; raise TrainConfigError."""
+def resolve_model(flags: Mapping[str, Any], layers: list | None, data_vocab: int):
+    """The one place a run's ModelConfig is resolved (plan_run, and a sweep's trial expansion):
+    the model flags given, over the layer stack when there is one. vocab_size defaults to the
+    data's tokenizer vocabulary padded to 64, and must hold it. TrainConfigError otherwise."""
+    from models.config import ConfigError, ModelConfig, pad_vocab
+    flags = dict(flags)
+    if "vocab_size" not in flags:
+        flags["vocab_size"] = pad_vocab(data_vocab)
+    elif flags["vocab_size"] < data_vocab:
+        raise TrainConfigError(f"vocab_size={flags['vocab_size']} is smaller than the dataset's "
+                               f"tokenizer vocabulary ({data_vocab})")
+    try:
+        return ModelConfig.from_dict(flags if layers is None else {**flags, "layers": layers})
+    except ConfigError as e:
+        raise TrainConfigError(f"model config: {e}") from None
+
+
+def plan_run(tc: TrainConfig, world_size: int | None = None,
+             model_config: Mapping[str, Any] | None = None) -> RunPlan:
+    """Validate everything that depends on files and the model; raise TrainConfigError.
+    `model_config`: an already resolved model (a sweep trial's) instead of tc's model flags."""
     from models.config import ConfigError, ModelConfig
     from chimera.data.shards import read_manifest
 
@@ -244,21 +320,18 @@ def plan_run(tc: TrainConfig, world_size: int | None = None) -> RunPlan:
     if tc.tokenizer is not None and tokenizer.get("name") != tc.tokenizer:
         raise TrainConfigError(f"tokenizer={tc.tokenizer!r} but data_dir {data_dir} was prepared "
                                f"with {tokenizer.get('name')!r}")
-    flags = dict(tc.model)
-    if "vocab_size" not in flags:
-        flags["vocab_size"] = -(-tokenizer["vocab_size"] // 64) * 64     # padded up to 64
-    elif flags["vocab_size"] < tokenizer["vocab_size"]:
-        raise TrainConfigError(f"vocab_size={flags['vocab_size']} is smaller than the dataset's "
-                               f"tokenizer vocabulary ({tokenizer['vocab_size']})")
-    try:
-        if tc.layer_configs is not None:
-            mc = ModelConfig.from_layer_list(tc.layer_configs, **flags)
-        elif tc.layer_configs_jsonl is not None:
-            mc = ModelConfig.from_layer_file(Path(tc.layer_configs_jsonl).expanduser().resolve(), **flags)
-        else:
-            mc = ModelConfig.from_dict(flags)
-    except ConfigError as e:
-        raise TrainConfigError(f"model config: {e}") from None
+    if model_config is not None:
+        try:
+            mc = ModelConfig.from_dict(model_config)
+        except ConfigError as e:
+            raise TrainConfigError(f"model config: {e}") from None
+        resolve_model({"vocab_size": mc.vocab_size}, None, tokenizer["vocab_size"])   # holds it
+    else:
+        try:
+            layers = tc.layer_list()
+        except ConfigError as e:
+            raise TrainConfigError(f"model config: {e}") from None
+        mc = resolve_model(tc.model, layers, tokenizer["vocab_size"])
     world = world_size or tc.num_workers
     per_step = tc.batch_size * mc.block_size * world
     total = tc.total_batch_size
@@ -293,105 +366,38 @@ def plan_run(tc: TrainConfig, world_size: int | None = None) -> RunPlan:
                    storage_path=storage, run_name=name, grad_accum=total // per_step)
 
 
-# Meaning of every flag: the `--help` text and the "meaning" column of docs/parameters.md.
-MODEL_HELP = {
-    "n_layer": "number of transformer layers (must equal the number of layer dicts when given)",
-    "n_embd": "model width (embedding size)",
-    "vocab_size": "vocabulary size (default: the dataset's tokenizer vocabulary rounded up to 64)",
-    "block_size": "context length in tokens",
-    "dropout": "dropout probability",
-    "pos_emb": "positions: learn, sin or rope",
-    "norm": "layernorm or rmsnorm",
-    "up_dim": "hidden width of the MLP / of each expert",
-    "non_linearity": "MLP activation (relu gelu silu swish mish selu celu elu lrelu tanh sigmoid glu swiglu)",
-    "attn": "attention: mha, mqa, gqa or mla (DeepSeek multi-head latent attention)",
-    "n_head": "attention heads",
-    "n_kv_heads": "key/value heads (gqa; mha uses n_head, mqa 1)",
-    "q_latent_dim": "mla: query latent width",
-    "kv_latent_dim": "mla: key/value latent width (what the KV cache stores)",
-    "rope_head_dim": "mla: decoupled RoPE width per head (0 without rope)",
-    "moe": "mixture of experts instead of the dense MLP",
-    "n_exp": "moe: experts per layer",
-    "n_shared": "moe: always-active shared experts",
-    "n_act": "moe: active experts per token, shared ones included",
-    "coeff": "moe: auxiliary load-balancing loss weight (without --aux_free)",
-    "aux_free": "moe: auxiliary-loss-free balancing (per-expert router bias)",
-    "alpha": "moe --aux_free: weight of the small sequence-wise balance loss",
-    "gamma": "moe --aux_free: bias update step per optimizer step",
-    "act_recomp": "recompute activations in the backward pass (less memory, more compute)",
-}
-FIELD_HELP = {
-    "dataset": "dataset name (data_dir defaults to <repo>/data/<dataset>_<tokenizer>)",
-    "tokenizer": "tokenizer of the prepared data, as given to jobs/prepare.py: picks the default data_dir and must match its manifest",
-    "data_dir": "folder of prepared shards and manifest.json (jobs/prepare.py output; default <repo>/data/<dataset>_<tokenizer>)",
-    "total_batch_size_str": "tokens per optimizer step over all workers, an integer expression (2**13, 8*1024); grad_accum = total / (batch_size*block_size*num_workers)",
-    "batch_size": "sequences per micro-step per worker",
-    "max_iters": "optimizer steps",
-    "learning_rate": "peak learning rate (linear warmup, then cosine decay to 10%)",
-    "warmup_steps": "linear warmup steps",
-    "weight_decay": "AdamW weight decay (matrices only)",
-    "beta1": "AdamW beta1",
-    "beta2": "AdamW beta2",
-    "grad_clip": "gradient-norm clipping (0 disables it)",
-    "eval": "evaluate train/val loss at step 0, every eval_interval and at the end",
-    "eval_interval": "steps between evaluations",
-    "eval_iters": "batches per evaluation",
-    "log_interval": "steps between metric rows (loss, lr, tokens/s, MFU)",
-    "save_model": "write checkpoints (every ckpt_interval, at the end, and the best-val copy)",
-    "ckpt_interval": "steps between checkpoints",
-    "keep_checkpoints": "newest checkpoints kept in the run folder",
-    "file_name": "prefix of the best-checkpoint copy (<run>/<file_name>_best)",
-    "wandb_log": "log metrics to Weights & Biases (WANDB_MODE=offline works)",
-    "wandb_project": "W&B project",
-    "wandb_run_name": "W&B run name (default: the run name)",
-    "compile": "torch.compile the model",
-    "num_workers": "Ray Train workers (data-parallel ranks)",
-    "use_gpu": "one GPU per worker (NCCL); CPU and gloo otherwise",
-    "num_threads": "torch threads and Ray CPUs per worker (0: torch's default, 1 CPU)",
-    "peak_flops": "peak FLOP/s per worker for MFU (default: by GPU model, or 1e11 per CPU thread)",
-    "storage_path": "where runs live: a local folder or s3://... (multi-node runs need shared storage); default $CHIMERA_STORAGE, else <repo>/runs",
-    "run_name": "run folder under storage_path; the same name resumes (default: a hash of the settings)",
-    "max_failures": "worker-group restarts from the last checkpoint after a failure (-1: unlimited)",
-    "seed": "random seed (init, data order)",
-    "resume_from": "checkpoint folder to start a new run from (same model config)",
-    "crash_at_step": "test hook: the last rank exits once at this step (0: never)",
-}
 
 
 def add_arguments(p) -> None:
-    """Every TrainConfig key and model flag as `--key`; unspecified flags stay absent. Each
-    action carries `doc_default` (its effective default) for --help and docs/parameters.md."""
+    """Every model flag (models.config.FLAGS) and TrainConfig field as `--key`, generated from
+    their declarations; unspecified flags stay absent. Each action carries `doc_default` (its
+    effective default) for --help and docs/parameters.md."""
     import argparse
-    from models.config import ATTN_DEFAULTS, FFN_DEFAULTS, GLOBAL_DEFAULTS
+    from chimera.paths import DEFAULT_TOKENIZER
     S = argparse.SUPPRESS
-    model_defaults = {**GLOBAL_DEFAULTS, **ATTN_DEFAULTS, **FFN_DEFAULTS}
     m = p.add_argument_group("model (only the flags given reach the model config)")
-    types = {"dropout": float, "coeff": float, "alpha": float, "gamma": float,
-             "pos_emb": str, "norm": str, "non_linearity": str, "attn": str}
-    for k in MODEL_KEYS:
-        if k in _BOOL_MODEL_KEYS:
-            a = m.add_argument(f"--{k}", action=argparse.BooleanOptionalAction, default=S,
-                               help=MODEL_HELP[k])
+    for f in mconfig.FLAGS:
+        if f.type is bool:
+            a = m.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=S, help=f.help)
         else:
-            a = m.add_argument(f"--{k}", type=types.get(k, int), default=S, help=MODEL_HELP[k])
-        if k != "vocab_size":
-            a.doc_default = model_defaults[k]
-    m.add_argument("--layer_configs", default=S, help="JSON list of per-layer dicts")
-    m.add_argument("--layer_configs_jsonl", default=S, help="JSONL file, one layer dict per line")
+            a = m.add_argument(f"--{f.name}", type=f.type, default=S, help=f.help)
+        if f.name != "vocab_size":                 # its default comes from the data
+            a.doc_default = f.default
+    model_group = ("layer_configs", "layer_configs_jsonl")
     t = p.add_argument_group("training")
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("model", "layer_configs", "layer_configs_jsonl"):
+        if f.name == "model":
             continue
+        g = m if f.name in model_group else t
         base = str(f.type).split(" |")[0]
         if base == "bool":
-            a = t.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=S,
-                               help=FIELD_HELP[f.name])
+            a = g.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=S,
+                               help=f.metadata["help"])
         else:
-            a = t.add_argument(f"--{f.name}", type={"int": int, "float": float}.get(base, str),
-                               default=S, help=FIELD_HELP[f.name])
+            a = g.add_argument(f"--{f.name}", type={"int": int, "float": float}.get(base, str),
+                               default=S, help=f.metadata["help"])
         if f.default is not None:
             a.doc_default = f.default
         elif f.name == "tokenizer":                  # None: "not given", the folder rule's gpt2
-            from chimera.paths import DEFAULT_TOKENIZER
             a.doc_default = DEFAULT_TOKENIZER
     p.add_argument("--config", default=S, help="YAML/JSON file with the same keys (CLI overrides it)")

@@ -1,0 +1,91 @@
+"""The sweep directory, as files: where it is, the plan it runs, and what each trial left.
+
+    root = sweep_dir(spec)                 # <storage_path>/<name> (local or mounted storage)
+    write_plan(plan, root); doc = read_plan(root)      # sweep.json
+    rows = history(root / "runs" / "t000")             # a trial's metrics.jsonl, one dict per step
+
+Layout of <storage_path>/<name>/:
+    sweep.json                the spec, the checked trials (each with its resolved model
+                              config) and the rejected combinations
+    runs/<trial>/             each trial's training run: checkpoints, metrics.jsonl,
+                              llm_model_best/, summary.json (written when the trial completed)
+    <trial>/ , *.pkl, ...     Tune's own experiment state (what --resume restores from)
+    results.{md,csv,json}, best_layers.jsonl, best_train.yaml, *.png    the report
+
+Both the Tune run (sweep/run.py) and the report (sweep/report.py) read it through here, so
+neither imports the other's internals.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from chimera.paths import resolve_storage_path
+from chimera.sweep.spec import SweepPlan, SweepSpec, SweepSpecError
+
+PLAN = "sweep.json"
+SUMMARY = "summary.json"          # runs/<trial>/summary.json: the trial's final report
+
+
+def sweep_dir(spec: SweepSpec) -> Path:
+    storage = resolve_storage_path(spec.storage_path)
+    if "://" in storage:
+        raise SweepSpecError(f"storage_path={storage}: sweeps write their report locally; use a "
+                             f"local or mounted shared path (multi-node: a shared file system)")
+    return Path(storage) / spec.name
+
+
+def write_plan(plan: SweepPlan, root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    doc = {"spec": plan.spec.to_dict(),
+           "trials": [t.__dict__ for t in plan.trials],
+           "rejected": [{"choices": c, "error": m} for c, m in plan.rejected]}
+    tmp = root / (PLAN + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    os.replace(tmp, root / PLAN)
+
+
+def read_plan(root: Path, log=print) -> dict:
+    """sweep.json as written by write_plan; trials of older versions are upgraded here."""
+    f = Path(root) / PLAN
+    if not f.is_file():
+        raise SweepSpecError(f"{root} is not a sweep directory (no {PLAN})")
+    try:
+        doc = json.loads(f.read_text())
+        doc["spec"], doc["trials"], doc["rejected"]
+        doc["trials"] = [_upgrade_trial(t, log) for t in doc["trials"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SweepSpecError(f"{f}: not a sweep plan this version wrote ({type(e).__name__}: {e})") from None
+    return doc
+
+
+def _upgrade_trial(t: dict[str, Any], log) -> dict[str, Any]:
+    """Trials written before they carried `model_config` held the model as flags plus a
+    layer_configs JSON string in `train`: resolve it once, the way the trial ran."""
+    if "model_config" in t:
+        return t
+    from models.config import MODEL_KEYS, ModelConfig, parse_layer_list
+    train = dict(t["train"])
+    flags = {k: train.pop(k) for k in list(train) if k in MODEL_KEYS}
+    layers = parse_layer_list(train.pop("layer_configs"))
+    flags.pop("n_layer", None)
+    log(f"note: sweep.json trial {t['name']}: upgraded (model flags + layer_configs -> model_config)")
+    return {**t, "train": train, "model_config": ModelConfig.from_dict({**flags, "layers": layers}).to_dict()}
+
+
+def history(run_dir: Path) -> list[dict]:
+    """A trial run's metrics.jsonl, one merged dict per step (a resumed run repeats steps;
+    a line cut by a kill is skipped)."""
+    f = Path(run_dir) / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    by_step: dict[int, dict] = {}
+    for line in f.read_text().splitlines():
+        try:
+            m = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        by_step.setdefault(int(m.get("step", 0)), {}).update(m)
+    return [by_step[k] for k in sorted(by_step)]
