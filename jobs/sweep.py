@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     from _paths import setup
     setup()
     args = build_parser().parse_args(argv)
-    from chimera.sweep.spec import SweepSpecError, expand, load_spec
+    from chimera.sweep.spec import SweepSpecError, load_spec
+    from chimera.sweep.trials import expand
 
     if args.report:
         from chimera.sweep.report import write_report

@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     from _paths import setup
     setup()
     from chimera.paramdocs import DocDefaultsFormatter
-    from chimera.train.config import add_arguments
+    from chimera.train.flags import add_arguments
 
     p = argparse.ArgumentParser(prog="jobs/train.py", description=__doc__,
                                 formatter_class=DocDefaultsFormatter)
@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from _paths import setup
     setup()
-    from chimera.train.config import TrainConfigError, load_train_config, plan_run
+    from chimera.train.config import TrainConfigError, load_train_config
+    from chimera.train.plan import plan_run
 
     p = build_parser()
     args = vars(p.parse_args(argv))

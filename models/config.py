@@ -20,7 +20,7 @@ import dataclasses
 import difflib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 

@@ -126,7 +126,8 @@ def ray_cluster():
 def tiny_checkpoint(tmp_path_factory, train_char_data) -> Path:
     """A tiny trained char-level checkpoint (2 layers, n_embd 64, block 64), trained in-process
     for 30 steps without Ray: the run dir's best checkpoint."""
-    from chimera.train.config import load_train_config, plan_run
+    from chimera.train.config import load_train_config
+    from chimera.train.plan import plan_run
     from chimera.train.loop import train_fn_per_worker
 
     tmp = tmp_path_factory.mktemp("tiny_run")

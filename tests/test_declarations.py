@@ -12,7 +12,8 @@ import pytest
 
 from chimera import paramdocs
 from chimera.sweep.spec import SweepSpec, SweepSpecError, spec_keys
-from chimera.train.config import TrainConfig, TrainConfigError, add_arguments, config_keys
+from chimera.train.config import TrainConfig, TrainConfigError, config_keys
+from chimera.train.flags import add_arguments
 from models import config as mconfig
 from models.config import ConfigError, Flag, ModelConfig
 

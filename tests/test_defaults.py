@@ -38,7 +38,7 @@ def test_flat_flags_with_nothing_given_resolve_to_the_table():
 
 def test_help_and_docs_show_the_table_defaults():
     from chimera import paramdocs
-    from chimera.train.config import add_arguments
+    from chimera.train.flags import add_arguments
     import argparse
 
     p = argparse.ArgumentParser()

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from chimera import paths
-from chimera.sweep.spec import SweepSpec, SweepSpecError, expand
-from chimera.train.config import TrainConfig, TrainConfigError, load_train_config, plan_run
+from chimera.sweep.spec import SweepSpec, SweepSpecError
+from chimera.sweep.trials import expand
+from chimera.train.config import TrainConfig, TrainConfigError, load_train_config
+from chimera.train.plan import plan_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(n_layer=2, n_embd=32, n_head=4, attn="gqa", n_kv_heads=2, up_dim=64, block_size=32,

@@ -27,8 +27,10 @@ def base(data: Path, **kw) -> dict:
 def test_sweep_end_to_end_with_budget_asha_rejections_and_report(ray_cluster, train_char_data, tmp_path):
     from chimera import checkpoint as ckpt
     from chimera.sweep.run import run_sweep
-    from chimera.sweep.spec import SweepSpec, expand
-    from chimera.train.config import load_train_config, plan_run
+    from chimera.sweep.spec import SweepSpec
+    from chimera.sweep.trials import expand
+    from chimera.train.config import load_train_config
+    from chimera.train.plan import plan_run
 
     spec = SweepSpec(
         name="e2e", storage_path=str(tmp_path), base=base(train_char_data),
@@ -84,7 +86,8 @@ def test_sweep_end_to_end_with_budget_asha_rejections_and_report(ray_cluster, tr
 
 def test_a_failing_trial_leaves_the_others_finished(ray_cluster, train_char_data, tmp_path):
     from chimera.sweep.run import run_sweep
-    from chimera.sweep.spec import SweepSpec, expand
+    from chimera.sweep.spec import SweepSpec
+    from chimera.sweep.trials import expand
 
     spec = SweepSpec(name="fail", storage_path=str(tmp_path),
                      base=base(train_char_data, n_layer=1, max_iters=12, eval_interval=6),
@@ -141,7 +144,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
 def test_trials_on_ray_train_workers_report_what_in_process_trials_report(ray_cluster, train_char_data,
                                                                           tmp_path):
     from chimera.sweep.run import run_sweep
-    from chimera.sweep.spec import SweepSpec, expand
+    from chimera.sweep.spec import SweepSpec
+    from chimera.sweep.trials import expand
 
     rows = {}
     for workers in (1, 2):

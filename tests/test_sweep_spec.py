@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chimera.sweep.spec import SweepSpec, SweepSpecError, expand, load_spec
+from chimera.sweep.spec import SweepSpec, SweepSpecError, load_spec
+
+from chimera.sweep.trials import expand
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"n_embd": 32, "n_head": 4, "block_size": 32, "n_layer": 2, "batch_size": 4,
@@ -218,7 +220,8 @@ def test_cli_dry_run_lists_trials_and_rejections(tmp_path, sweep_job, train_char
 def test_the_report_hook_sees_eval_records_only_also_after_a_resume(tmp_path):
     """Tune needs the metric in every report: a run resumed mid-way must not report its first
     log-only record (its val loss is not known yet)."""
-    from chimera.train.config import load_train_config, plan_run
+    from chimera.train.config import load_train_config
+    from chimera.train.plan import plan_run
     from chimera.train.loop import train_fn_per_worker
 
     flags = {**{k: v for k, v in BASE.items() if k != "vocab_size"}, "n_layer": 1, "max_iters": 8,
@@ -240,7 +243,8 @@ def test_trials_carry_their_resolved_model_and_old_sweep_files_are_upgraded(tmp_
     import json as _json
 
     from chimera.sweep.store import read_plan, write_plan
-    from chimera.train.config import load_train_config, plan_run
+    from chimera.train.config import load_train_config
+    from chimera.train.plan import plan_run
     s = spec(layers={"groups": [1, 1], "attn": {"mla": MLA}, "ffn": {"moe": MOE}})
     plan = expand(s)
     t = plan.trials[0]

@@ -11,7 +11,8 @@ import torch
 from chimera.train.batchexpr import BatchExprError, parse_batch_expr
 from chimera.checkpoint import load_train_state, load_weights, read_config
 from chimera.train.schedule import lr_at
-from chimera.train.config import TrainConfigError, load_train_config, plan_run
+from chimera.train.config import TrainConfigError, load_train_config
+from chimera.train.plan import plan_run
 from chimera.train.loop import state_hash, train_fn_per_worker
 
 TINY = dict(n_layer=2, n_embd=32, n_head=4, attn="gqa", n_kv_heads=2, up_dim=64, block_size=32,

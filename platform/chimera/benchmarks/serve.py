@@ -57,7 +57,8 @@ def _check(args) -> str | None:
 
 def _train(tmp: Path, iters: int) -> Path:
     from chimera.data.prepare import prepare
-    from chimera.train.config import load_train_config, plan_run
+    from chimera.train.config import load_train_config
+    from chimera.train.plan import plan_run
     from chimera.train.loop import train_fn_per_worker
     data = tmp / "data"
     prepare("shakespeare", sources=[SHARED_TEXT], tokenizer="char", out=data, progress=False,

@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from chimera.runtime import runtime_env
     from chimera.sweep.run import run_sweep
-    from chimera.sweep.spec import SweepSpecError, expand
+    from chimera.sweep.spec import SweepSpecError
+    from chimera.sweep.trials import expand
 
     with tempfile.TemporaryDirectory(prefix="chimera_bench_sweep_") as tmp:
         data_dir = char_data(args.data_dir, args.source, tmp)

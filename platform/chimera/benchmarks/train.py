@@ -166,7 +166,8 @@ def _fit_runs_timed_worker():
 
 
 def _plan(data_dir: str, storage: str, name: str, s: dict, workers: int, threads: int):
-    from chimera.train.config import load_train_config, plan_run
+    from chimera.train.config import load_train_config
+    from chimera.train.plan import plan_run
     iters = s["warmup"] + s["steps"]
     iters = -(-iters // s["log_interval"]) * s["log_interval"]
     cli = {**_model(s), "data_dir": data_dir, "storage_path": storage, "run_name": name,

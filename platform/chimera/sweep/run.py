@@ -1,6 +1,8 @@
 """Sweeps on Ray Tune: every trial is a training run of chimera.train.loop.
 
-    from chimera.sweep.spec import load_spec, expand
+    from chimera.sweep.spec import load_spec
+
+    from chimera.sweep.trials import expand
     plan = expand(load_spec("configs/sweeps/exp1-tiny.yaml"))
     summary = run_sweep(plan)                 # Tuner.fit(); then the report (chimera.sweep.report)
     summary = run_sweep(plan, resume=True)    # Tuner.restore(): finished trials are not rerun
@@ -22,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from chimera.sweep.measure import measure_decode
-from chimera.sweep.spec import SweepPlan, SweepSpec, SweepSpecError, Trial
+from chimera.sweep.spec import SweepSpec, SweepSpecError
+from chimera.sweep.trials import SweepPlan, Trial
 from chimera.sweep.store import SUMMARY, history, read_plan, sweep_dir, write_plan
 
 def _trial_train_config(trial: dict, ctx: dict):
@@ -71,7 +74,7 @@ def run_trial(config: dict, trials: dict, ctx: dict) -> None:
     """The Tune trainable: train one trial, report as it goes, then measure decoding.
     `config["trial"]` is the trial's name; `trials` maps names to Trial dicts."""
     from ray import tune
-    from chimera.train.config import plan_run
+    from chimera.train.plan import plan_run
     from chimera.train.loop import fit, train_fn_per_worker
 
     trial = trials[config["trial"]]

@@ -1,9 +1,7 @@
-"""Sweep specs: the frozen `SweepSpec`, its YAML loader, and the expansion into checked trials.
+"""Sweep specs: the frozen `SweepSpec` (every key with its default and meaning) and its YAML
+loader. chimera.sweep.trials expands a spec into checked trials.
 
     spec = load_spec("configs/sweeps/exp1-tiny.yaml")      # SweepSpecError on any bad key
-    plan = expand(spec)          # every trial's resolved config, checked before launch
-    plan.trials                  # [Trial(name, choices, train_dict, arch, budget_value, up_scale)]
-    plan.rejected                # [(choices, message)] invalid combinations, not launched
 
 A spec (YAML) holds:
     name, storage_path            the sweep directory is <storage_path>/<name>
@@ -26,10 +24,6 @@ A spec (YAML) holds:
     max_concurrent: 2
     resources: {num_workers: 1, cpus_per_worker: 1, gpus_per_worker: 0}
     decode_tokens: 32             tokens timed after training (batch 1, KV cache)
-
-Trial configs are resolved here with Tune's own variant generator (its grid expansion and
-sampling functions) so that every combination can be validated - and invalid ones counted and
-reported - before anything is launched; Tune then runs exactly the valid list.
 """
 from __future__ import annotations
 
@@ -40,7 +34,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from chimera.train.config import TrainConfig, TrainConfigError, config_keys, opt
-from models import config as mconfig
 
 SAMPLERS = ("loguniform", "uniform", "randint", "choice", "grid")
 METRICS = ("val_loss", "train_loss")      # measured at every eval, so in every report to Tune
@@ -64,7 +57,7 @@ def _keys(where: str, d: Any, valid) -> dict:
     return dict(d)
 
 
-def _int(where: str, v: Any, lo: int) -> int:
+def check_int(where: str, v: Any, lo: int) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or v < lo:
         raise SweepSpecError(f"{where}={v!r} must be an integer >= {lo}")
     return v
@@ -159,13 +152,13 @@ class SweepSpec:
                                      + (" (use `stacks` for layer files)" if "layer" in k else ""))
             if k == "n_layer" and (self.layers is not None or self.stacks is not None):
                 raise SweepSpecError("space.n_layer: the depth comes from layers.groups / stacks")
-            _domain(f"space.{k}", v)         # checks the sampler form
+            tune_domain(f"space.{k}", v)         # checks the sampler form
         if self.search not in ("grid", "random"):
             raise SweepSpecError(f"search={self.search!r} must be 'grid' or 'random'")
-        _int("num_samples", self.num_samples, 1)
-        _int("seed", self.seed, 0)
-        _int("max_concurrent", self.max_concurrent, 1)
-        _int("decode_tokens", self.decode_tokens, 0)
+        check_int("num_samples", self.num_samples, 1)
+        check_int("seed", self.seed, 0)
+        check_int("max_concurrent", self.max_concurrent, 1)
+        check_int("decode_tokens", self.decode_tokens, 0)
         if self.metric not in METRICS:
             raise SweepSpecError(f"metric={self.metric!r} must be one of {', '.join(METRICS)}")
         if self.mode not in ("min", "max"):
@@ -175,11 +168,11 @@ class SweepSpec:
             kinds = [k for k in ("active_params", "flops_per_token") if k in b]
             if len(kinds) != 1:
                 raise SweepSpecError("budget: give exactly one of active_params and flops_per_token")
-            _int(f"budget.{kinds[0]}", b[kinds[0]], 1)
+            check_int(f"budget.{kinds[0]}", b[kinds[0]], 1)
             tol = b.get("tolerance", 0.02)
             if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not 0 < tol < 1:
                 raise SweepSpecError(f"budget.tolerance={tol!r} must be a fraction in (0, 1)")
-            _int("budget.multiple", b.get("multiple", 8), 1)
+            check_int("budget.multiple", b.get("multiple", 8), 1)
             if "up_dim" in space:
                 raise SweepSpecError("space.up_dim: the budget solves up_dim; do not search it")
         sch = _keys("scheduler", self.scheduler, {"type", "time_attr", "grace_period", "reduction_factor"})
@@ -188,13 +181,13 @@ class SweepSpec:
         if sch.get("time_attr", "step") not in ("step", "tokens"):
             raise SweepSpecError(f"scheduler.time_attr={sch.get('time_attr')!r} must be 'step' or 'tokens'")
         if "grace_period" in sch:
-            _int("scheduler.grace_period", sch["grace_period"], 1)
+            check_int("scheduler.grace_period", sch["grace_period"], 1)
         rf = sch.get("reduction_factor", 2)
         if not isinstance(rf, (int, float)) or isinstance(rf, bool) or not 1 < rf < float("inf"):
             raise SweepSpecError(f"scheduler.reduction_factor={rf!r} must be a number > 1")
         res = _keys("resources", self.resources, {"num_workers", "cpus_per_worker", "gpus_per_worker"})
-        _int("resources.num_workers", res.get("num_workers", 1), 1)
-        _int("resources.cpus_per_worker", res.get("cpus_per_worker", 1), 1)
+        check_int("resources.num_workers", res.get("num_workers", 1), 1)
+        check_int("resources.cpus_per_worker", res.get("cpus_per_worker", 1), 1)
         if res.get("gpus_per_worker", 0) not in (0, 1) or isinstance(res.get("gpus_per_worker"), bool):
             raise SweepSpecError(f"resources.gpus_per_worker={res.get('gpus_per_worker')!r} must be 0 or 1")
 
@@ -238,7 +231,7 @@ def load_spec(path: str | Path, **overrides: Any) -> SweepSpec:
         raise SweepSpecError(f"--spec {p}: {e}") from None
 
 
-def _domain(where: str, v: Any):
+def tune_domain(where: str, v: Any):
     """A spec value -> a Tune sampling object (or the constant itself)."""
     from ray import tune
     if not isinstance(v, Mapping):
@@ -262,209 +255,3 @@ def _domain(where: str, v: Any):
         return tune.uniform(float(arg[0]), float(arg[1]))
     return tune.randint(int(arg[0]), int(arg[1]))
 
-
-# --- expansion ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Trial:
-    name: str                       # short id, stable for a spec: t000, t001, ...
-    choices: dict                   # what was picked: {"g0.attn": "mla", ..., "learning_rate": ...}
-    train: dict                     # flat jobs/train.py training keys (data_dir absolute)
-    arch: str                       # ModelConfig.summary()
-    model_config: dict              # the resolved model (ModelConfig.to_dict()), as trained
-    budget_value: int | None = None
-    up_scale: float | None = None
-
-
-@dataclass(frozen=True)
-class SweepPlan:
-    spec: SweepSpec
-    trials: list[Trial]
-    rejected: list[tuple[dict, str]]
-
-
-def _stack_layers(spec: SweepSpec, name: str) -> list[dict]:
-    from models.config import ConfigError, read_layer_file
-    src = spec.stacks[name]
-    if isinstance(src, str):
-        path = Path(src).expanduser().resolve()
-        try:
-            return read_layer_file(path)
-        except (ConfigError, OSError) as e:
-            raise SweepSpecError(f"stacks.{name}: {e}") from None
-    if not isinstance(src, list) or not src:
-        raise SweepSpecError(f"stacks.{name}: expected a JSONL path or a non-empty list of layer dicts")
-    out: list[dict] = []
-    for i, item in enumerate(src):
-        if not isinstance(item, Mapping):
-            raise SweepSpecError(f"stacks.{name}[{i}]: expected a layer dict")
-        item = dict(item)
-        n = _int(f"stacks.{name}[{i}].repeat", item.pop("repeat", 1), 1)
-        out += [dict(item) for _ in range(n)]
-    return out
-
-
-def _arch_space(spec: SweepSpec) -> dict[str, Any]:
-    from ray import tune
-    pick = tune.grid_search if spec.search == "grid" else tune.choice
-    if spec.stacks is not None:
-        return {"stack": pick(sorted(spec.stacks))}
-    if spec.layers is None:
-        return {}
-    lay = spec.layers
-    groups = lay.get("groups") or [1] * int(spec.base.get("n_layer", 0) or 0)
-    if not groups:
-        raise SweepSpecError("layers: give `groups` or base.n_layer (one group per layer)")
-    out: dict[str, Any] = {}
-    for g in range(len(groups)):
-        for part in ("attn", "ffn"):
-            if lay.get(part):
-                out[f"g{g}.{part}"] = pick(list(lay[part]))
-    return out
-
-
-def _layer_list(spec: SweepSpec, choices: Mapping[str, Any]) -> list[dict] | None:
-    if spec.stacks is not None:
-        return _stack_layers(spec, choices["stack"])
-    if spec.layers is None:                  # base's own stack, if any, as jobs/train.py reads it
-        return TrainConfig.from_dict(spec.base).layer_list()
-    lay = spec.layers
-    groups = lay.get("groups") or [1] * int(spec.base["n_layer"])
-    layers: list[dict] = []
-    for g, count in enumerate(groups):
-        d: dict = {}
-        for part in ("attn", "ffn"):
-            if lay.get(part):
-                d.update(lay[part][choices[f"g{g}.{part}"]])
-        layers += [dict(d) for _ in range(count)]
-    return layers
-
-
-def _model_config(train: Mapping[str, Any], layers: list[dict] | None, up_scale: float | None,
-                  multiple: int, data_vocab: int):
-    """A trial's ModelConfig (chimera.train.config.resolve_model, as plan_run resolves a run's),
-    its layers' FFN widths scaled by up_scale when a budget is solved."""
-    from chimera.train.config import resolve_model
-    flags = {k: v for k, v in train.items() if k in mconfig.MODEL_KEYS}
-    if layers is not None:
-        flags.pop("n_layer", None)
-        base_up = flags.pop("up_dim", None)
-        if up_scale is not None:
-            layers = [{**ld, "up_dim": max(multiple, int(round(up_scale * ld.get("up_dim", base_up or 512)
-                                                                 / multiple)) * multiple)}
-                      for ld in layers]
-        elif base_up is not None:
-            layers = [{"up_dim": base_up, **ld} for ld in layers]
-        return resolve_model(flags, layers, data_vocab)
-    if up_scale is not None:
-        flags["up_dim"] = max(multiple, int(round(up_scale * flags.get("up_dim", 512) / multiple)) * multiple)
-    return resolve_model(flags, None, data_vocab)
-
-
-def measure(cfg, kind: str) -> int:
-    """Active params or training FLOPs/token of a config, on the meta device (no memory)."""
-    import torch
-    from models import LLM
-    with torch.device("meta"):
-        m = LLM(cfg)
-    return m.num_params().active if kind == "active_params" else m.flops_per_token()
-
-
-def solve_budget(train: Mapping[str, Any], layers: list[dict] | None, budget: Mapping[str, Any],
-                 data_vocab: int):
-    """Scale every layer's up_dim by one factor so the measure hits the budget.
-    Returns (model config, achieved value, scale); SweepSpecError if out of tolerance."""
-    kind = "active_params" if "active_params" in budget else "flops_per_token"
-    target, tol, mult = budget[kind], float(budget.get("tolerance", 0.02)), int(budget.get("multiple", 8))
-
-    def at(s):
-        c = _model_config(train, layers, s, mult, data_vocab)
-        return c, measure(c, kind)
-
-    # the measure is affine in the widths (up to rounding to `multiple`): secant steps
-    (c, v), s0 = at(1.0), 1.0
-    best = (c, v, 1.0)
-    s1 = 2.0
-    for _ in range(4):
-        c1, v1 = at(s1)
-        if abs(v1 - target) < abs(best[1] - target):
-            best = (c1, v1, s1)
-        if v1 == v or abs(v1 / target - 1) <= tol / 4:
-            break
-        s0, v, s1 = s1, v1, max(1e-3, s1 + (target - v1) * (s1 - s0) / (v1 - v))
-    c, v, s = best
-    if abs(v / target - 1) > tol:
-        floor = at(1e-3)[1]
-        why = (f"the rest of the model alone has {floor:,}" if floor > target
-               else f"the closest up_dim gives {v:,}")
-        raise SweepSpecError(f"budget {kind}={target:,} cannot be met within {tol:.0%}: {why}")
-    return c, v, s
-
-
-def base_data_dir(spec: SweepSpec) -> Path:
-    """The trials' data folder: base.data_dir, else the default folder of base.dataset and
-    base.tokenizer (chimera.paths); absolute, since trials run elsewhere (Ray changes the cwd)."""
-    from chimera.paths import resolve_data_dir
-    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    return resolve_data_dir(spec.base.get("data_dir"), spec.base.get("dataset", fields["dataset"]),
-                            spec.base.get("tokenizer"))
-
-
-def data_vocab(spec: SweepSpec) -> int:
-    """The vocabulary of the trials' data (its tokenizer's); the data directory must be
-    prepared already, and base.vocab_size, when given, must hold it."""
-    from chimera.data.shards import read_manifest
-    data_dir = base_data_dir(spec)
-    try:
-        tok = read_manifest(data_dir)["tokenizer"]
-        v = int(tok["vocab_size"])
-    except Exception as e:
-        from chimera.paths import job_copy_hint
-        hint = job_copy_hint("base.data_dir") if "data_dir" not in spec.base else ""
-        raise SweepSpecError(f"base.data_dir {data_dir}: {e} (prepare it with jobs/prepare.py){hint}") from None
-    if spec.base.get("tokenizer") not in (None, tok.get("name")):
-        raise SweepSpecError(f"base.tokenizer={spec.base['tokenizer']!r} but {data_dir} was prepared "
-                             f"with {tok.get('name')!r}")
-    if "vocab_size" in spec.base:
-        if int(spec.base["vocab_size"]) < v:
-            raise SweepSpecError(f"base.vocab_size={spec.base['vocab_size']} is smaller than the "
-                                 f"dataset's tokenizer vocabulary ({v})")
-    return v
-
-
-def expand(spec: SweepSpec) -> SweepPlan:
-    """Resolve every trial (Tune's variant generator), validate it, solve its budget."""
-    import numpy as np
-    from ray.tune.search.variant_generator import generate_variants
-    from models.config import ConfigError
-
-    space = {**_arch_space(spec), **{k: _domain(f"space.{k}", v) for k, v in (spec.space or {}).items()}}
-    random_parts = spec.search == "random" or any(
-        isinstance(v, Mapping) and next(iter(v)) != "grid" for v in (spec.space or {}).values())
-    vocab = data_vocab(spec)
-    rng = np.random.RandomState(spec.seed)
-    variants: list[dict] = []
-    for _ in range(spec.num_samples if random_parts else 1):     # a pure grid needs one pass
-        variants += [resolved for _, resolved in generate_variants(space, random_state=rng)]
-    trials, rejected = [], []
-    for choices in variants:
-        train = {**spec.base, **{k: v for k, v in choices.items() if "." not in k and k != "stack"}}
-        try:
-            layers = _layer_list(spec, choices)
-            if spec.budget is not None:
-                cfg, value, scale = solve_budget(train, layers, spec.budget, vocab)
-            else:
-                cfg, value, scale = _model_config(train, layers, None, 8, vocab), None, None
-            # the trial carries its resolved model; `train` keeps the training keys only
-            out = {k: v for k, v in train.items()
-                   if k not in mconfig.MODEL_KEYS and k not in ("layer_configs", "layer_configs_jsonl")}
-            out["data_dir"] = str(base_data_dir(spec))    # trials run elsewhere (Ray changes the cwd)
-            TrainConfig.from_dict(out)
-        except (ConfigError, SweepSpecError, TrainConfigError) as e:
-            rejected.append((choices, str(e)))
-            continue
-        trials.append(Trial(name=f"t{len(trials):03d}", choices=choices, train=out, arch=cfg.summary(),
-                            model_config=cfg.to_dict(), budget_value=value, up_scale=scale))
-    if not trials:
-        msgs = "; ".join(sorted({m for _, m in rejected}))[:500]
-        raise SweepSpecError(f"no valid trial in the search space ({len(rejected)} rejected: {msgs})")
-    return SweepPlan(spec=spec, trials=trials, rejected=rejected)

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from chimera.paths import resolve_storage_path
-from chimera.sweep.spec import SweepPlan, SweepSpec, SweepSpecError
+from chimera.sweep.spec import SweepSpec, SweepSpecError
+from chimera.sweep.trials import SweepPlan
 
 PLAN = "sweep.json"
 SUMMARY = "summary.json"          # runs/<trial>/summary.json: the trial's final report

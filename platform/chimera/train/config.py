@@ -1,8 +1,9 @@
-"""Training configuration: the frozen `TrainConfig`, the CLI/file loader and the run plan.
+"""Training configuration: the frozen `TrainConfig` (every training key with its default and
+meaning) and its loader from flags and --config files.
 
     tc = load_train_config(cli={"max_iters": 100, "n_embd": 64}, config_file="my.yaml")
-    plan = plan_run(tc)          # every check that can fail, done before any worker starts
-    plan.worker_config           # the picklable dict train_fn_per_worker(config) takes
+    plan = plan_run(tc)          # chimera.train.plan: every check that can fail, before any worker
+    add_arguments(parser)        # chimera.train.flags: the flags of jobs/train.py
 
 Keys are the same in a YAML/JSON `--config` file and on the command line (CLI wins). Model
 keys (`n_embd`, `attn`, ... see models.config) are collected into `TrainConfig.model` and only
@@ -13,15 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from chimera.train.batchexpr import BatchExprError, parse_batch_expr
-from chimera.paths import (job_copy_hint, older_default_data_dir, resolve_data_dir,
-                           resolve_storage_path)
 from models import config as mconfig            # the model flag table, read at call time
 
 
@@ -238,166 +236,3 @@ def load_train_config(cli: Mapping[str, Any] | None = None,
     merged = read_config_file(config_file) if config_file else {}
     merged.update(cli or {})
     return TrainConfig.from_dict(merged)
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """A checked run: resolved paths, model config, grad accumulation, the worker's config."""
-    train: TrainConfig
-    model_config: dict
-    tokenizer: dict
-    data_dir: str
-    storage_path: str
-    run_name: str
-    grad_accum: int
-
-    @property
-    def run_dir(self) -> str:
-        return _join(self.storage_path, self.run_name)
-
-    @property
-    def worker_config(self) -> dict[str, Any]:
-        return {"train": self.train.to_dict(), "model_config": self.model_config,
-                "tokenizer": self.tokenizer, "run_dir": self.run_dir, "grad_accum": self.grad_accum}
-
-
-def _join(base: str, name: str) -> str:
-    return f"{base.rstrip('/')}/{name}" if "://" in base else str(Path(base) / name)
-
-
-def default_run_name(tc: TrainConfig, model_config: dict) -> str:
-    """Same settings -> same name, so re-running a command resumes its run."""
-    keep = {k: v for k, v in tc.to_dict().items()
-            if k not in ("model", "layer_configs", "layer_configs_jsonl", "storage_path",
-                         "run_name", "resume_from", "wandb_log", "wandb_project",
-                         "wandb_run_name", "max_failures", "crash_at_step", "num_threads")}
-    if keep.get("tokenizer") is None:          # names from before the key existed stay valid
-        keep.pop("tokenizer", None)
-    blob = json.dumps({"model": model_config, "train": keep}, sort_keys=True, default=str)
-    return f"{tc.dataset}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
-
-
-def resolve_model(flags: Mapping[str, Any], layers: list | None, data_vocab: int):
-    """The one place a run's ModelConfig is resolved (plan_run, and a sweep's trial expansion):
-    the model flags given, over the layer stack when there is one. vocab_size defaults to the
-    data's tokenizer vocabulary padded to 64, and must hold it. TrainConfigError otherwise."""
-    from models.config import ConfigError, ModelConfig, pad_vocab
-    flags = dict(flags)
-    if "vocab_size" not in flags:
-        flags["vocab_size"] = pad_vocab(data_vocab)
-    elif flags["vocab_size"] < data_vocab:
-        raise TrainConfigError(f"vocab_size={flags['vocab_size']} is smaller than the dataset's "
-                               f"tokenizer vocabulary ({data_vocab})")
-    try:
-        return ModelConfig.from_dict(flags if layers is None else {**flags, "layers": layers})
-    except ConfigError as e:
-        raise TrainConfigError(f"model config: {e}") from None
-
-
-def plan_run(tc: TrainConfig, world_size: int | None = None,
-             model_config: Mapping[str, Any] | None = None) -> RunPlan:
-    """Validate everything that depends on files and the model; raise TrainConfigError.
-    `model_config`: an already resolved model (a sweep trial's) instead of tc's model flags."""
-    from models.config import ConfigError, ModelConfig
-    from chimera.data.shards import read_manifest
-
-    data_dir = resolve_data_dir(tc.data_dir, tc.dataset, tc.tokenizer)
-    if not data_dir.is_dir():
-        cmd = (f"python jobs/prepare.py --dataset {tc.dataset}"
-               + (f" --tokenizer {tc.tokenizer}" if tc.tokenizer else "")
-               + (f" --out {data_dir}" if tc.data_dir else ""))
-        old = None if tc.data_dir else older_default_data_dir(tc.dataset)
-        hint = (f"; {old} holds data prepared by an older version: pass --data_dir {old} or "
-                f"rename it to {data_dir.name}" if old else "")
-        if not tc.data_dir and job_copy_hint():
-            hint = job_copy_hint()
-        raise TrainConfigError(f"data_dir {data_dir} does not exist: prepare it with `{cmd}`{hint}")
-    try:
-        manifest = read_manifest(data_dir)
-    except Exception as e:
-        raise TrainConfigError(f"data_dir {data_dir}: {e}") from None
-    tokenizer = manifest["tokenizer"]
-    if tc.tokenizer is not None and tokenizer.get("name") != tc.tokenizer:
-        raise TrainConfigError(f"tokenizer={tc.tokenizer!r} but data_dir {data_dir} was prepared "
-                               f"with {tokenizer.get('name')!r}")
-    if model_config is not None:
-        try:
-            mc = ModelConfig.from_dict(model_config)
-        except ConfigError as e:
-            raise TrainConfigError(f"model config: {e}") from None
-        resolve_model({"vocab_size": mc.vocab_size}, None, tokenizer["vocab_size"])   # holds it
-    else:
-        try:
-            layers = tc.layer_list()
-        except ConfigError as e:
-            raise TrainConfigError(f"model config: {e}") from None
-        mc = resolve_model(tc.model, layers, tokenizer["vocab_size"])
-    world = world_size or tc.num_workers
-    per_step = tc.batch_size * mc.block_size * world
-    total = tc.total_batch_size
-    if total % per_step:
-        raise TrainConfigError(
-            f"total_batch_size_str={tc.total_batch_size_str!r} = {total} tokens is not divisible "
-            f"by batch_size*block_size*num_workers = {tc.batch_size}*{mc.block_size}*{world} = {per_step}")
-    for split in ("train", "val"):
-        tokens = manifest["splits"].get(split, {}).get("tokens", 0)
-        if (tokens - 1) // mc.block_size < world:
-            raise TrainConfigError(f"data_dir {data_dir}: the {split} split ({tokens} tokens) has "
-                                   f"fewer than num_workers={world} windows of block_size+1")
-    if tc.use_gpu:
-        pass   # the cluster decides; ScalingConfig fails fast when it has no GPU
-    if tc.resume_from is not None and "://" not in tc.resume_from:
-        rp = Path(tc.resume_from).expanduser().resolve()
-        if not (rp / "config.json").is_file():
-            raise TrainConfigError(f"resume_from {rp} is not a checkpoint directory (no config.json)")
-        tc = dataclasses.replace(tc, resume_from=str(rp))
-    if tc.resume_from is not None:
-        from chimera.checkpoint import read_config
-        old = read_config(tc.resume_from)
-        if old != mc.to_dict():
-            raise TrainConfigError(f"resume_from {tc.resume_from}: its model config differs from "
-                                   f"this run's model config")
-    storage = resolve_storage_path(tc.storage_path)
-    name = tc.run_name or default_run_name(tc, mc.to_dict())
-    if "/" in name or name in (".", ".."):
-        raise TrainConfigError(f"run_name={name!r} must be a plain name (no '/')")
-    tc = dataclasses.replace(tc, data_dir=str(data_dir), storage_path=storage, run_name=name)
-    return RunPlan(train=tc, model_config=mc.to_dict(), tokenizer=tokenizer, data_dir=str(data_dir),
-                   storage_path=storage, run_name=name, grad_accum=total // per_step)
-
-
-
-
-def add_arguments(p) -> None:
-    """Every model flag (models.config.FLAGS) and TrainConfig field as `--key`, generated from
-    their declarations; unspecified flags stay absent. Each action carries `doc_default` (its
-    effective default) for --help and docs/parameters.md."""
-    import argparse
-    from chimera.paths import DEFAULT_TOKENIZER
-    S = argparse.SUPPRESS
-    m = p.add_argument_group("model (only the flags given reach the model config)")
-    for f in mconfig.FLAGS:
-        if f.type is bool:
-            a = m.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=S, help=f.help)
-        else:
-            a = m.add_argument(f"--{f.name}", type=f.type, default=S, help=f.help)
-        if f.name != "vocab_size":                 # its default comes from the data
-            a.doc_default = f.default
-    model_group = ("layer_configs", "layer_configs_jsonl")
-    t = p.add_argument_group("training")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "model":
-            continue
-        g = m if f.name in model_group else t
-        base = str(f.type).split(" |")[0]
-        if base == "bool":
-            a = g.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=S,
-                               help=f.metadata["help"])
-        else:
-            a = g.add_argument(f"--{f.name}", type={"int": int, "float": float}.get(base, str),
-                               default=S, help=f.metadata["help"])
-        if f.default is not None:
-            a.doc_default = f.default
-        elif f.name == "tokenizer":                  # None: "not given", the folder rule's gpt2
-            a.doc_default = DEFAULT_TOKENIZER
-    p.add_argument("--config", default=S, help="YAML/JSON file with the same keys (CLI overrides it)")

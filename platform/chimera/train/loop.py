@@ -1,6 +1,8 @@
 """The training loop: `train_fn_per_worker(config)` (one per Ray Train worker) and `fit(plan)`.
 
-    from chimera.train.config import load_train_config, plan_run
+    from chimera.train.config import load_train_config
+
+    from chimera.train.plan import plan_run
     plan = plan_run(load_train_config({"max_iters": 50, "n_embd": 64, "data_dir": "..."}))
     summary = train_fn_per_worker(plan.worker_config)     # in-process, world size 1, no Ray
     summary = fit(plan)                                  # TorchTrainer on plan.train.num_workers
@@ -34,7 +36,8 @@ import torch.distributed as dist
 from chimera import checkpoint as ckpt
 from chimera.data.loader import ShardLoader
 from chimera.train.schedule import lr_at
-from chimera.train.config import RunPlan, TrainConfig
+from chimera.train.config import TrainConfig
+from chimera.train.plan import RunPlan
 
 # peak dense FLOP/s per worker for MFU when --peak_flops is not given
 GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
