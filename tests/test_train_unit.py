@@ -12,7 +12,8 @@ from chimera.train.batchexpr import BatchExprError, parse_batch_expr
 from chimera.checkpoint import load_train_state, load_weights, read_config
 from chimera.train.schedule import lr_at
 from chimera.train.config import TrainConfigError, load_train_config, plan_run
-from chimera.train.loop import state_hash, train_fn_per_worker
+from chimera.train.loop import train_fn_per_worker
+from chimera.train.measure import state_hash
 
 TINY = dict(n_layer=2, n_embd=32, n_head=4, attn="gqa", n_kv_heads=2, up_dim=64, block_size=32,
             batch_size=8, total_batch_size_str="8*32", learning_rate=3e-3, warmup_steps=5,
