@@ -1,5 +1,6 @@
-"""`python jobs/bench.py train`: bad arguments exit with code 2 before any data or Ray work
-(no timing is asserted here; the benchmark itself is run by hand, see docs/benchmarks.md)."""
+"""`python jobs/bench.py train`: bad arguments exit with code 2 before any data or Ray work;
+its timed worker stamps log steps through a hook (no timing is asserted here; the benchmark
+itself is run by hand, see docs/benchmarks.md)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,3 +49,19 @@ def test_missing_data_exits_2(bench_main, capsys, tmp_path):
     assert "has no manifest.json" in capsys.readouterr().err
     assert bench_main(["train", "--source", str(tmp_path / "nope.txt")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_timed_worker_stamps_every_log_step_through_a_hook(train_char_data, tmp_path):
+    import json
+
+    from chimera.benchmarks.train import timed_worker
+    from chimera.train.config import load_train_config
+    from chimera.train.plan import plan_run
+    plan = plan_run(load_train_config({
+        "data_dir": str(train_char_data), "storage_path": str(tmp_path), "run_name": "t",
+        "n_layer": 1, "n_embd": 32, "n_head": 4, "block_size": 32, "batch_size": 4,
+        "total_batch_size_str": "4*32", "max_iters": 6, "log_interval": 2, "num_threads": 1}))
+    timed_worker(plan.worker_config)
+    stamps = json.loads((tmp_path / "t.stamps.json").read_text())
+    assert [s for s, _ in stamps] == [2, 4, 6]
+    assert all(a[1] < b[1] for a, b in zip(stamps, stamps[1:]))

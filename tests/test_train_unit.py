@@ -1,9 +1,11 @@
 """Training without Ray: batch expressions, lr schedule, config validation, the in-process loop,
-checkpoint round trip and resume."""
+checkpoint round trip and resume, the Trainer's hooks, fault injection and in-process context."""
 from __future__ import annotations
 
 import json
 import math
+import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +15,12 @@ from chimera.checkpoint import load_train_state, load_weights, read_config
 from chimera.train.schedule import lr_at
 from chimera.train.config import TrainConfigError, load_train_config
 from chimera.train.plan import plan_run
-from chimera.train.loop import state_hash, train_fn_per_worker
+from chimera.train.loop import train_fn_per_worker
+from chimera.train.context import InProcess, worker_context
+from chimera.train.faults import CrashAtStep
+from chimera.train.hooks import Hook
+from chimera.train.measure import state_hash
+from chimera.train.trainer import Trainer
 
 TINY = dict(n_layer=2, n_embd=32, n_head=4, attn="gqa", n_kv_heads=2, up_dim=64, block_size=32,
             batch_size=8, total_batch_size_str="8*32", learning_rate=3e-3, warmup_steps=5,
@@ -161,6 +168,105 @@ def test_resume_from_rejects_other_model(train_char_data, tmp_path):
         _plan(train_char_data, tmp_path, n_embd=64, resume_from=str(c))
     with pytest.raises(TrainConfigError, match="not a checkpoint directory"):
         _plan(train_char_data, tmp_path, resume_from=str(tmp_path))
+
+
+# --- the Trainer's pieces: hooks, fault injection, the in-process context ----------------------
+class _Recorder(Hook):
+    def __init__(self):
+        self.before, self.after = [], []
+
+    def before_step(self, trainer, step):
+        self.before.append(step)
+
+    def on_step(self, trainer, step, metrics):
+        self.after.append((step, metrics))
+
+
+def test_a_hook_sees_every_step_and_the_row_recorded_there(train_char_data, tmp_path):
+    p = _plan(train_char_data, tmp_path, max_iters=7, log_interval=3, eval=True, eval_interval=5)
+    rec = _Recorder()
+    s = train_fn_per_worker(p.worker_config, hooks=[rec])
+    assert rec.before == list(range(7)) and [st for st, _ in rec.after] == list(range(1, 8))
+    rows = {h["step"]: h for h in s["history"]}                      # step 0: the first eval
+    assert [st for st, m in rec.after if m] == [3, 5, 6, 7]
+    assert all(m is rows[st] if m else st not in rows for st, m in rec.after)
+
+
+class _Exit(Exception):
+    pass
+
+
+def _fake_exit(code):
+    raise _Exit(code)
+
+
+def test_crash_at_step_exits_once_per_run(train_char_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(os, "_exit", _fake_exit)
+    p = _plan(train_char_data, tmp_path, run_name="c", max_iters=5, log_interval=1, crash_at_step=3)
+    with pytest.raises(_Exit) as e:
+        train_fn_per_worker(p.worker_config)
+    assert e.value.args == (1,) and "rank 0: injected crash at step 3" in capsys.readouterr().out
+    run = tmp_path / "runs" / "c"
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in rows] == [1, 2, 3]
+    assert (run / ".crashed_at_3").exists()
+    assert train_fn_per_worker(p.worker_config)["step"] == 5          # the same run again: passes 3
+
+
+def test_crash_hook_fires_on_the_last_rank_of_a_local_run_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "_exit", _fake_exit)
+    hook = CrashAtStep(4)
+    for rank, world, local, step in [(0, 2, True, 4), (1, 2, False, 4), (1, 2, True, 3)]:
+        hook.before_step(SimpleNamespace(rank=rank, world=world, local_run=local,
+                                         run_dir=str(tmp_path)), step)      # no crash
+    assert not list(tmp_path.iterdir())
+    last = SimpleNamespace(rank=1, world=2, local_run=True, run_dir=str(tmp_path))
+    with pytest.raises(_Exit):
+        hook.before_step(last, 4)
+    hook.before_step(last, 4)                                          # once: the marker is there
+    assert [f.name for f in tmp_path.iterdir()] == [".crashed_at_4"]
+
+
+def test_in_process_context_copies_and_prunes_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    ctx = worker_context(str(run), keep_checkpoints=2)                 # no Ray Train here
+    assert isinstance(ctx, InProcess) and (ctx.rank, ctx.world) == (0, 1)
+    assert ctx.device(use_gpu=False) == torch.device("cpu")
+    m = torch.nn.Linear(2, 2)
+    assert ctx.prepare_model(m) is m and ctx.latest_checkpoint() is None and ctx.node_id() is None
+    ctx.report({"step": 1})                                            # metrics alone go nowhere
+    assert not run.exists()
+    src = tmp_path / "tmp"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    for step in (1, 2, 3):
+        ctx.report({"step": step}, checkpoint=str(src), name=f"checkpoint_{step:06d}")
+    assert sorted(f.name for f in run.iterdir()) == ["checkpoint_000002", "checkpoint_000003"]
+    assert (run / "checkpoint_000003" / "config.json").read_text() == "{}"
+
+
+class _Reports(InProcess):
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.calls = []
+
+    def report(self, metrics, checkpoint=None, name=None):
+        self.calls.append((metrics["step"], name, "val_loss" in metrics))
+        super().report(metrics, checkpoint, name)
+
+
+def test_one_report_per_row_with_a_checkpoint_when_one_is_due(train_char_data, tmp_path):
+    p = _plan(train_char_data, tmp_path, max_iters=6, log_interval=2, eval=True, eval_interval=3,
+              save_model=True, ckpt_interval=4)
+    ctx = _Reports(p.run_dir, p.train.keep_checkpoints)
+    s = Trainer(p.worker_config, ctx).run()
+    assert [h["step"] for h in s["history"]] == [0, 2, 3, 4, 6]
+    assert ctx.calls == [(0, None, True), (2, None, True), (3, None, True),
+                         (4, "checkpoint_000004", True), (6, "checkpoint_000006", True)]
+    run = tmp_path / "runs" / p.run_name
+    assert sorted(f.name for f in run.iterdir()) == ["checkpoint_000004", "checkpoint_000006",
+                                                     "llm_model_best", "metrics.jsonl"]
+    assert s["last_checkpoint"] == f"{run}/checkpoint_000006"
 
 
 @pytest.fixture(autouse=True)

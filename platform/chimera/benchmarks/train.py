@@ -4,10 +4,11 @@ All rows come from one run, on a private local Ray instance with `--threads` CPU
   * Ray Train overhead: steady-state step time of `fit(plan)` (TorchTrainer, 1 worker,
     `--threads` torch threads) ÷ the same loop, `train_fn_per_worker(plan.worker_config)`,
     called in-process on the same threads. The in-process run is done before and after the
-    Ray runs (their times are pooled). Step time = wall time between two consecutive
-    rank-0 log lines ÷ the steps between them (so it includes logging and `ray.train.report`),
-    median over the intervals after `--warmup` steps; start-up is excluded. The loop's own
-    `step_time_s` (compute only) ratio is shown alongside. Target <= 1.03.
+    Ray runs (their times are pooled). Step time = wall time between the ends of two
+    consecutive log steps (rank 0; a LogStamps hook) ÷ the steps between them (so it includes
+    logging and `ray.train.report`), median over the intervals after `--warmup` steps;
+    start-up is excluded. The loop's own `step_time_s` (compute only) ratio is shown
+    alongside. Target <= 1.03.
   * Data-parallel efficiency: tokens/s of 2 workers x threads/2 threads ÷ 1 worker x threads
     threads, both under TorchTrainer, same global batch per optimizer step (2 micro-batches:
     one per worker, or two accumulated on the single worker). Target >= 0.85.
@@ -23,7 +24,6 @@ The data is Tiny Shakespeare prepared with the char tokenizer into a temporary f
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from chimera.train.hooks import Hook
 
 REPO = Path(__file__).resolve().parents[3]
 SHARED_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -128,41 +130,28 @@ def _model(s: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- the timed loop ----------------------------------------------------------------------------
+class LogStamps(Hook):
+    """The wall-clock time at the end of every log step (a recorded row with a loss) on
+    rank 0, as [(step, seconds), ...]."""
+
+    def __init__(self):
+        self.stamps: list[tuple[int, float]] = []
+
+    def on_step(self, trainer, step: int, metrics: dict[str, Any]) -> None:
+        if trainer.rank == 0 and "loss" in metrics:
+            self.stamps.append((step, time.perf_counter()))
+
+
 def timed_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """train_fn_per_worker(config), recording the wall-clock time of every rank-0 log line
-    ("step N/M ...") into <run_dir>.stamps.json (local storage) as [[step, seconds], ...].
+    """train_fn_per_worker(config) with a LogStamps hook; its stamps go to
+    <run_dir>.stamps.json (local storage) as [[step, seconds], ...].
     Module-level so that Ray workers import it (chimera travels as a py_module)."""
-    import chimera.train.loop as tr
-
-    original, stamps = tr._print0, []
-
-    def hook(rank: int, *a) -> None:
-        if rank == 0 and a and isinstance(a[0], str):
-            m = re.match(r"step (\d+)/\d+ ", a[0])
-            if m:
-                stamps.append((int(m.group(1)), time.perf_counter()))
-        original(rank, *a)
-
-    tr._print0 = hook
-    try:
-        summary = tr.train_fn_per_worker(config)
-    finally:
-        tr._print0 = original
-    if stamps:
-        _stamps_path(config).write_text(json.dumps(stamps))
+    from chimera.train.loop import train_fn_per_worker
+    timer = LogStamps()
+    summary = train_fn_per_worker(config, hooks=[timer])
+    if timer.stamps:
+        _stamps_path(config).write_text(json.dumps(timer.stamps))
     return summary
-
-
-@contextlib.contextmanager
-def _fit_runs_timed_worker():
-    """fit(plan) exactly as jobs/train.py calls it, with timed_worker as the per-worker fn."""
-    import chimera.train.loop as tr
-    original = tr.train_fn_per_worker
-    tr.train_fn_per_worker = timed_worker
-    try:
-        yield tr.fit
-    finally:
-        tr.train_fn_per_worker = original
 
 
 def _plan(data_dir: str, storage: str, name: str, s: dict, workers: int, threads: int):
@@ -202,8 +191,8 @@ def _measure(plan, in_process: bool, warmup: int) -> dict[str, float]:
         finally:
             torch.set_num_threads(threads)
     else:
-        with _fit_runs_timed_worker() as fit:
-            fit(plan)
+        from chimera.train.loop import fit
+        fit(plan, train_fn=timed_worker)      # fit exactly as jobs/train.py calls it, timed
     return _step_times(plan, _stamps_path(plan.worker_config), warmup)
 
 

@@ -123,8 +123,6 @@ def plan_run(tc: TrainConfig, world_size: int | None = None,
         if (tokens - 1) // mc.block_size < world:
             raise TrainConfigError(f"data_dir {data_dir}: the {split} split ({tokens} tokens) has "
                                    f"fewer than num_workers={world} windows of block_size+1")
-    if tc.use_gpu:
-        pass   # the cluster decides; ScalingConfig fails fast when it has no GPU
     if tc.resume_from is not None and "://" not in tc.resume_from:
         rp = Path(tc.resume_from).expanduser().resolve()
         if not (rp / "config.json").is_file():

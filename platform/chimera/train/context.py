@@ -1,0 +1,114 @@
+"""Where a Trainer runs: under Ray Train (a TorchTrainer worker) or in-process (a direct call:
+unit tests, single-worker sweep trials, benchmarks). One class each, the same methods, chosen
+once by `worker_context()`, so the Trainer never asks which one it has.
+
+    ctx = worker_context(run_dir, keep_checkpoints)    # UnderRayTrain or InProcess
+    ctx.rank, ctx.world                                 # this worker, all workers
+    ctx.device(use_gpu)                                 # torch.device of this worker
+    model = ctx.prepare_model(raw)                      # DDP under Ray (when world > 1)
+    source = ctx.latest_checkpoint()                    # ray.train.Checkpoint of this run, or None
+    ctx.report(metrics)                                 # a metrics row
+    ctx.report(metrics, checkpoint=tmp_dir, name="checkpoint_000100")    # ... with a checkpoint
+    ctx.node_id()                                       # Ray node id, or None
+
+Under Ray Train a checkpoint goes through `ray.train.report` into <run_dir>/<name> (Ray keeps
+the newest `keep_checkpoints`); in-process it is copied there and older ones are pruned here.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+from typing import Any
+
+import torch
+
+from chimera import checkpoint as ckpt
+
+
+def worker_context(run_dir: str, keep_checkpoints: int) -> UnderRayTrain | InProcess:
+    """UnderRayTrain inside a TorchTrainer worker, else InProcess."""
+    try:
+        import ray.train
+        ctx = ray.train.get_context()
+        ctx.get_world_size()
+    except Exception:
+        return InProcess(run_dir, keep_checkpoints)
+    return UnderRayTrain(ctx)
+
+
+class UnderRayTrain:
+    """A TorchTrainer worker: rank, world size, device and process group are Ray Train's."""
+
+    def __init__(self, ctx):
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def device(self, use_gpu: bool) -> torch.device:
+        import ray.train.torch
+        return ray.train.torch.get_device()
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+        return ray.train.torch.prepare_model(model)    # DDP: gloo on CPU, NCCL on GPU
+
+    def latest_checkpoint(self):
+        import ray.train
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint: str | None = None,
+               name: str | None = None) -> None:
+        """Every rank calls it with the same metrics; `checkpoint` (a local dir, rank 0 only)
+        and `name` (every rank) when a checkpoint is due."""
+        import ray.train
+        if name is None:
+            ray.train.report(metrics)
+        else:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint)
+                             if checkpoint is not None else None, checkpoint_dir_name=name)
+
+    def node_id(self) -> str | None:
+        try:
+            import ray
+            return ray.get_runtime_context().get_node_id()
+        except Exception:
+            return None
+
+
+class InProcess:
+    """A direct call: world size 1, no process group, nobody to report metrics to."""
+    rank, world = 0, 1
+
+    def __init__(self, run_dir: str, keep_checkpoints: int):
+        self.run_dir, self.keep = run_dir, keep_checkpoints
+
+    def device(self, use_gpu: bool) -> torch.device:
+        return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def latest_checkpoint(self):
+        return None
+
+    def report(self, metrics: dict[str, Any], checkpoint: str | None = None,
+               name: str | None = None) -> None:
+        """Metrics go nowhere (the run's metrics.jsonl and summary have them); a checkpoint is
+        copied to <run_dir>/<name>, then the run keeps its newest `keep_checkpoints`."""
+        if name is not None:
+            copy_dir(checkpoint, f"{self.run_dir}/{name}")
+            ckpt.prune(self.run_dir, self.keep)
+
+    def node_id(self) -> str | None:
+        return None
+
+
+def copy_dir(src: str, dst: str) -> None:
+    """Replace dst (local path or pyarrow URI) by a copy of local dir src."""
+    if "://" in dst:
+        import pyarrow.fs as pafs
+        fs, path = pafs.FileSystem.from_uri(dst)
+        with contextlib.suppress(Exception):
+            fs.delete_dir(path)
+        pafs.copy_files(src, dst)
+    else:
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst)
