@@ -104,3 +104,31 @@ def test_bad_flags_rejected_before_workers(train_char_data, tmp_path, train_main
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and match in err
     assert ray.is_initialized() == started and not (tmp_path / "bad").exists()
+
+
+def test_driver_output_has_each_rank0_line_once_and_a_true_summary(ray_cluster, train_char_data,
+                                                                   tmp_path):
+    """`python jobs/train.py` on 2 workers (the session's cluster, as `ray job submit` would run
+    it): every rank-0 log line once, no per-report INFO dump, and without --save_model the last
+    line still says where training ended and its losses."""
+    import os
+    import re
+    import subprocess
+
+    import ray
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    out = subprocess.run([sys.executable, "jobs/train.py", *TINY,
+                          *_args(train_char_data, tmp_path, "logs"), "--num_workers", "2",
+                          "--total_batch_size_str", "2*8*32", "--max_iters", "20",
+                          "--log_interval", "5", "--eval", "--eval_interval", "10"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    for step in (5, 10, 15, 20):
+        lines = [ln for ln in text.splitlines() if re.search(rf"\bstep {step}/20\b", ln)]
+        assert len(lines) == 1, f"step {step}/20 printed {len(lines)} times:\n" + "\n".join(lines)
+    assert len(re.findall(r"step 10: val", text)) == 1
+    assert "Reporting training result" not in text
+    last = [ln for ln in text.splitlines() if ln.startswith("finished at step")]
+    assert len(last) == 1 and re.match(r"finished at step 20: loss \d+\.\d{4}  train_loss \d+\.\d{4}  "
+                                       r"val_loss \d+\.\d{4}  best_val_loss \d+\.\d{4}$", last[0]), last

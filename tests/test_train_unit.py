@@ -255,18 +255,39 @@ class _Reports(InProcess):
         super().report(metrics, checkpoint, name)
 
 
-def test_one_report_per_row_with_a_checkpoint_when_one_is_due(train_char_data, tmp_path):
+def test_ray_sees_checkpoints_and_evals_only_when_asked(train_char_data, tmp_path):
+    """Each report is a barrier over the workers under Ray Train: the Trainer reports every
+    checkpoint, and eval rows only with report_evals (a sweep's Train trial); metrics.jsonl
+    keeps every row either way, and result.json the summary that fit() returns."""
     p = _plan(train_char_data, tmp_path, max_iters=6, log_interval=2, eval=True, eval_interval=3,
               save_model=True, ckpt_interval=4)
     ctx = _Reports(p.run_dir, p.train.keep_checkpoints)
     s = Trainer(p.worker_config, ctx).run()
     assert [h["step"] for h in s["history"]] == [0, 2, 3, 4, 6]
-    assert ctx.calls == [(0, None, True), (2, None, True), (3, None, True),
-                         (4, "checkpoint_000004", True), (6, "checkpoint_000006", True)]
+    assert ctx.calls == [(4, "checkpoint_000004", True), (6, "checkpoint_000006", True)]
     run = tmp_path / "runs" / p.run_name
     assert sorted(f.name for f in run.iterdir()) == ["checkpoint_000004", "checkpoint_000006",
-                                                     "llm_model_best", "metrics.jsonl"]
+                                                     "llm_model_best", "metrics.jsonl", "result.json"]
+    result = json.loads((run / "result.json").read_text())             # what fit() returns
+    assert result["step"] == 6 and result["metrics"] == s["metrics"]
+    assert result["last_checkpoint"] == s["last_checkpoint"] and result["best_checkpoint"] == s["best_checkpoint"]
+    assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [0, 2, 3, 4, 6]
     assert s["last_checkpoint"] == f"{run}/checkpoint_000006"
+
+    q = _plan(train_char_data, tmp_path, max_iters=6, log_interval=2, eval=True, eval_interval=3,
+              save_model=True, ckpt_interval=4, run_name="evals")
+    ctx = _Reports(q.run_dir, q.train.keep_checkpoints)
+    Trainer({**q.worker_config, "report_evals": True}, ctx).run()
+    assert ctx.calls == [(0, None, True), (3, None, True), (4, "checkpoint_000004", True),
+                         (6, "checkpoint_000006", True)]
+
+    r = _plan(train_char_data, tmp_path, max_iters=6, log_interval=2, run_name="plain")
+    ctx = _Reports(r.run_dir, r.train.keep_checkpoints)
+    s = Trainer(r.worker_config, ctx).run()
+    assert ctx.calls == []                              # no checkpoints, no evals asked: nothing
+    assert s["metrics"]["step"] == 6 and s["metrics"]["done"] is True
+    result = json.loads((tmp_path / "runs" / "plain" / "result.json").read_text())
+    assert result["step"] == 6 and result["metrics"]["loss"] == s["metrics"]["loss"]
 
 
 @pytest.fixture(autouse=True)

@@ -91,7 +91,7 @@ def run_trial(config: dict, trials: dict, ctx: dict) -> None:
     if ctx["num_workers"] == 1 and ctx["gpus"] == 0:
         s = train_fn_per_worker(plan.worker_config, report=lambda m: tune.report(clean(m, static)))
     else:
-        s = fit(plan, callbacks=[_forwarder(static)])
+        s = fit(plan, callbacks=[_forwarder(static)], report_evals=True)
     latest: dict = {}
     for m in history(run_dir):          # a run resumed at its last step reports nothing new
         latest.update(m)

@@ -13,12 +13,13 @@ TorchTrainer pickles train_fn_per_worker by name: workers import it from this mo
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Callable, Sequence
 
 from chimera.train.config import TrainConfig
 from chimera.train.plan import RunPlan
-from chimera.train.context import worker_context
+from chimera.train.context import RESULT, read_run_file, worker_context
 from chimera.train.faults import CrashAtStep
 from chimera.train.hooks import Hook
 from chimera.train.trainer import Trainer
@@ -36,18 +37,26 @@ def train_fn_per_worker(config: dict[str, Any], report: Callable[[dict], None] |
     return Trainer(config, ctx, hooks=hooks, report=report).run()
 
 
+# Workers print their own lines (rank 0's log line once): Ray Train's print patch would send
+# each print to its logger and, where stdout is redirected as in Ray workers, to stdout too.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
 def fit(plan: RunPlan, callbacks: list | None = None,
-        train_fn: Callable[[dict], dict] = train_fn_per_worker) -> dict[str, Any]:
+        train_fn: Callable[[dict], dict] = train_fn_per_worker,
+        report_evals: bool = False) -> dict[str, Any]:
     """Run `train_fn` (train_fn_per_worker; the train benchmark passes a timed one) on
     plan.train.num_workers Ray Train workers; a summary dict.
-    `callbacks`: Ray Train user callbacks (a sweep trial passes Tune's TuneReportCallback)."""
+    `callbacks`: Ray Train user callbacks (a sweep trial passes Tune's TuneReportCallback).
+    `report_evals`: report every eval row to Ray (that callback needs them), not only
+    checkpoints and the last row."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     tc = plan.train
     per_worker = {"CPU": max(1, tc.num_threads), **({"GPU": 1} if tc.use_gpu else {})}
     trainer = TorchTrainer(
-        train_fn, train_loop_config=plan.worker_config,
+        train_fn, train_loop_config={**plan.worker_config, "report_evals": report_evals},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
@@ -56,10 +65,17 @@ def fit(plan: RunPlan, callbacks: list | None = None,
                              checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
                              callbacks=callbacks,
                              # W&B settings of the driver (WANDB_MODE, WANDB_DIR, ...) reach rank 0
-                             worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items()
-                                                              if k.startswith("WANDB_")}}))
+                             worker_runtime_env={"env_vars": {
+                                 **{k: v for k, v in os.environ.items() if k.startswith("WANDB_")},
+                                 **WORKER_ENV}}))
     result = trainer.fit()
-    m = dict(result.metrics or {})
+    text = read_run_file(plan.run_dir, RESULT)           # rank 0 wrote it at the last step
+    if text is not None:
+        s = json.loads(text)
+        if result.checkpoint is not None:
+            s["last_checkpoint"] = result.checkpoint.path
+        return s
+    m = dict(result.metrics or {})                       # the latest checkpoint's metrics
     best = f"{plan.run_dir}/{tc.file_name}_best" if tc.save_model and m.get("best_val_loss") else None
     return {"step": m.get("step"), "metrics": m, "last_checkpoint":
             result.checkpoint.path if result.checkpoint else None, "best_checkpoint": best,

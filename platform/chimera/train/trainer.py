@@ -16,8 +16,12 @@ copied to <run>/<file_name>_best) and at the end. Rank 0 prints, writes <run>/me
 
 What costs time besides compute (look for `# sync:` and `# report:`): log_metrics() waits for
 the device and reads loss and grad norm (all-reduced over workers); evaluate() reads its sums;
-checkpoint() gathers every rank's RNG state; record() makes exactly one `ctx.report` per
-recorded row (under Ray Train: `ray.train.report`, a barrier over the workers).
+checkpoint() gathers every rank's RNG state. Under Ray Train every `ray.train.report` is a
+barrier over the workers through an actor (and a line in the log), so the Trainer reports to
+Ray only what Ray needs: each checkpoint (resume and fault tolerance) and, when `report_evals`
+is set (a sweep trial on Ray Train workers, whose Tune scheduler reads the metric there), every
+eval row. Every row still goes to metrics.jsonl, the rank-0 log line and W&B, and the last one
+to <run>/result.json, which `fit` returns (Ray's result holds only a checkpoint's metrics).
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ import torch.distributed as dist
 from chimera import checkpoint as ckpt
 from chimera.data.loader import ShardLoader
 from chimera.train.config import TrainConfig
-from chimera.train.context import copy_dir
+from chimera.train.context import RESULT, copy_dir, write_run_file
 from chimera.train.hooks import Hook
 from chimera.train.measure import all_mean, eval_losses, peak_flops, state_hash
 from chimera.train.schedule import lr_at
@@ -56,6 +60,7 @@ class Trainer:
         self.run_dir, self.accum = config["run_dir"], int(config["grad_accum"])
         self.local_run = "://" not in self.run_dir
         self.ctx, self.hooks, self.report = ctx, list(hooks), report
+        self.report_evals = bool(config.get("report_evals", False))
         self.rank, self.world = ctx.rank, ctx.world
         self.iter_num, self.best_val, self.resumed_from = 0, math.inf, None
         self.history: list[dict] = []
@@ -107,9 +112,11 @@ class Trainer:
             self.wb.finish()
         best = (f"{self.run_dir}/{tc.file_name}_best" if tc.save_model and self.best_val < math.inf
                 else None)
-        return {"step": self.iter_num, "metrics": self.last, "history": self.history,
-                "last_checkpoint": self.last_checkpoint, "best_checkpoint": best,
-                "resumed_from_step": self.resumed_from}
+        summary = {"step": self.iter_num, "metrics": self.last, "last_checkpoint": self.last_checkpoint,
+                   "best_checkpoint": best, "resumed_from_step": self.resumed_from}
+        if self.rank == 0 and self.history:              # a run resumed at its end adds nothing
+            write_run_file(self.run_dir, RESULT, json.dumps(summary, default=str) + "\n")
+        return {**summary, "history": self.history}
 
     def build(self) -> None:
         """Model, AdamW, GradScaler and the loaders on this worker's device."""
@@ -287,17 +294,21 @@ class Trainer:
                         step=self.iter_num)
         # reports carry the latest value of every metric, so each one has the val loss
         if tc.save_model and (best or periodic):
-            self.checkpoint(best, periodic)                  # report: inside, with the checkpoint
-        else:
+            self.checkpoint(best, periodic, self.needs_report(row))   # report: with a checkpoint
+        elif self.needs_report(row):
             self.ctx.report(dict(self.last))                 # report: the row's metrics
         if self.report is not None and "val_loss" in row:    # at evals: every key is fresh
             self.report(dict(self.last))
         return row
 
-    def checkpoint(self, best: bool, periodic: bool) -> None:
+    def needs_report(self, row: dict[str, Any]) -> bool:
+        """A row Ray must see without a checkpoint: an eval (or the last row) with report_evals."""
+        return self.report_evals and ("val_loss" in row or bool(row.get("done")))
+
+    def checkpoint(self, best: bool, periodic: bool, report: bool = True) -> None:
         """Every rank calls this (RNG states are gathered); rank 0 writes it to a temporary dir,
         copies it to <run>/<file_name>_best when `best`, and the context reports it as
-        <run>/checkpoint_NNNNNN when `periodic` (else reports the metrics alone)."""
+        <run>/checkpoint_NNNNNN when `periodic` (else the metrics alone, when `report`)."""
         tc, rank, world = self.tc, self.rank, self.world
         metrics = dict(self.last)
         rng = ckpt.rng_state()
@@ -320,8 +331,8 @@ class Trainer:
         if periodic:
             self.ctx.report(metrics, checkpoint=tmp, name=name)       # report: with it
             self.last_checkpoint = f"{self.run_dir}/{name}"
-        else:
-            self.ctx.report(metrics)                                  # report: best copy only
+        elif report:
+            self.ctx.report(metrics)                                  # report: the row alone
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
