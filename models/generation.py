@@ -12,51 +12,9 @@ than that is cut to its last block_size tokens). With the cache on:
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-
-def check_sampling_args(max_new_tokens, temperature, top_k, top_p) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
-                              or not 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
-
-
-def limit_vocab(logits: torch.Tensor, vocab_limit: int | None) -> torch.Tensor:
-    """logits (B, V) with ids >= vocab_limit made impossible (-inf): the embedding may be
-    padded past the tokenizer's vocabulary (e.g. 65 chars in a 128-row table), and a padded id
-    has no text."""
-    if vocab_limit is None or vocab_limit >= logits.size(-1):
-        return logits
-    return logits.masked_fill(torch.arange(logits.size(-1), device=logits.device) >= vocab_limit,
-                              float("-inf"))
-
-
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B, 1). temperature 0 is greedy."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]      # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p is not None and top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # drop a token when the tokens before it already cover top_p (the first always stays)
-        drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator)
+from models.sampling import SamplingParams, limit_vocab, sample_next
 
 
 @torch.no_grad()
@@ -70,7 +28,7 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
     early once every row has finished. With vocab_limit, only ids < vocab_limit are sampled
     (a tokenizer smaller than the model's padded vocabulary; see `limit_vocab`).
     """
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    SamplingParams(max_new_tokens, temperature, top_k, top_p)          # ValueError if bad
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) < 1 \
             or idx.dtype not in (torch.int64, torch.int32):
         raise ValueError("idx must be an integer tensor of shape (batch, T) with T >= 1")

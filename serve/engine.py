@@ -36,24 +36,7 @@ from typing import NamedTuple
 
 import torch
 
-from models.generation import check_sampling_args, limit_vocab, sample_next
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None          # None: a fresh random seed per request
-    stop: tuple[str, ...] = ()       # stop strings (not included in the text)
-
-    def __post_init__(self):
-        check_sampling_args(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be None or an integer, got {self.seed!r}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+from models.sampling import SamplingParams, limit_vocab, sample_next
 
 
 class Output(NamedTuple):
