@@ -24,10 +24,10 @@ from typing import AsyncIterator
 from ray import serve
 
 from models.sampling import SamplingParams
+from serve.driver import EngineDriver
 from serve.engine import Engine
 from serve.messages import Delta, Done, Error, Generation, Start
 from serve.metrics import ServeMetrics
-from serve.runner import AsyncRunner
 
 
 @serve.deployment
@@ -44,14 +44,14 @@ class LLMServer:
         self.name, self.tok, self.block = name, tok, model.cfg.block_size
         self.engine = Engine(model, tok, max_batch=max_batch)
         self.metrics = ServeMetrics(name)
-        self.runner = AsyncRunner(self.engine, on_step=self.metrics.on_step)
+        self.driver = EngineDriver(self.engine, on_step=self.metrics.on_step)
         self.health_timeout_s = health_timeout_s
         self.about = {"id": name, "checkpoint": checkpoint, "architecture": model.cfg.summary(),
                       "block_size": self.block, "vocab_size": model.cfg.vocab_size,
                       "tokenizer": tok.name, "device": device, "max_batch": max_batch}
 
     def describe(self) -> dict:
-        running, queued = self.runner.load()
+        running, queued = self.driver.load()
         return {**self.about, "running": running, "queued": queued}
 
     def _tokenize(self, prompt: str) -> list[int] | Error:
@@ -75,7 +75,7 @@ class LLMServer:
             return
         yield Start(len(ids))
         first = last = None
-        async for t, outs in self.runner.stream(uuid.uuid4().hex, ids, req.params):
+        async for t, outs in self.driver.stream(uuid.uuid4().hex, ids, req.params):
             n = sum(len(o.token_ids) for o in outs)
             text = "".join(o.text for o in outs)
             if n:
@@ -116,7 +116,7 @@ class LLMServer:
     async def check_health(self) -> None:
         """Serve's health check: a one-token greedy generation (it jumps the engine's queue)."""
         async def one_token():
-            async for _, outs in self.runner.stream(f"health-{uuid.uuid4().hex}",
+            async for _, outs in self.driver.stream(f"health-{uuid.uuid4().hex}",
                                                     [0], SamplingParams(1, 0.0), first=True):
                 if outs[-1].finish_reason not in (None, "length"):
                     raise RuntimeError(f"health generation ended with {outs[-1].finish_reason}")
