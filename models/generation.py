@@ -1,19 +1,16 @@
-"""Autoregressive sampling with the KV cache.
+"""model.generate: autoregressive sampling with the KV cache, a batch of rows in step.
 
-Context policy: the model always conditions on the last `block_size` tokens (a prompt longer
-than that is cut to its last block_size tokens). With the cache on:
-  * while the sequence fits in block_size, each step feeds only the newest token;
-  * once it no longer fits, every step resets the cache and re-prefills the last block_size
-    tokens. That keeps cached decoding exactly equal to uncached decoding, for every attention
-    and position type: when the window slides, every kept token's hidden states change (its
-    oldest context is gone, and absolute positions shift), so no cached entry stays valid.
-    Cost: past block_size each new token costs one block_size-token prefill — the same as
-    uncached decoding — instead of one token's worth of work.
+    out = model.generate(idx, 50, temperature=0.8, top_k=100, generator=g)   # (B, T) -> (B, T + 50)
+
+Which tokens each step feeds is the context-window rule of models/context.py (the serving
+engine follows the same rule): the last block_size tokens, re-prefilled every step once the
+sequence no longer fits. Sampling arguments are checked by models/sampling.py SamplingParams.
 """
 from __future__ import annotations
 
 import torch
 
+from models import context
 from models.sampling import SamplingParams, limit_vocab, sample_next
 
 
@@ -43,14 +40,14 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
         cache = model.new_cache(idx.size(0)) if use_cache else None
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         seq = idx
-        for step in range(max_new_tokens):
+        for _ in range(max_new_tokens):
             if cache is None:
-                logits = model.next_logits(seq[:, -window:])
-            elif step == 0 or seq.size(1) > window:
-                cache.reset()                                       # (re)prefill the window
-                logits = model.next_logits(seq[:, -window:], cache, 0)
+                logits = model.next_logits(seq[:, context.next_input(seq.size(1), 0, window).lo:])
             else:
-                logits = model.next_logits(seq[:, -1:], cache, cache.length)
+                feed = context.next_input(seq.size(1), cache.length, window)
+                if feed.start == 0:
+                    cache.reset()                                   # (re)prefill the window
+                logits = model.next_logits(seq[:, feed.lo:], cache, feed.start)
             nxt = sample_next(limit_vocab(logits, vocab_limit), temperature, top_k, top_p,
                               generator)                            # (B, 1)
             if eos_id is not None:

@@ -20,10 +20,11 @@ Each `step()` is schedule -> run -> postprocess, one role per file:
                             conditions, and frees finished rows.
 serve/driver.py runs `step()` from asyncio for the server.
 
-Context policy = models/generation.py: a prompt longer than block_size keeps its last
-block_size tokens; past block_size a row re-prefills its last block_size tokens every step.
-So each row's tokens equal `model.generate()` for that request alone (greedy, or seeded
-sampling with the same seed), whatever its batch mates — tests/test_serve_engine.py.
+The context-window rule is model.generate's, models/context.py: a prompt longer than
+block_size keeps its last block_size tokens; past block_size a row re-prefills its last
+block_size tokens every step. So each row's tokens equal `model.generate()` for that request
+alone (greedy, or seeded sampling with the same seed), whatever its batch mates —
+tests/test_serve_engine.py.
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ class Engine:
         self.sampler = Sampler(getattr(tokenizer, "vocab_size", None))
         self.tok = tokenizer
         self.eot = getattr(tokenizer, "eot_id", None)
-        self.block, self.vocab = block, model.cfg.vocab_size
+        self.vocab = model.cfg.vocab_size
 
     # --- requests (thread-safe) -----------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -83,7 +84,7 @@ class Engine:
             raise ValueError(f"prompt holds token ids outside [0, vocab_size={self.vocab})")
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little")
         gen = torch.Generator(device=self.runner.device).manual_seed(seed)
-        self.scheduler.add(Sequence(request_id, params, ids[-self.block:], len(ids), gen,
+        self.scheduler.add(Sequence(request_id, params, ids, len(ids), gen,
                                     Detokenizer(self.tok, params.stop), first=first))
 
     def cancel(self, request_id: str) -> None:

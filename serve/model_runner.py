@@ -8,7 +8,8 @@ One run is at most three passes: one decode pass for the running rows 0..d-1 (on
 per-row positions, so rows of different lengths share the batch), one prefill pass for the
 newcomers in rows d.. (right-padded, per-row positions; see models/attention/cache.py), and,
 for rows whose sequence no longer fits in block_size, one pass re-prefilling their windows in
-a scratch cache (the context-window rule of models/generation.py).
+a scratch cache. Which tokens each row feeds is the context-window rule of models/context.py,
+the rule model.generate follows.
 """
 from __future__ import annotations
 
@@ -44,11 +45,12 @@ class ModelRunner:
 
     def _prefill(self, seqs: list[Sequence], row0: int) -> torch.Tensor:
         """Prefill newcomers into cache rows row0.. (one right-padded batch) -> (m, V)."""
-        lens = [len(s.tokens) for s in seqs]
+        windows = [s.tokens[s.feed(self.block).lo:] for s in seqs]   # all start at 0
+        lens = [len(w) for w in windows]
         T = max(lens)
         idx = torch.zeros(len(seqs), T, dtype=torch.long)
         for i, s in enumerate(seqs):
-            idx[i, :lens[i]] = torch.tensor(s.tokens)
+            idx[i, :lens[i]] = torch.tensor(windows[i])
             s.cached = lens[i]
         idx = idx.to(self.device)
         view = self.cache.rows(row0, row0 + len(seqs))
@@ -59,16 +61,19 @@ class ModelRunner:
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One token for each running row (rows 0..n-1) -> (n, V)."""
-        over = [i for i, s in enumerate(seqs) if len(s.tokens) > self.block]
-        # a row past block_size decodes a dummy position here; its logits come from its window
-        start = torch.tensor([min(s.cached, self.block - 1) for s in seqs], device=self.device)
-        idx = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
-        logits = self.model.next_logits(idx, self.cache.rows(0, len(seqs)), start)
+        feeds = [s.feed(self.block) for s in seqs]
+        over = [i for i, f in enumerate(feeds) if f.start == 0]    # the window slid
+        # a row in the cache feeds its newest token at its next position; a row past
+        # block_size decodes a dummy position here, its logits come from its window
+        start = torch.tensor([f.start or self.block - 1 for f in feeds], device=self.device)
+        idx = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)     # (n, 1)
+        logits = self.model.next_logits(idx, self.cache.rows(0, len(seqs)), start)  # (n, V)
         if over:
             if self._scratch is None:
                 self._scratch = self.model.new_cache(self.max_batch)
-            win = torch.tensor([seqs[i].tokens[-self.block:] for i in over], device=self.device)
+            win = torch.tensor([seqs[i].tokens[feeds[i].lo:] for i in over],
+                               device=self.device)                  # (len(over), block_size)
             logits[over] = self.model.next_logits(win, self._scratch.rows(0, len(over)), 0)
-        for s in seqs:
-            s.cached += 1
+        for s, f in zip(seqs, feeds):
+            s.cached = s.cached + 1 if f.start else 0     # a slid row's own cache row is unused
         return logits

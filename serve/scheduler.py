@@ -97,12 +97,12 @@ class Scheduler:
     def _admit(self) -> list[Sequence]:
         new, budget = [], self.max_prefill_tokens
         while self.waiting and len(self.running) < self.max_batch:
-            n = len(self.waiting[0].tokens)
+            s = self.waiting[0]
+            n = len(s.tokens) - s.feed(self.block).lo           # the prompt's window
             if new and n > budget:
                 break
             budget -= n
-            s = self.waiting.pop(0)
-            self.running.append(s)
+            self.running.append(self.waiting.pop(0))
             new.append(s)
         return new
 
@@ -116,7 +116,7 @@ class Scheduler:
                 continue
             last = self.running.pop()
             if i < len(self.running):
-                if not last.done and len(last.tokens) <= self.block:
+                if not last.done and last.feed(self.block).start:    # its cache is read again
                     moves.append(RowMove(len(self.running), i, last.cached))
                 self.running[i] = last
         return moves

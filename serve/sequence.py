@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from models import context
 from models.sampling import SamplingParams
 from serve.detokenizer import Detokenizer
 
@@ -18,7 +19,7 @@ from serve.detokenizer import Detokenizer
 class Sequence:
     rid: str
     params: SamplingParams
-    tokens: list[int]                   # the (window of the) prompt, then generated tokens
+    tokens: list[int]                   # the prompt, then the generated tokens
     prompt_tokens: int
     gen: torch.Generator                # this request's own: its tokens do not depend on others
     detok: Detokenizer
@@ -26,3 +27,7 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     done: str | None = None             # why it finished: 'stop', 'length', 'abort' or 'error'
     first: bool = False                 # jump the queue (health checks)
+
+    def feed(self, block_size: int) -> context.Feed:
+        """What its next forward pass feeds, and where (the context-window rule)."""
+        return context.next_input(len(self.tokens), self.cached, block_size)
