@@ -71,7 +71,8 @@ def _fmt(key: str, v: Any) -> str:
 
 def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
     """Rows for every trial of a sweep directory, best first (see the module docstring)."""
-    from chimera.sweep.run import SUMMARY, measure_decode, read_plan
+    from chimera.sweep.measure import measure_decode
+    from chimera.sweep.run import SUMMARY, read_plan
 
     root = Path(root)
     plan = read_plan(root)

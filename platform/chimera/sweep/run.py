@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from chimera.sweep.measure import measure_decode
 from chimera.sweep.spec import SweepPlan, SweepSpec, SweepSpecError, Trial
 from chimera.train.config import resolve_storage_path
 
@@ -38,34 +39,6 @@ def sweep_dir(spec: SweepSpec) -> Path:
         raise SweepSpecError(f"storage_path={storage}: sweeps write their report locally; use a "
                              f"local or mounted shared path (multi-node: a shared file system)")
     return Path(storage) / spec.name
-
-
-def measure_decode(ckpt_dir: str | Path, tokens: int, device: str = "cpu") -> float:
-    """Tokens/s of batch-1 KV-cached sampling from a checkpoint (after a short warm-up), on
-    one CPU thread by default, so that every trial of a sweep is timed the same way."""
-    import torch
-
-    threads = torch.get_num_threads()
-    if device == "cpu":
-        torch.set_num_threads(1)
-    try:
-        return _decode(ckpt_dir, tokens, device, torch)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _decode(ckpt_dir, tokens, device, torch) -> float:
-    from chimera.checkpoint import load_model
-    model, _, _ = load_model(ckpt_dir, device)
-    idx = torch.zeros((1, 1), dtype=torch.long, device=device)
-    g = torch.Generator(device=device).manual_seed(0)
-    n = max(1, min(tokens, model.cfg.block_size - 1))
-    model.generate(idx, min(4, n), temperature=1.0, generator=g)              # warm-up
-    t0 = time.perf_counter()
-    model.generate(idx, n, temperature=1.0, generator=g)
-    if device != "cpu":
-        torch.cuda.synchronize()
-    return n / (time.perf_counter() - t0)
 
 
 def _trial_train_config(trial: dict, ctx: dict):
