@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                              temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                              eos_id=tok.eot_id, use_cache=False, generator=g,
                              vocab_limit=tok.vocab_size)
-        new = out[0, min(len(ids), model.cfg.block_size):].tolist()
+        new = out[0, len(ids):].tolist()                    # out = all of ids + the new ones
         if tok.eot_id in new:
             new = new[:new.index(tok.eot_id) + 1]
         text = tok.decode([t for t in new if t != tok.eot_id])
