@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,11 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from models.generation import check_sampling_args
-    from serve.engine import Engine, SamplingParams
+    from models.sampling import SamplingParams
+    from serve.engine import Engine
     from chimera.checkpoint import load_model
     try:
-        check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
         if not args.prompt:
             raise ValueError("--prompt is empty")
         if args.device not in ("auto", "cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
@@ -58,19 +59,19 @@ def main(argv: list[str] | None = None) -> int:
     if len(ids) > model.cfg.block_size:
         print(f"note: prompt of {len(ids)} tokens keeps its last {model.cfg.block_size}", file=sys.stderr)
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
+    params = replace(params, seed=seed)
     t0 = time.perf_counter()
     if args.no_kv_cache:
         g = torch.Generator(device=device).manual_seed(seed)
-        out = model.generate(torch.tensor([ids], device=device), args.max_new_tokens,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        out = model.generate(torch.tensor([ids], device=device), params.max_new_tokens,
+                             temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                              eos_id=tok.eot_id, use_cache=False, generator=g,
                              vocab_limit=tok.vocab_size)
-        new = out[0, min(len(ids), model.cfg.block_size):].tolist()
+        new = out[0, len(ids):].tolist()                    # out = all of ids + the new ones
         if tok.eot_id in new:
             new = new[:new.index(tok.eot_id) + 1]
         text = tok.decode([t for t in new if t != tok.eot_id])
     else:
-        params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, seed)
         done = Engine(model, tok, max_batch=1).run({"s": (ids, params)})["s"]
         new, text = done.token_ids, done.text
     dt = time.perf_counter() - t0

@@ -28,12 +28,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
+from serve.messages import Delta, Done, Error, Generation
 from serve.schemas import CompletionRequest, GenerateRequest, error_body, validation_error_body
 from serve.server import LLMServer
 
 api = FastAPI(title="Chimera", description="KV-cached generation with continuous batching")
-OVERLOADED = {"type": "error", "status": 503, **error_body(
-    "the server is overloaded; retry later", "overloaded_error", None, "overloaded")}
+OVERLOADED = Error(503, "the server is overloaded; retry later", "overloaded_error", None, "overloaded")
 
 
 class AppArgs(BaseModel):
@@ -173,20 +173,19 @@ class Ingress:
         return name, self.models[name]
 
     # --- calls into the model deployments -------------------------------------------------------
-    async def _complete(self, handle, payload: dict) -> dict:
+    async def _complete(self, handle, call: Generation) -> Done | Error:
         try:
-            return await handle.complete.remote(payload)
+            return await handle.complete.remote(call)
         except BackPressureError:
             return OVERLOADED
         except Exception as e:                                  # noqa: BLE001 - replica died
-            return {"type": "error", "status": 503, **error_body(
-                f"the model is unavailable ({type(e).__name__}); retry later", "server_error",
-                None, "unavailable")}
+            return Error(503, f"the model is unavailable ({type(e).__name__}); retry later",
+                         "server_error", None, "unavailable")
 
-    async def _open_stream(self, handle, payload: dict):
+    async def _open_stream(self, handle, call: Generation):
         """(first message, generator) — the first message is awaited so that errors and
         overload become a proper status code before any byte of the stream is sent."""
-        gen = handle.options(stream=True).generate.remote(payload)
+        gen = handle.options(stream=True).generate.remote(call)
         try:
             first = await gen.__anext__()
         except BackPressureError:           # never assigned: nothing to cancel
@@ -194,8 +193,8 @@ class Ingress:
         return first, gen
 
     @staticmethod
-    def _as_response(msg: dict) -> JSONResponse:
-        return JSONResponse({"error": msg["error"]}, status_code=msg["status"])
+    def _as_response(msg: Error) -> JSONResponse:
+        return JSONResponse(msg.body(), status_code=msg.status)
 
     # --- routes ---------------------------------------------------------------------------------
     @api.get("/health")
@@ -224,31 +223,29 @@ class Ingress:
         if isinstance(routed, JSONResponse):
             return routed
         name, handle = routed
-        payload = {"prompt": req.prompt, "max_new_tokens": req.max_new_tokens,
-                   "temperature": req.temperature, "top_k": req.top_k, "top_p": req.top_p,
-                   "seed": req.seed, "stop": list(req.stops())}
+        call = Generation(req.prompt, req.sampling())
 
-        def summary(m: dict, text: str) -> dict:
-            return {"model": name, "text": text, "prompt_tokens": m["prompt_tokens"],
-                    "completion_tokens": m["completion_tokens"], "finish_reason": m["finish_reason"],
-                    "timings": {"ttft_s": m["ttft_s"], "tokens_per_s": m["tokens_per_s"],
+        def summary(m: Done, text: str) -> dict:
+            return {"model": name, "text": text, "prompt_tokens": m.prompt_tokens,
+                    "completion_tokens": m.completion_tokens, "finish_reason": m.finish_reason,
+                    "timings": {"ttft_s": m.ttft_s, "tokens_per_s": m.tokens_per_s,
                                 "total_s": time.perf_counter() - t0}}
         if not req.stream:
-            out = await self._complete(handle, payload)
-            return self._as_response(out) if out["type"] == "error" else summary(out, out["text"])
-        first, gen = await self._open_stream(handle, payload)
-        if first["type"] == "error":
+            out = await self._complete(handle, call)
+            return self._as_response(out) if isinstance(out, Error) else summary(out, out.text)
+        first, gen = await self._open_stream(handle, call)
+        if isinstance(first, Error):
             return self._as_response(first)
 
         async def events():
             try:
                 async for m in gen:
-                    if m["type"] == "error":
-                        yield _sse({"error": m["error"]})
+                    if isinstance(m, Error):
+                        yield _sse(m.body())
                         break
                     # every event: the new text; the last one also the summary (text = delta)
-                    yield _sse({"text": m["text"], "tokens": m["tokens"]} if m["type"] == "delta"
-                               else {**summary(m, ""), "text": m["text"], "tokens": m["tokens"]})
+                    yield _sse({"text": m.text, "tokens": m.tokens} if isinstance(m, Delta)
+                               else {**summary(m, ""), "text": m.text, "tokens": m.tokens})
                 yield _sse("[DONE]")
             finally:
                 _cancel(gen)
@@ -263,28 +260,25 @@ class Ingress:
         if isinstance(routed, JSONResponse):
             return routed
         name, handle = routed
-        prompts, stops = req.prompts(), list(req.stops())
-        payloads = [{"prompt": p, "max_new_tokens": req.max_tokens, "temperature": req.temperature,
-                     "top_k": req.top_k, "top_p": req.top_p, "stop": stops,
-                     "seed": None if req.seed is None else req.seed + j}
-                    for p in prompts for j in range(req.n)]
+        params = [req.sampling(j) for j in range(req.n)]
+        calls = [Generation(p, params[j]) for p in req.prompts() for j in range(req.n)]
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "object": "text_completion", "created": created, "model": name}
 
-        def usage(finals: list[dict]) -> dict:
-            p = sum(f["prompt_tokens"] for f in finals[::req.n])   # each prompt counted once
-            c = sum(f["completion_tokens"] for f in finals)
+        def usage(finals: list[Done]) -> dict:
+            p = sum(f.prompt_tokens for f in finals[::req.n])      # each prompt counted once
+            c = sum(f.completion_tokens for f in finals)
             return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
         if not req.stream:
-            outs = await asyncio.gather(*(self._complete(handle, pl) for pl in payloads))
-            bad = next((o for o in outs if o["type"] == "error"), None)
+            outs = await asyncio.gather(*(self._complete(handle, c) for c in calls))
+            bad = next((o for o in outs if isinstance(o, Error)), None)
             if bad:
                 return self._as_response(bad)
-            return {**head, "choices": [{"index": i, "text": o["text"], "logprobs": None,
-                                         "finish_reason": o["finish_reason"]}
+            return {**head, "choices": [{"index": i, "text": o.text, "logprobs": None,
+                                         "finish_reason": o.finish_reason}
                                         for i, o in enumerate(outs)], "usage": usage(outs)}
-        opened = await asyncio.gather(*(self._open_stream(handle, pl) for pl in payloads))
-        bad = next((f for f, _ in opened if f["type"] == "error"), None)
+        opened = await asyncio.gather(*(self._open_stream(handle, c) for c in calls))
+        bad = next((f for f, _ in opened if isinstance(f, Error)), None)
         if bad:
             for _, g in opened:
                 _cancel(g)
@@ -302,20 +296,19 @@ class Ingress:
                 async for m in gen:
                     await q.put((i, m))
             except Exception as e:                              # noqa: BLE001 - ends the stream
-                await q.put((i, {"type": "error", "error": error_body(
-                    f"generation failed: {type(e).__name__}", "server_error")["error"]}))
+                await q.put((i, Error(500, f"generation failed: {type(e).__name__}", "server_error")))
         tasks = [asyncio.create_task(pump(i, g)) for i, (_, g) in enumerate(opened)]
-        finals: list[dict | None] = [None] * len(opened)
+        finals: list[Done | None] = [None] * len(opened)
         try:
             while any(f is None for f in finals):
                 i, m = await q.get()
-                if m["type"] == "error":
-                    yield _sse({"error": m["error"]})
+                if isinstance(m, Error):
+                    yield _sse(m.body())
                     break
-                done = m["type"] == "done"
-                if m["text"] or done:
-                    yield _sse({**head, "choices": [{"index": i, "text": m["text"], "logprobs": None,
-                                                     "finish_reason": m.get("finish_reason")}]})
+                done = isinstance(m, Done)
+                if m.text or done:
+                    yield _sse({**head, "choices": [{"index": i, "text": m.text, "logprobs": None,
+                                                     "finish_reason": m.finish_reason if done else None}]})
                 if done:
                     finals[i] = m
             else:

@@ -1,9 +1,13 @@
 """HTTP request bodies (pydantic, with bounds) and OpenAI-style error bodies.
 
-Types are strict (a string is not a number, a bool is not an int). Limits that depend on the
-deployment (max new tokens cap, the model's block_size) are checked by the app after parsing.
-`/v1/completions` ignores OpenAI fields it does not implement (logprobs, echo, user, ...);
-`/generate` refuses unknown fields.
+Types are strict (a string is not a number, a bool is not an int). The sampling bounds come
+from models/sampling.py (RULES, declared once), so a bad value is a 400 that names its field;
+`sampling()` then turns a body into the SamplingParams the engine runs (it cannot fail on a
+parsed body: tests/test_serve_schemas.py). Limits of this HTTP server only (temperature <= 100,
+seeds in [0, 2^63), at most 4 stop strings of 64 characters) sit here; limits that depend on
+the deployment (max new tokens cap, the model's block_size) are checked by the app after
+parsing. `/v1/completions` ignores OpenAI fields it does not implement (logprobs, echo, user,
+...); `/generate` refuses unknown fields.
 """
 from __future__ import annotations
 
@@ -12,10 +16,13 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from models.sampling import RULES, SamplingParams
+
 MAX_STOP, MAX_STOP_LEN, MAX_PROMPTS, MAX_N = 4, 64, 16, 8
-Temperature = Annotated[float, Field(ge=0.0, le=100.0)]
-TopP = Annotated[float, Field(gt=0.0, le=1.0)]
-TopK = Annotated[int, Field(ge=1)]
+MaxTokens = Annotated[int, Field(**RULES["max_new_tokens"].bounds)]
+Temperature = Annotated[float, Field(le=100.0, **RULES["temperature"].bounds)]
+TopP = Annotated[float, Field(**RULES["top_p"].bounds)]
+TopK = Annotated[int, Field(**RULES["top_k"].bounds)]
 Seed = Annotated[int, Field(ge=0, lt=2 ** 63)]
 Prompt = Annotated[str, Field(min_length=1)]
 
@@ -56,12 +63,19 @@ class _Common(BaseModel):
     def stops(self) -> tuple[str, ...]:
         return _stop_list(self.stop)
 
+    def _sampling(self, max_new_tokens: int, seed_offset: int) -> SamplingParams:
+        return SamplingParams(max_new_tokens, self.temperature, self.top_k, self.top_p,
+                              None if self.seed is None else self.seed + seed_offset, self.stops())
+
 
 class GenerateRequest(_Common):
     """POST /generate."""
     model_config = ConfigDict(strict=True, extra="forbid")
     prompt: Prompt
-    max_new_tokens: Annotated[int, Field(ge=1)] = 64
+    max_new_tokens: MaxTokens = 64
+
+    def sampling(self) -> SamplingParams:
+        return self._sampling(self.max_new_tokens, 0)
 
 
 class StreamOptions(BaseModel):
@@ -73,13 +87,17 @@ class CompletionRequest(_Common):
     """POST /v1/completions (OpenAI): prompt is a string or a list of strings; n choices each."""
     model_config = ConfigDict(strict=True, extra="ignore")
     prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS)]
-    max_tokens: Annotated[int, Field(ge=1)] = 16
+    max_tokens: MaxTokens = 16
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     top_p: TopP = 1.0
     stream_options: StreamOptions | None = None
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def sampling(self, choice: int) -> SamplingParams:
+        """Choice j of a prompt samples with seed + j (n choices differ, each reproducible)."""
+        return self._sampling(self.max_tokens, choice)
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,

@@ -1,30 +1,33 @@
 """The model deployment: one checkpoint, loaded inside the replica, behind a continuous-batching
-engine. The HTTP ingress (serve/app.py) calls it through a DeploymentHandle:
+engine. The HTTP ingress (serve/app.py) calls it through a DeploymentHandle, with the typed
+messages of serve/messages.py:
 
-    handle.complete.remote(req)                      -> one dict (the whole completion)
-    handle.options(stream=True).generate.remote(req) -> dicts: start, delta..., done
+    handle.complete.remote(Generation(prompt, params))                      -> Done | Error
+    handle.options(stream=True).generate.remote(Generation(prompt, params)) -> Start, Delta..., Done
+                                                                               (or an Error)
 
-`req` = {"prompt": str, "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop"}.
-Bad input comes back as {"type": "error", "status": 4xx, "error": {...}} (never an exception).
-Deltas carry the text produced since the previous one: under load several tokens per message.
+Bad input comes back as an Error with a 4xx status (never an exception). Deltas carry the text
+produced since the previous one: under load several tokens per message.
 
 Prompt policy: a prompt longer than the model's block_size tokens is refused (400,
 code context_length_exceeded); generation itself may run past block_size (sliding window,
-as models/generation.py). The model runs on the GPU when the replica has one.
+models/context.py). The model runs on the GPU when the replica has one.
 """
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
+from dataclasses import replace
 from typing import AsyncIterator
 
 from ray import serve
 
-from serve.engine import Engine, SamplingParams
+from models.sampling import SamplingParams
+from serve.driver import EngineDriver
+from serve.engine import Engine
+from serve.messages import Delta, Done, Error, Generation, Start
 from serve.metrics import ServeMetrics
-from serve.runner import AsyncRunner
-from serve.schemas import error_body
 
 
 @serve.deployment
@@ -41,46 +44,40 @@ class LLMServer:
         self.name, self.tok, self.block = name, tok, model.cfg.block_size
         self.engine = Engine(model, tok, max_batch=max_batch)
         self.metrics = ServeMetrics(name)
-        self.runner = AsyncRunner(self.engine, on_step=self.metrics.on_step)
+        self.driver = EngineDriver(self.engine, on_step=self.metrics.on_step)
         self.health_timeout_s = health_timeout_s
         self.about = {"id": name, "checkpoint": checkpoint, "architecture": model.cfg.summary(),
                       "block_size": self.block, "vocab_size": model.cfg.vocab_size,
                       "tokenizer": tok.name, "device": device, "max_batch": max_batch}
 
     def describe(self) -> dict:
-        running, queued = self.runner.load()
+        running, queued = self.driver.load()
         return {**self.about, "running": running, "queued": queued}
 
-    def _prepare(self, req: dict) -> tuple[list[int], SamplingParams] | dict:
+    def _tokenize(self, prompt: str) -> list[int] | Error:
         try:
-            ids = self.tok.encode(req["prompt"])
+            ids = self.tok.encode(prompt)
         except Exception as e:                                  # e.g. a char outside the vocab
-            return _error(400, f"prompt: cannot be tokenized ({e})", "prompt", "invalid_prompt")
+            return Error(400, f"prompt: cannot be tokenized ({e})", param="prompt",
+                         code="invalid_prompt")
         if not ids:
-            return _error(400, "prompt: encodes to no tokens", "prompt", "invalid_prompt")
+            return Error(400, "prompt: encodes to no tokens", param="prompt", code="invalid_prompt")
         if len(ids) > self.block:
-            return _error(400, f"prompt: {len(ids)} tokens, more than this model's context of "
-                               f"{self.block} tokens", "prompt", "context_length_exceeded")
-        try:
-            params = SamplingParams(req["max_new_tokens"], req.get("temperature", 1.0),
-                                    req.get("top_k"), req.get("top_p"), req.get("seed"),
-                                    tuple(req.get("stop") or ()))
-        except ValueError as e:
-            return _error(400, str(e), None, "invalid_value")
-        return ids, params
+            return Error(400, f"prompt: {len(ids)} tokens, more than this model's context of "
+                              f"{self.block} tokens", param="prompt", code="context_length_exceeded")
+        return ids
 
-    async def generate(self, req: dict) -> AsyncIterator[dict]:
+    async def generate(self, req: Generation) -> AsyncIterator[Start | Delta | Done | Error]:
         t0 = time.perf_counter()
-        prep = self._prepare(req)
-        if isinstance(prep, dict):
-            yield prep
+        ids = self._tokenize(req.prompt)
+        if isinstance(ids, Error):
+            yield ids
             return
-        ids, params = prep
-        yield {"type": "start", "prompt_tokens": len(ids)}
+        yield Start(len(ids))
         first = last = None
-        async for t, outs in self.runner.stream(uuid.uuid4().hex, ids, params):
+        async for t, outs in self.driver.stream(uuid.uuid4().hex, ids, req.params):
             n = sum(len(o.token_ids) for o in outs)
-            msg = {"type": "delta", "text": "".join(o.text for o in outs), "tokens": n}
+            text = "".join(o.text for o in outs)
             if n:
                 self.metrics.tokens.inc(n)
                 later = n
@@ -91,39 +88,36 @@ class LLMServer:
                     self.metrics.itl.observe((t - last) / later)
                 last = t
             o = outs[-1]
-            if o.finish_reason:
-                total = (last or t) - t0
-                tps = o.completion_tokens / total if total > 0 else 0.0
-                if o.completion_tokens:
-                    self.metrics.tps.observe(tps)
-                msg.update(type="done", finish_reason=o.finish_reason, prompt_tokens=len(ids),
-                           completion_tokens=o.completion_tokens,
-                           ttft_s=None if first is None else first - t0, total_s=total,
-                           tokens_per_s=tps)
-                if o.finish_reason == "error":
-                    msg.update(_error(500, "generation failed", None, "engine_error"))
-            yield msg
+            if not o.finish_reason:
+                yield Delta(text, n)
+                continue
+            total = (last or t) - t0
+            tps = o.completion_tokens / total if total > 0 else 0.0
+            if o.completion_tokens:
+                self.metrics.tps.observe(tps)
+            if o.finish_reason == "error":
+                yield Error(500, "generation failed", code="engine_error")
+            else:
+                yield Done(text, n, o.finish_reason, len(ids), o.completion_tokens,
+                           None if first is None else first - t0, total, tps)
 
-    async def complete(self, req: dict) -> dict:
+    async def complete(self, req: Generation) -> Done | Error:
+        """The whole completion: the Done message, its text all of the text."""
         text, final = [], None
         async for msg in self.generate(req):
-            if msg["type"] == "error":
+            if isinstance(msg, Error):
                 return msg
-            if msg["type"] in ("delta", "done"):
-                text.append(msg["text"])
-            if msg["type"] == "done":
+            if isinstance(msg, (Delta, Done)):
+                text.append(msg.text)
+            if isinstance(msg, Done):
                 final = msg
-        return {**final, "text": "".join(text)}
+        return replace(final, text="".join(text))
 
     async def check_health(self) -> None:
         """Serve's health check: a one-token greedy generation (it jumps the engine's queue)."""
         async def one_token():
-            async for _, outs in self.runner.stream(f"health-{uuid.uuid4().hex}",
+            async for _, outs in self.driver.stream(f"health-{uuid.uuid4().hex}",
                                                     [0], SamplingParams(1, 0.0), first=True):
                 if outs[-1].finish_reason not in (None, "length"):
                     raise RuntimeError(f"health generation ended with {outs[-1].finish_reason}")
         await asyncio.wait_for(one_token(), self.health_timeout_s)
-
-
-def _error(status: int, message: str, param: str | None, code: str) -> dict:
-    return {"type": "error", "status": status, **error_body(message, param=param, code=code)}

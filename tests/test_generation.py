@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from models import LLM, ModelConfig
-from models.generation import sample_next
+from models.sampling import sample_next
 from models.positions import SIN_SCALE
 
 V, BLOCK = 53, 16

@@ -35,6 +35,18 @@ def test_long_prompt_keeps_the_last_block(tiny_checkpoint):
     assert r.returncode == 0 and "keeps its last 64" in r.stderr
 
 
+def test_long_prompt_cached_and_uncached_agree(tiny_checkpoint):
+    """Past block_size both paths condition on the last block and print only the new text."""
+    long = "KING: " * 15                                                  # 90 tokens, block 64
+    a = sample("--model_path", str(tiny_checkpoint), "--prompt", long, "--max_new_tokens", "5",
+               "--temperature", "0")
+    b = sample("--model_path", str(tiny_checkpoint), "--prompt", long, "--max_new_tokens", "5",
+               "--temperature", "0", "--no_kv_cache")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert a.stdout == b.stdout and len(a.stdout) == len(long) + 5 + 1
+    assert "5 tokens in" in a.stderr and "5 tokens in" in b.stderr
+
+
 @pytest.mark.parametrize("args, msg", [
     (["--max_new_tokens", "0"], "max_new_tokens must be a positive integer"),
     (["--temperature", "-1"], "temperature must be a finite number >= 0"),

@@ -12,7 +12,8 @@ import torch
 
 from chimera.data.tokenizers import get_tokenizer
 from models import LLM, ModelConfig
-from serve.engine import Engine, SamplingParams, TextStream
+from serve.detokenizer import Detokenizer as TextStream
+from serve.engine import Engine, SamplingParams
 from test_generation import BLOCK, CASES, V, _varied, build, hetero
 
 ROOT_LAYERS = Path(__file__).resolve().parents[1] / "configs" / "hetero.jsonl"

@@ -76,7 +76,8 @@ def _train(tmp: Path, iters: int) -> Path:
 def _engine_ttft(ckpt: Path, threads: int, reps: int) -> float:
     import torch
 
-    from serve.engine import Engine, SamplingParams
+    from models.sampling import SamplingParams
+    from serve.engine import Engine
     from chimera.checkpoint import load_model
     torch.set_num_threads(threads)
     model, tok, _ = load_model(ckpt)

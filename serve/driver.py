@@ -1,14 +1,14 @@
-"""Drive an Engine from asyncio (the Serve replica's event loop), no Ray needed.
+"""The engine's asyncio driver: runs an Engine from the Serve replica's event loop (no Ray).
 
-    runner = AsyncRunner(engine, on_step=metrics.on_step)
-    async for t, outs in runner.stream("id", prompt_ids, params):   # lists of engine Outputs
+    driver = EngineDriver(engine, on_step=metrics.on_step)
+    async for t, outs in driver.stream("id", prompt_ids, params):   # lists of engine Outputs
         ...
 
 One background task runs `engine.step()` in a single worker thread while there is work
 (PyTorch releases the GIL, so the event loop keeps accepting requests meanwhile), and hands
 each step's outputs to the per-request queues. A consumer that stops early (client gone,
 cancelled) cancels its request: the engine frees the row at its next step. An exception in a
-step fails the requests in flight (finish_reason 'error') and the runner carries on.
+step fails the requests in flight (finish_reason 'error') and the driver carries on.
 """
 from __future__ import annotations
 
@@ -18,12 +18,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable
 
-from serve.engine import Engine, Output, SamplingParams
+from models.sampling import SamplingParams
+from serve.engine import Engine, Output
 
 log = logging.getLogger(__name__)
 
 
-class AsyncRunner:
+class EngineDriver:
     def __init__(self, engine: Engine, on_step: Callable[[Engine, float], None] | None = None):
         self.engine = engine
         self.on_step = on_step
