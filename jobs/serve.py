@@ -17,38 +17,18 @@ import signal
 import sys
 import time
 
-APP_FLAGS = ("checkpoint", "from_sweep", "top_k", "max_batch", "max_new_tokens_cap",
-             "max_body_bytes", "max_ongoing_requests", "max_queued_requests", "num_replicas",
-             "min_replicas", "max_replicas", "target_ongoing_requests", "num_cpus", "num_gpus",
-             "health_check_period_s", "health_check_timeout_s")
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from _paths import setup
+    setup()
+    from chimera.paramdocs import DocDefaultsFormatter
     p = argparse.ArgumentParser(prog="jobs/serve.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=DocDefaultsFormatter)
+    from serve.app import add_app_arguments
+    add_app_arguments(p)                      # the application's flags: serve.app.AppArgs
     a = p.add_argument
-    a("--checkpoint", action="append", default=[], metavar="[NAME=]PATH",
-      help="checkpoint dir or run dir (its best checkpoint); repeat for several models")
-    a("--from_sweep", metavar="DIR", help="serve the --top_k best trials of this sweep dir")
-    a("--top_k", type=int, default=1, help="with --from_sweep: how many trials (default 1)")
     a("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     a("--port", type=int, default=8000, help="HTTP port of Serve's proxy")
     a("--app_name", default="chimera", help="name of the Serve application")
-    a("--max_batch", type=int, default=16, help="rows of the running batch per replica")
-    a("--max_new_tokens_cap", type=int, default=1024, help="largest max_new_tokens/max_tokens accepted")
-    a("--max_body_bytes", type=int, default=1 << 20, help="largest request body (413 above)")
-    a("--max_ongoing_requests", type=int, help="per model replica (default 2 x --max_batch)")
-    a("--max_queued_requests", type=int, default=64, help="queued per model before 503")
-    a("--num_replicas", type=int, default=1, help="replicas per model (without autoscaling)")
-    a("--min_replicas", type=int, help="autoscaling lower bound (with --max_replicas)")
-    a("--max_replicas", type=int, help="turns autoscaling on")
-    a("--target_ongoing_requests", type=float, help="autoscaling target (default --max_batch)")
-    a("--num_cpus", type=float, default=1.0, help="CPUs per model replica (= torch threads)")
-    a("--num_gpus", type=float, default=0.0, help="GPUs per model replica")
-    a("--health_check_period_s", type=float, default=10.0,
-      help="seconds between replica health checks (a one-token generation)")
-    a("--health_check_timeout_s", type=float, default=30.0,
-      help="seconds before a health check counts as failed (the replica is replaced)")
     return p
 
 
@@ -62,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not 0 < args.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {args.port}")
-        app_args = AppArgs(**{k: getattr(args, k) for k in APP_FLAGS})
+        app_args = AppArgs(**{k: v for k, v in vars(args).items()
+                              if k not in ("host", "port", "app_name")})
         models = resolve_models(app_args)
     except ValidationError as e:
         err = e.errors(include_url=False)[0]

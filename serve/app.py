@@ -37,24 +37,30 @@ OVERLOADED = Error(503, "the server is overloaded; retry later", "overloaded_err
 
 
 class AppArgs(BaseModel):
-    """Arguments of build_app (`serve run serve.app:build_app key=value ...`)."""
+    """Arguments of build_app (`serve run serve.app:build_app key=value ...`), declared once:
+    jobs/serve.py's flags (type, default, help) and docs/parameters.md are generated from
+    these fields (`add_app_arguments`)."""
     model_config = ConfigDict(extra="forbid")
-    checkpoint: list[str] = []          # PATH or NAME=PATH; a run dir serves its best checkpoint
-    from_sweep: str | None = None       # serve the top_k best trials of this sweep dir
-    top_k: int = Field(1, ge=1, le=16)
-    max_batch: int = Field(16, ge=1, le=512)
-    max_new_tokens_cap: int = Field(1024, ge=1)
-    max_body_bytes: int = Field(1 << 20, ge=1024)
-    max_ongoing_requests: int | None = Field(None, ge=1)    # per model replica
-    max_queued_requests: int = Field(64, ge=0)
-    num_replicas: int = Field(1, ge=1)
-    min_replicas: int | None = Field(None, ge=0)            # autoscaling when max_replicas is set
-    max_replicas: int | None = Field(None, ge=1)
-    target_ongoing_requests: float | None = Field(None, gt=0)
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-    health_check_period_s: float = Field(10.0, gt=0)
-    health_check_timeout_s: float = Field(30.0, gt=0)
+    checkpoint: list[str] = Field([], description="checkpoint dir or run dir (its best checkpoint); "
+                                  "repeat for several models", json_schema_extra={"metavar": "[NAME=]PATH"})
+    from_sweep: str | None = Field(None, description="serve the --top_k best trials of this sweep dir",
+                                   json_schema_extra={"metavar": "DIR"})
+    top_k: int = Field(1, ge=1, le=16, description="with --from_sweep: how many trials")
+    max_batch: int = Field(16, ge=1, le=512, description="rows of the running batch per replica")
+    max_new_tokens_cap: int = Field(1024, ge=1, description="largest max_new_tokens/max_tokens accepted")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body (413 above)")
+    max_ongoing_requests: int | None = Field(None, ge=1, description="per model replica (default 2 x --max_batch)")
+    max_queued_requests: int = Field(64, ge=0, description="queued per model before 503")
+    num_replicas: int = Field(1, ge=1, description="replicas per model (without autoscaling)")
+    min_replicas: int | None = Field(None, ge=0, description="autoscaling lower bound (with --max_replicas)")
+    max_replicas: int | None = Field(None, ge=1, description="turns autoscaling on")
+    target_ongoing_requests: float | None = Field(None, gt=0, description="autoscaling target (default --max_batch)")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per model replica (= torch threads)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica")
+    health_check_period_s: float = Field(10.0, gt=0, description=(
+        "seconds between replica health checks (a one-token generation)"))
+    health_check_timeout_s: float = Field(30.0, gt=0, description=(
+        "seconds before a health check counts as failed (the replica is replaced)"))
 
     @field_validator("checkpoint", mode="before")
     @classmethod
@@ -68,6 +74,27 @@ class AppArgs(BaseModel):
         if self.max_replicas is not None and (self.min_replicas or 0) > self.max_replicas:
             raise ValueError(f"min_replicas={self.min_replicas} > max_replicas={self.max_replicas}")
         return self
+
+
+def add_app_arguments(p) -> list[str]:
+    """AppArgs' fields as `--field` flags of an argparse parser (unspecified flags stay absent,
+    so AppArgs supplies the defaults); returns the field names."""
+    import argparse
+    import typing
+    for name, f in AppArgs.model_fields.items():
+        extra = f.json_schema_extra or {}
+        kind = f.annotation
+        if type(None) in typing.get_args(kind):                      # X | None -> X
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if typing.get_origin(kind) is list:
+            a = p.add_argument(f"--{name}", action="append", default=argparse.SUPPRESS,
+                               metavar=extra.get("metavar"), help=f.description)
+        else:
+            a = p.add_argument(f"--{name}", type=kind, default=argparse.SUPPRESS,
+                               metavar=extra.get("metavar"), help=f.description)
+        if f.default is not None:
+            a.doc_default = f.default
+    return list(AppArgs.model_fields)
 
 
 def resolve_models(args: AppArgs) -> list[tuple[str, Any]]:

@@ -87,3 +87,25 @@ def test_every_declared_default_type_and_help_is_what_the_parser_and_docs_show()
     for k in spec_keys():
         fld = next(x for x in dataclasses.fields(SweepSpec) if x.name == k)
         assert f"| `{k}` |" in doc and fld.metadata["help"].split("`")[0][:20] in doc, k
+
+
+def test_serve_flags_are_the_app_arguments(monkeypatch):
+    """jobs/serve.py's application flags come from serve.app.AppArgs, with its defaults."""
+    import importlib.util
+    from pathlib import Path
+    import sys                       # its _paths; appended: jobs/serve.py must not shadow `serve`
+    monkeypatch.setattr(sys, "path", sys.path + [str(Path(__file__).resolve().parents[1] / "jobs")])
+
+    from serve.app import AppArgs
+    path = Path(__file__).resolve().parents[1] / "jobs" / "serve.py"
+    spec = importlib.util.spec_from_file_location("_serve_job", path)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    acts = _actions(job.build_parser())
+    for name, f in AppArgs.model_fields.items():
+        assert acts[name].help == f.description, name
+        assert getattr(acts[name], "doc_default", None) == (f.default if f.default is not None else None), name
+    assert set(acts) - set(AppArgs.model_fields) == {"help", "host", "port", "app_name"}
+    args = job.build_parser().parse_args(["--checkpoint", "a", "--checkpoint", "b", "--max_batch", "4"])
+    assert AppArgs(**{k: v for k, v in vars(args).items() if k in AppArgs.model_fields}) == \
+        AppArgs(checkpoint=["a", "b"], max_batch=4)

@@ -8,12 +8,12 @@ positions (the model's block_size), so the allocated bytes are exactly
 Positions. A forward pass with T new tokens writes them at `start`, which is either
   * an int shared by the whole batch (models/generation.py): the cache holds positions
     [0, length) and a pass writes [length, length + T), then advances `length`; or
-  * per-row starts, a (B,) integer tensor (continuous batching, serve/engine.py): row b writes
+  * per-row starts, a (B,) integer tensor (continuous batching, serve/model_runner.py): row b writes
     positions start[b] .. start[b]+T-1 and its queries see keys 0 .. their own position only
     (a per-row causal mask), so rows of different lengths share one batch. Keys a row has not
     written yet (stale entries of a previous request, padding) sit after its queries and are
     masked; a right-padded prefill writes pads there, which later tokens overwrite.
-Sliding past block_size is the model's concern (see models/generation.py): it resets the cache
+Sliding past block_size is the context-window rule's concern (models/context.py): it resets the cache
 and re-prefills the window.
 """
 from __future__ import annotations
