@@ -23,7 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[3].parent / "shared" / "data"
+from chimera.paths import SHARED_DATA
+
+SHARED = SHARED_DATA
 DEFAULT_TEXTS = ("tinystories/tinystories_val.txt", "wikitext/wikitext-2-raw/wiki.test.raw",
                  "tinyshakespeare/input.txt")
 MODEL = {"n_layer": 6, "n_embd": 384, "n_head": 6, "attn": "mha", "block_size": 256,

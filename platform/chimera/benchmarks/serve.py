@@ -30,8 +30,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[3]
-SHARED_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+from chimera.paths import SHARED_DATA
+
+SHARED_TEXT = SHARED_DATA / "tinyshakespeare" / "input.txt"
 PROMPT = "ROMEO:\nWhat light through yonder window breaks?\n"
 
 

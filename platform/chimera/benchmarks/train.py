@@ -36,10 +36,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from chimera.paths import REPO, SHARED_DATA
 from chimera.train.hooks import Hook
 
-REPO = Path(__file__).resolve().parents[3]
-SHARED_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+SHARED_TEXT = SHARED_DATA / "tinyshakespeare" / "input.txt"
 SECTIONS = ("overhead", "dp", "quality")
 
 # overhead/dp model and timing; quality run. `--quick` uses the second value of each pair.
