@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from models import context
+import models.context as context
 from models.sampling import SamplingParams, limit_vocab, sample_next
 
 

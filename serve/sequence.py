@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models import context
+import models.context as context
 from models.sampling import SamplingParams
 from serve.detokenizer import Detokenizer
 

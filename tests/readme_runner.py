@@ -252,12 +252,16 @@ class Sandbox:
                 raise RuntimeError("the sandbox shell exited:\n" + "".join(buf[-50:]))
             if not line and time.monotonic() >= deadline:
                 raise TimeoutError(f"no end after {timeout:.0f} s:\n" + "".join(buf[-50:]))
-            if line.startswith(self.nonce + "DONE "):
-                rc = int(line.split()[-1])
+            # a marker may follow output that did not end its line (print(..., end=""))
+            head, mark, tail = line.partition(self.nonce)
+            if head and mark:
+                buf.append(head + "\n")
+            if mark and tail.startswith("DONE "):
+                rc = int(tail.split()[-1])
                 break
-            if line.startswith(self.nonce + "FAILED "):
-                failed.append(line[len(self.nonce) + 7:].strip())
-            elif line:
+            if mark and tail.startswith("FAILED "):
+                failed.append(tail[len("FAILED "):].strip())
+            elif line and not mark:
                 buf.append(line)
         self.log.extend(buf)
         output = out_file.read_text() if capture_to_file else "".join(buf)

@@ -99,6 +99,8 @@ def test_sandbox_shell_keeps_state_and_reports_failed_commands(sandbox, tmp_path
         assert int(procs) <= 6                   # unshare's init, bash, the pipeline: PIDs of its own
         s = sh.run("echo '{\"a\": 1}'; echo x >&2", timeout=30, capture_to_file=True)
         assert s.output.splitlines() == ['{"a": 1}', "x"]
+        s = sh.run("printf 'no newline at the end'", timeout=30)    # print(..., end="")
+        assert s.rc == 0 and s.output == "no newline at the end\n" and s.failed == []
 
 
 @pytest.mark.slow

@@ -1,6 +1,15 @@
 """`python jobs/bench.py train`: the training platform's benchmark table.
 
-All rows come from one run, on a private local Ray instance with `--threads` CPUs:
+All rows come from one run, each `jobs/train.py` on a private local Ray instance:
+  * Platform tax: `jobs/train.py` (the baby-GPT recipe below, 1 worker, 1 torch thread) and the
+    bare loop of chimera.benchmarks.bare (same model, data, optimizer, schedule and eval; no
+    Ray, no reporting, no files) run side by side at the same time, one thread each; steady
+    state wall time per 100 steps, evaluations included (from step `--tax_from` to the end,
+    each timed where its step-N log line appears), train.py ÷ bare. At log_interval 10 and
+    at log_interval 1. Target <= 1.05.
+  * Start-up: seconds from `python jobs/train.py` starting to the end of its first optimizer
+    step (the arrival of its `step 1/1` line; no eval), 1 worker x `--threads` threads and
+    2 workers x 1 thread. Target <= 10 s.
   * Ray Train overhead: steady-state step time of `fit(plan)` (TorchTrainer, 1 worker,
     `--threads` torch threads) ÷ the same loop, `train_fn_per_worker(plan.worker_config)`,
     called in-process on the same threads. The in-process run is done before and after the
@@ -17,7 +26,8 @@ All rows come from one run, on a private local Ray instance with `--threads` CPU
     heads, n_embd 128, block 64, batch 12, lr 1e-3 -> 1e-4 cosine, warmup 100, beta2 0.99,
     2000 iters, dropout 0) run as `python jobs/train.py ...` in a subprocess; wall time from
     its start until the first eval (every `--eval_interval` steps, `--eval_iters` batches)
-    with val loss <= `--target_loss` (1.88). Target <= 4 min on 2 cores.
+    with val loss <= `--target_loss` (1.88), and the bare loop's time to the same val loss on the
+    same threads, run after it. Target <= 4 min on 2 cores, and <= bare x 1.05 + start-up.
 The data is Tiny Shakespeare prepared with the char tokenizer into a temporary folder
 (`--data_dir` to use a prepared one). `--quick` shrinks everything for a smoke run.
 """
@@ -40,12 +50,13 @@ from chimera.paths import REPO, SHARED_DATA
 from chimera.train.hooks import Hook
 
 SHARED_TEXT = SHARED_DATA / "tinyshakespeare" / "input.txt"
-SECTIONS = ("overhead", "dp", "quality")
+SECTIONS = ("tax", "startup", "overhead", "dp", "quality")
 
 # overhead/dp model and timing; quality run. `--quick` uses the second value of each pair.
 SIZES = {"n_layer": (4, 2), "n_embd": (256, 64), "n_head": (4, 4), "block_size": (128, 64),
          "batch_size": (8, 4), "steps": (40, 6), "warmup": (10, 2), "log_interval": (5, 2),
-         "max_iters": (2000, 60), "eval_interval": (100, 30), "eval_iters": (20, 4)}
+         "max_iters": (2000, 60), "eval_interval": (100, 30), "eval_iters": (20, 4),
+         "tax_iters": (1000, 300), "tax_from": (200, 100)}
 BABY_GPT = ["--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--block_size", "64",
             "--batch_size", "12", "--total_batch_size_str", "12*64", "--vocab_size", "65",
             "--learning_rate", "1e-3", "--warmup_steps", "100", "--beta2", "0.99",
@@ -79,6 +90,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                                                      f"(default {SIZES['eval_interval'][0]})")
     p.add_argument("--eval_iters", type=int, help="quality run: batches per eval "
                                                   f"(default {SIZES['eval_iters'][0]})")
+    p.add_argument("--tax_iters", type=int, help="tax runs: iterations "
+                                                 f"(default {SIZES['tax_iters'][0]})")
+    p.add_argument("--tax_from", type=int, help="tax runs: first step of the steady state "
+                                                f"(default {SIZES['tax_from'][0]})")
     p.add_argument("--target_loss", type=float, default=1.88, help="quality run: val loss to reach")
     p.add_argument("--timeout", type=float, default=900.0, help="quality run: seconds before it is stopped")
     p.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections to leave out")
@@ -103,6 +118,9 @@ def _validate(args: argparse.Namespace, s: dict[str, Any]) -> str | None:
         return f"--threads must be >= 1, got {args.threads}"
     if "dp" not in args.skip and args.threads < 2:
         return f"the dp section needs --threads >= 2 (two workers), got {args.threads}; or --skip dp"
+    if "tax" not in args.skip and (s["tax_from"] % 100 or s["tax_iters"] < s["tax_from"] + 100):
+        return (f"--tax_from ({s['tax_from']}) must be a multiple of 100 and --tax_iters "
+                f"({s['tax_iters']}) at least 100 more")
     if s["steps"] < s["log_interval"]:
         return f"--steps ({s['steps']}) must be >= --log_interval ({s['log_interval']})"
     if not args.target_loss > 0:
@@ -209,6 +227,116 @@ def _start_ray(threads: int) -> None:
     ray.init(address="local", num_cpus=threads, runtime_env=runtime_env(), include_dashboard=False)
 
 
+# --- jobs/train.py beside the bare loop --------------------------------------------------------
+STEP_LINE = re.compile(r"\bstep (\d+)/(\d+)\b")
+
+
+def _train_cmd(data_dir: str, storage: str, name: str, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "jobs" / "train.py"), *BABY_GPT, "--data_dir", data_dir,
+            "--storage_path", storage, "--run_name", name, *extra]
+
+
+def _env() -> dict[str, str]:
+    # a private local Ray instance for each job (init_ray honours RAY_ADDRESS; "local" = new)
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "local",
+            "PYTHONPATH": os.pathsep.join([str(REPO / "platform"), str(REPO)])}
+
+
+def _lines(proc, log_path: Path, t0: float, on_line=None) -> list[tuple[str, float]]:
+    """Every output line of `proc` with its arrival time (seconds since t0), also to log_path."""
+    out = []
+    with open(log_path, "w") as log:
+        for line in proc.stdout:
+            t = time.perf_counter() - t0
+            log.write(line)
+            out.append((line, t))
+            if on_line:
+                on_line(line, t)
+    return out
+
+
+def _steps(lines: list[tuple[str, float]]) -> dict[int, float]:
+    """{step: arrival time of its log line} (the first of repeated lines)."""
+    got: dict[int, float] = {}
+    for line, t in lines:
+        m = STEP_LINE.search(line)
+        if m:
+            got.setdefault(int(m.group(1)), t)
+    return got
+
+
+def _per_100(stamps: dict[int, float], start: int, end: int) -> float:
+    if start not in stamps or end not in stamps or end <= start:
+        raise RuntimeError(f"steps {start} and {end} were not both timed: {sorted(stamps)[-5:]}")
+    return (stamps[end] - stamps[start]) / ((end - start) / 100)
+
+
+def _tax(data_dir: str, storage: str, s: dict, log_interval: int) -> dict[str, Any]:
+    """jobs/train.py (1 worker, 1 thread) and the bare loop (1 thread), started together."""
+    import threading
+    it, frm = s["tax_iters"], s["tax_from"]
+    name = f"tax-log{log_interval}"
+    train_cmd = _train_cmd(data_dir, storage, name, "--max_iters", str(it), "--eval",
+                           "--eval_interval", "100", "--eval_iters", "20", "--log_interval",
+                           str(log_interval), "--num_threads", "1")
+    bare_cmd = [sys.executable, "-m", "chimera.benchmarks.bare", "--data_dir", data_dir,
+                "--max_iters", str(it), "--eval_interval", "100", "--eval_iters", "20",
+                "--threads", "1", "--", *BABY_GPT]
+    print(f"# tax run (log_interval {log_interval}): jobs/train.py and the bare loop, side by side",
+          flush=True)
+    t0 = time.perf_counter()
+    tp = subprocess.Popen(train_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=_env(), cwd=str(REPO), start_new_session=True)
+    bp = subprocess.Popen(bare_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=_env(), cwd=str(REPO), start_new_session=True)
+    got: dict[str, Any] = {}
+    th = threading.Thread(target=lambda: got.setdefault("bare", bp.stdout.read()))
+    th.start()
+    lines = _lines(tp, Path(storage) / f"{name}.log", t0)
+    rc, brc = tp.wait(), bp.wait()
+    th.join()
+    if rc or brc:
+        raise RuntimeError(f"tax run: jobs/train.py exited {rc}, bare loop {brc}:\n"
+                           + "".join(l for l, _ in lines[-10:]) + got.get("bare", "")[-2000:])
+    bare = json.loads(got["bare"].strip().splitlines()[-1])
+    b = {st: t for st, t in bare["stamps"]}
+    end = max(st for st in b if st % 100 == 0)
+    t_train, t_bare = _per_100(_steps(lines), frm, end), _per_100(b, frm, end)
+    return {"ratio": t_train / t_bare, "train": t_train, "bare": t_bare, "from": frm, "end": end}
+
+
+def _startup(data_dir: str, storage: str, workers: int, threads: int) -> float:
+    """Seconds from starting `python jobs/train.py` to the arrival of its `step 1/1` line."""
+    name = f"startup-{workers}w"
+    cmd = _train_cmd(data_dir, storage, name, "--max_iters", "1", "--log_interval", "1",
+                     "--num_workers", str(workers), "--num_threads", str(threads),
+                     "--total_batch_size_str", f"{workers}*12*64")
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=_env(), cwd=str(REPO), start_new_session=True)
+    lines = _lines(p, Path(storage) / f"{name}.log", t0)
+    if p.wait() != 0 or 1 not in _steps(lines):
+        raise RuntimeError(f"start-up run ({workers} workers) failed:\n" + "".join(l for l, _ in lines[-15:]))
+    return _steps(lines)[1]
+
+
+def _bare_quality(data_dir: str, s: dict, args) -> tuple[float | None, float]:
+    """The bare loop on the baby-GPT recipe (same threads): seconds from its start to the end of
+    the first eval with val <= target (None if never), and its whole run's seconds."""
+    cmd = [sys.executable, "-m", "chimera.benchmarks.bare", "--data_dir", data_dir,
+           "--max_iters", str(s["max_iters"]), "--eval_interval", str(s["eval_interval"]),
+           "--eval_iters", str(s["eval_iters"]), "--threads", str(args.threads), "--", *BABY_GPT]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=str(REPO),
+                         timeout=args.timeout)
+    total = time.perf_counter() - t0
+    if out.returncode:
+        raise RuntimeError(f"bare quality run exited {out.returncode}: {out.stderr[-2000:]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    hit = next((t for _, v, t in r["evals"] if v <= args.target_loss), None)
+    return hit, total
+
+
 # --- time to quality ---------------------------------------------------------------------------
 def _quality(data_dir: str, storage: str, s: dict, args) -> dict[str, Any]:
     cmd = [sys.executable, str(REPO / "jobs" / "train.py"), *BABY_GPT, "--data_dir", data_dir,
@@ -299,7 +427,31 @@ def run(args: argparse.Namespace) -> int:
               f"{os.cpu_count()} CPUs, data {data_dir} ({tok.get('name', tok.get('kind', '?'))}, "
               f"vocab {tok.get('vocab_size')}){', --quick' if args.quick else ''}", flush=True)
         storage = str(Path(tmp) / "runs")
+        Path(storage).mkdir(parents=True, exist_ok=True)
         from chimera.train.config import TrainConfigError
+
+        try:
+            if "tax" not in args.skip:
+                for li in (10, 1):
+                    t = _tax(data_dir, storage, s, li)
+                    rows.append((f"Platform tax: `jobs/train.py` ÷ bare loop, wall time per 100 steps "
+                                 f"(evals included, steps {t['from']}–{t['end']}), side by side, "
+                                 f"1 thread each, log_interval {li}",
+                                 f"{t['ratio']:.3f}  ({t['train']:.2f} vs {t['bare']:.2f} s per 100 steps)",
+                                 f"≤ 1.05 — {_verdict(t['ratio'] <= 1.05)}"))
+            startup = None
+            if "startup" not in args.skip:
+                startup = _startup(data_dir, storage, 1, args.threads)
+                rows.append((f"Start-up: `jobs/train.py` start → end of its first optimizer step, "
+                             f"1 worker × {args.threads} threads",
+                             f"{startup:.1f} s", f"≤ 10 s — {_verdict(startup <= 10)}"))
+                if args.threads >= 2:
+                    s2 = _startup(data_dir, storage, 2, 1)
+                    rows.append(("Start-up: the same, 2 workers × 1 thread", f"{s2:.1f} s",
+                                 f"≤ 10 s — {_verdict(s2 <= 10)}"))
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
 
         if {"overhead", "dp"} - set(args.skip):
             half = args.threads // 2
@@ -361,6 +513,20 @@ def run(args: argparse.Namespace) -> int:
             else:
                 rows.append((label, f"not reached: best val {best[1]:.4f} at step {best[0]}, "
                              f"{_mmss(best[2])}", "≤ 4 min — **missed**"))
+            try:
+                bare_hit, bare_total = _bare_quality(data_dir, s, args)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            if hit and bare_hit:
+                allowed = bare_hit * 1.05 + (startup or 0.0)
+                rows.append((f"Time to val loss ≤ {args.target_loss}: `jobs/train.py` ÷ (bare loop × 1.05 "
+                             f"+ start-up), same threads",
+                             f"{hit[2] / allowed:.3f}  ({_mmss(hit[2])} vs bare {_mmss(bare_hit)}"
+                             f"{f' + start-up {startup:.1f} s' if startup else ''}; bare run "
+                             f"{_mmss(bare_total)} in all)", f"≤ 1 — {_verdict(hit[2] <= allowed)}"))
+            elif not bare_hit:
+                rows.append((f"Bare loop: time to val loss ≤ {args.target_loss}", "not reached", ""))
             last = evals[-1]
             rows.append((f"Final val loss (step {last[0]} of {s['max_iters']})",
                          f"{last[1]:.4f}  (best {best[1]:.4f}; run wall time {_mmss(q['total'])}"
