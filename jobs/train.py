@@ -1,6 +1,6 @@
 r"""Train a model on Ray Train (locally, or on the cluster `ray job submit` points at).
 
-    python jobs/train.py --data_dir data/shakespeare_char --n_layer 4 --n_head 4 --n_embd 128 \
+    python jobs/train.py --tokenizer char --n_layer 4 --n_head 4 --n_embd 128 \
         --block_size 64 --batch_size 12 --total_batch_size_str 12*64 --max_iters 2000 --eval
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/train.py --config my.yaml
 
@@ -8,6 +8,9 @@ Flags: every model flag (only those given reach the model config), --layer_confi
 --layer_configs_jsonl, the training flags (see --help) and --config FILE (YAML/JSON, same keys;
 flags override it). Everything is checked before any worker starts (exit code 2).
 Re-running with the same --run_name (or the same settings) resumes from the latest checkpoint.
+One worker without --max_failures trains in this process (no Ray to start: seconds, not tens
+of seconds); more workers, restarts, object storage or a cluster (RAY_ADDRESS, as `ray job
+submit` sets it) train on Ray Train's TorchTrainer. --in_process / --no-in_process decide.
 """
 from __future__ import annotations
 
@@ -41,15 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from chimera.train.loop import runs_in_process, train
     tc = plan.train
-    print(f"run {plan.run_name} -> {plan.run_dir}  ({tc.num_workers} worker(s), "
-          f"grad_accum {plan.grad_accum})", flush=True)
-
-    from chimera.runtime import init_ray
-    from chimera.train.loop import fit
-    init_ray()
+    where = "in this process" if runs_in_process(plan) else f"{tc.num_workers} Ray Train worker(s)"
+    print(f"run {plan.run_name} -> {plan.run_dir}  ({where}, grad_accum {plan.grad_accum})", flush=True)
     try:
-        s = fit(plan)
+        s = train(plan)
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
     except Exception as e:           # ray.train.TrainingFailedError and friends
         print(f"error: training failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
               file=sys.stderr)

@@ -120,6 +120,50 @@ def test_main_rejects_before_workers(train_char_data, tmp_path, capsys):
     assert e.value.code == 2
 
 
+def test_where_jobs_train_runs(train_char_data, tmp_path, monkeypatch):
+    """One worker, no restarts, local storage, no cluster: in this process; anything else (or
+    --no-in_process): Ray Train. --in_process cannot run what needs Ray Train."""
+    from chimera.train.loop import runs_in_process
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert runs_in_process(_plan(train_char_data, tmp_path))
+    assert not runs_in_process(_plan(train_char_data, tmp_path, in_process=False))
+    assert not runs_in_process(_plan(train_char_data, tmp_path, num_workers=2,
+                                     total_batch_size_str="2*8*32"))
+    assert not runs_in_process(_plan(train_char_data, tmp_path, max_failures=1))
+    assert not runs_in_process(_plan(train_char_data, tmp_path, storage_path="s3://bucket/runs"))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")              # as `ray job submit` sets it
+    assert not runs_in_process(_plan(train_char_data, tmp_path))
+    assert runs_in_process(_plan(train_char_data, tmp_path, in_process=True))
+    with pytest.raises(TrainConfigError, match="in_process runs one worker without restarts"):
+        _plan(train_char_data, tmp_path, in_process=True, max_failures=2)
+
+
+def test_in_process_job_resumes_by_run_name_without_importing_ray(train_char_data, tmp_path):
+    """jobs/train.py in this process, twice with the same run name: the second run continues
+    from the first's latest checkpoint, as a Ray Train run would; Ray is never imported."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    args = ["--data_dir", str(train_char_data), "--storage_path", str(tmp_path), "--run_name", "again",
+            "--n_layer", "2", "--n_embd", "32", "--n_head", "4", "--attn", "gqa", "--n_kv_heads", "2",
+            "--block_size", "32", "--batch_size", "8", "--total_batch_size_str", "8*32",
+            "--log_interval", "2", "--save_model", "--ckpt_interval", "4"]
+    code = ("import sys; sys.path.insert(0, 'jobs'); import train; rc = train.main(sys.argv[1:]); "
+            "print('ray imported:', 'ray' in sys.modules); sys.exit(rc)")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    for iters in ("6", "10"):
+        out = subprocess.run([sys.executable, "-c", code, *args, "--max_iters", iters], cwd=root,
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "(in this process," in out.stdout and "ray imported: False" in out.stdout
+    assert "resumed from step 6" in out.stdout and "finished at step 10" in out.stdout
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8, 10]                 # no step of the first run trained twice
+    assert sorted(p.name for p in (tmp_path / "again").glob("checkpoint_*")) == [
+        "checkpoint_000004", "checkpoint_000006", "checkpoint_000008", "checkpoint_000010"][-3:]
+
+
 # --- the loop, in-process (world size 1) ------------------------------------------------------
 def test_in_process_training_loss_falls(train_char_data, tmp_path):
     p = _plan(train_char_data, tmp_path, max_iters=60, eval=True, eval_interval=30, log_interval=10)

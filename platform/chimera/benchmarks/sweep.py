@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import ray
     import torch
-    from chimera.runtime import runtime_env
+    from chimera.runtime import init_ray
     from chimera.sweep.run import run_sweep
     from chimera.sweep.spec import SweepSpecError
     from chimera.sweep.trials import expand
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         if ray.is_initialized():
             ray.shutdown()
-        ray.init(address="local", num_cpus=args.threads, runtime_env=runtime_env(), include_dashboard=False)
+        init_ray(num_cpus=args.threads, address="local")     # private, as jobs/sweep.py starts one
         try:
             fifo = run_sweep(fifo_plan, verbose=0)
             asha = run_sweep(asha_plan, verbose=0)

@@ -221,10 +221,10 @@ def _stamps_path(config: dict[str, Any]) -> Path:
 def _start_ray(threads: int) -> None:
     """A private local instance (never a cluster found through RAY_ADDRESS or `ray start`)."""
     import ray
-    from chimera.runtime import runtime_env
+    from chimera.runtime import init_ray
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=threads, runtime_env=runtime_env(), include_dashboard=False)
+    init_ray(num_cpus=threads, address="local")       # as jobs/train.py starts one
 
 
 # --- jobs/train.py beside the bare loop --------------------------------------------------------
@@ -272,7 +272,9 @@ def _per_100(stamps: dict[int, float], start: int, end: int) -> float:
 
 
 def _tax(data_dir: str, storage: str, s: dict, log_interval: int) -> dict[str, Any]:
-    """jobs/train.py (1 worker, 1 thread) and the bare loop (1 thread), started together."""
+    """jobs/train.py (1 worker, 1 thread) and the bare loop (1 thread) side by side: the bare
+    loop starts when train.py's first step line arrives (after its start-up), so that their
+    steady states run at the same time, one core each."""
     import threading
     it, frm = s["tax_iters"], s["tax_from"]
     name = f"tax-log{log_interval}"
@@ -287,14 +289,23 @@ def _tax(data_dir: str, storage: str, s: dict, log_interval: int) -> dict[str, A
     t0 = time.perf_counter()
     tp = subprocess.Popen(train_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=_env(), cwd=str(REPO), start_new_session=True)
-    bp = subprocess.Popen(bare_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=_env(), cwd=str(REPO), start_new_session=True)
     got: dict[str, Any] = {}
-    th = threading.Thread(target=lambda: got.setdefault("bare", bp.stdout.read()))
-    th.start()
-    lines = _lines(tp, Path(storage) / f"{name}.log", t0)
-    rc, brc = tp.wait(), bp.wait()
-    th.join()
+
+    def start_bare(line: str, t: float) -> None:
+        if "bare" not in got and STEP_LINE.search(line):
+            bp = subprocess.Popen(bare_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, env=_env(), cwd=str(REPO), start_new_session=True)
+            got["bare"] = bp
+            got["thread"] = threading.Thread(target=lambda: got.setdefault("out", bp.stdout.read()))
+            got["thread"].start()
+    lines = _lines(tp, Path(storage) / f"{name}.log", t0, on_line=start_bare)
+    rc = tp.wait()
+    if "bare" not in got:
+        raise RuntimeError("tax run: jobs/train.py printed no step line:\n"
+                           + "".join(l for l, _ in lines[-15:]))
+    brc = got["bare"].wait()
+    got["thread"].join()
+    got["bare"] = got.pop("out", "")
     if rc or brc:
         raise RuntimeError(f"tax run: jobs/train.py exited {rc}, bare loop {brc}:\n"
                            + "".join(l for l, _ in lines[-10:]) + got.get("bare", "")[-2000:])

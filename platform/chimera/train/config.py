@@ -101,6 +101,9 @@ class TrainConfig:
         "torch.compile the model")
     num_workers: int = opt(1,
         "Ray Train workers (data-parallel ranks)")
+    in_process: bool | None = opt(None,
+        "train in this process, without starting Ray (one worker only); default: when a run can "
+        "(1 worker, no --max_failures, local storage, no RAY_ADDRESS), else on Ray Train", "auto")
     use_gpu: bool = opt(False,
         "one GPU per worker (NCCL); CPU and gloo otherwise")
     num_threads: int = opt(0,
@@ -157,6 +160,9 @@ class TrainConfig:
         for k in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, k) < 1.0:
                 raise TrainConfigError(f"{k}={getattr(self, k)} must be in [0, 1)")
+        if self.in_process and (self.num_workers != 1 or self.max_failures != 0):
+            raise TrainConfigError(f"in_process runs one worker without restarts: got num_workers="
+                                   f"{self.num_workers}, max_failures={self.max_failures}")
         if self.tokenizer is not None:
             from chimera.data.tokenizers import TOKENIZERS
             if self.tokenizer not in TOKENIZERS:

@@ -27,6 +27,9 @@ from chimera import checkpoint as ckpt
 
 def worker_context(run_dir: str, keep_checkpoints: int) -> UnderRayTrain | InProcess:
     """UnderRayTrain inside a TorchTrainer worker, else InProcess."""
+    import sys
+    if "ray" not in sys.modules:              # no Ray in this process: not a Ray worker
+        return InProcess(run_dir, keep_checkpoints)
     try:
         import ray.train
         ctx = ray.train.get_context()
@@ -80,8 +83,30 @@ class UnderRayTrain:
             return None
 
 
+class LocalCheckpoint:
+    """A checkpoint directory on this machine, used like a ray.train.Checkpoint (the Trainer
+    calls `as_directory()` and reads `path`) without importing Ray."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    @contextlib.contextmanager
+    def as_directory(self):
+        yield self.path
+
+
+def checkpoint_at(path: str):
+    """A checkpoint to restore from: local directories without Ray, URIs through Ray's."""
+    if "://" in path:
+        from ray.train import Checkpoint
+        return Checkpoint(path)
+    return LocalCheckpoint(path)
+
+
 class InProcess:
-    """A direct call: world size 1, no process group, nobody to report metrics to."""
+    """A direct call: world size 1, no process group, nobody to report metrics to. The run's
+    own latest complete checkpoint (local storage) is where a re-run resumes, as Ray Train
+    resumes a run by its name."""
     rank, world = 0, 1
 
     def __init__(self, run_dir: str, keep_checkpoints: int):
@@ -93,15 +118,25 @@ class InProcess:
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
-    def latest_checkpoint(self):
-        return None
+    def latest_checkpoint(self) -> LocalCheckpoint | None:
+        """The newest checkpoint_NNNNNN/ of the run dir holding weights and a train state."""
+        done = [p for p in ckpt.list_checkpoints(self.run_dir)
+                if (p / ckpt.WEIGHTS).is_file() and (p / ckpt.STATE).is_file()]
+        return LocalCheckpoint(str(done[-1])) if done else None
 
     def report(self, metrics: dict[str, Any], checkpoint: str | None = None,
                name: str | None = None) -> None:
         """Metrics go nowhere (the run's metrics.jsonl and summary have them); a checkpoint is
         copied to <run_dir>/<name>, then the run keeps its newest `keep_checkpoints`."""
         if name is not None:
-            copy_dir(checkpoint, f"{self.run_dir}/{name}")
+            if "://" in self.run_dir:
+                copy_dir(checkpoint, f"{self.run_dir}/{name}")
+            else:                             # whole or not at all: a kill cannot leave half
+                import os
+                tmp = f"{self.run_dir}/.{name}.tmp"
+                copy_dir(checkpoint, tmp)
+                shutil.rmtree(f"{self.run_dir}/{name}", ignore_errors=True)
+                os.replace(tmp, f"{self.run_dir}/{name}")
             ckpt.prune(self.run_dir, self.keep)
 
     def node_id(self) -> str | None:

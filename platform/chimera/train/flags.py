@@ -39,7 +39,9 @@ def add_arguments(p) -> None:
         else:
             a = g.add_argument(f"--{f.name}", type={"int": int, "float": float}.get(base, str),
                                default=S, help=f.metadata["help"])
-        if f.default is not None:
+        if "doc_default" in f.metadata:              # a default decided at run time
+            a.doc_default = f.metadata["doc_default"]
+        elif f.default is not None:
             a.doc_default = f.default
         elif f.name == "tokenizer":                  # None: "not given", the folder rule's gpt2
             a.doc_default = DEFAULT_TOKENIZER

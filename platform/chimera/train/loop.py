@@ -37,9 +37,27 @@ def train_fn_per_worker(config: dict[str, Any], report: Callable[[dict], None] |
     return Trainer(config, ctx, hooks=hooks, report=report).run()
 
 
-# Workers print their own lines (rank 0's log line once): Ray Train's print patch would send
-# each print to its logger and, where stdout is redirected as in Ray workers, to stdout too.
-WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+def runs_in_process(plan: RunPlan) -> bool:
+    """Where jobs/train.py trains: in its own process (no Ray started) when asked, or by default
+    when nothing needs Ray Train: one worker, no restarts (--max_failures 0), local storage, no
+    cluster to join (RAY_ADDRESS unset or "local"). A re-run resumes from the run's own latest
+    checkpoint either way; on a cluster (`ray job submit`) it is always Ray Train."""
+    tc = plan.train
+    if tc.in_process is not None:
+        return tc.in_process
+    return (tc.num_workers == 1 and tc.max_failures == 0 and "://" not in plan.run_dir
+            and os.environ.get("RAY_ADDRESS", "local") == "local")
+
+
+def train(plan: RunPlan) -> dict[str, Any]:
+    """jobs/train.py's run: in this process (runs_in_process), or on Ray Train workers."""
+    if runs_in_process(plan):
+        s = train_fn_per_worker(plan.worker_config)
+        s.pop("history", None)
+        return s
+    from chimera.runtime import init_ray
+    init_ray()
+    return fit(plan)
 
 
 def fit(plan: RunPlan, callbacks: list | None = None,
@@ -53,7 +71,14 @@ def fit(plan: RunPlan, callbacks: list | None = None,
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from chimera.runtime import started_local
     tc = plan.train
+    # W&B settings of the driver (WANDB_MODE, WANDB_DIR, ...) reach rank 0. Only when there is
+    # something to pass: workers with a runtime env cannot use Ray's idle worker processes.
+    env = {k: v for k, v in os.environ.items() if k.startswith("WANDB_")} if tc.wandb_log else {}
+    if not started_local():          # a local instance's workers inherit init_ray's settings
+        from chimera.runtime import TRAIN_ENV
+        env.update(TRAIN_ENV)
     per_worker = {"CPU": max(1, tc.num_threads), **({"GPU": 1} if tc.use_gpu else {})}
     trainer = TorchTrainer(
         train_fn, train_loop_config={**plan.worker_config, "report_evals": report_evals},
@@ -64,10 +89,7 @@ def fit(plan: RunPlan, callbacks: list | None = None,
                              failure_config=FailureConfig(max_failures=tc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
                              callbacks=callbacks,
-                             # W&B settings of the driver (WANDB_MODE, WANDB_DIR, ...) reach rank 0
-                             worker_runtime_env={"env_vars": {
-                                 **{k: v for k, v in os.environ.items() if k.startswith("WANDB_")},
-                                 **WORKER_ENV}}))
+                             worker_runtime_env={"env_vars": env} if env else None))
     result = trainer.fit()
     text = read_run_file(plan.run_dir, RESULT)           # rank 0 wrote it at the last step
     if text is not None:

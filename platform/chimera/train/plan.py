@@ -49,7 +49,8 @@ def default_run_name(tc: TrainConfig, model_config: dict) -> str:
     keep = {k: v for k, v in tc.to_dict().items()
             if k not in ("model", "layer_configs", "layer_configs_jsonl", "storage_path",
                          "run_name", "resume_from", "wandb_log", "wandb_project",
-                         "wandb_run_name", "max_failures", "crash_at_step", "num_threads")}
+                         "wandb_run_name", "max_failures", "crash_at_step", "num_threads",
+                         "in_process")}
     if keep.get("tokenizer") is None:          # names from before the key existed stay valid
         keep.pop("tokenizer", None)
     blob = json.dumps({"model": model_config, "train": keep}, sort_keys=True, default=str)

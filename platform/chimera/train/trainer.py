@@ -41,7 +41,7 @@ import torch.distributed as dist
 from chimera import checkpoint as ckpt
 from chimera.data.loader import ShardLoader
 from chimera.train.config import TrainConfig
-from chimera.train.context import RESULT, copy_dir, write_run_file
+from chimera.train.context import RESULT, checkpoint_at, copy_dir, write_run_file
 from chimera.train.hooks import Hook
 from chimera.train.measure import all_mean, eval_losses, peak_flops, state_hash
 from chimera.train.schedule import lr_at
@@ -150,8 +150,7 @@ class Trainer:
         scaler, step, best val loss, data position and this rank's RNG."""
         source = self.ctx.latest_checkpoint()
         if source is None and self.tc.resume_from:
-            from ray.train import Checkpoint
-            source = Checkpoint(self.tc.resume_from)
+            source = checkpoint_at(self.tc.resume_from)
         if source is None:
             return
         with source.as_directory() as d:
