@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from models.config import FFNConfig
 from models.ffn.activations import activation
-from models.ffn.moe import MoE
+from models.ffn.moe import MoE, _count
 
 C = 16
 
@@ -204,6 +204,16 @@ def test_update_bias_rule_on_hand_made_load():
     assert st["maxvio"] == pytest.approx((10 - 5) / 5)
     m.update_bias()                                    # accumulator was reset: nothing to do
     assert m.bias.tolist() == [-0.25, 0.25, 0.25, 0.0]
+    assert m.load_stats()["load"] == pytest.approx([0.5, 0.1, 0.15, 0.25])   # last real step's
+
+
+def test_stats_before_any_step_and_counts_match_bincount():
+    m = one_hot_router(gamma=0.25)
+    assert m.load_stats() == {"load": [], "maxvio": 0.0}
+    m.update_bias()                                    # no forward yet: zero loads, no change
+    assert m.bias.tolist() == [0.0] * 4 and m.load_stats() == {"load": [], "maxvio": 0.0}
+    ids = torch.randint(0, 7, (500,))
+    assert torch.equal(_count(ids, 9), torch.bincount(ids, minlength=9))
 
 
 def test_update_uses_all_micro_batches_since_last_step():

@@ -11,7 +11,7 @@ Balancing (cfg.aux_free):
          optimizer step (arXiv 2408.15664, DeepSeek-V3), plus the small sequence-wise loss alpha.
 
 Dispatch is vectorized: the N*k (token, expert) assignments are sorted by expert (argsort,
-counts by bincount) so each expert owns a contiguous slice of rows; there is no Python loop
+counts by a scatter-add) so each expert owns a contiguous slice of rows; there is no Python loop
 over tokens. Two kernels compute the experts (attribute `impl`, "auto" picks):
   loop    (CPU, float64, fp32 CUDA): a loop over EXPERTS inside two autograd Functions; each
           expert multiplies its own gathered rows and scatter-adds its (gate-scaled) output.
@@ -127,6 +127,12 @@ def _native_grouped_mm_ok(x: Tensor, w: Tensor) -> bool:
             and x.shape[1] % 8 == 0 and w.shape[2] % 8 == 0)
 
 
+def _count(ids: Tensor, n: int) -> Tensor:
+    """(M,) int64 in [0, n) -> (n,) occurrences of each. torch.bincount, but without its host
+    sync on CUDA (bincount reads ids.max() to size its output)."""
+    return torch.zeros(n, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+
+
 def _grouped_mm(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     """(M, K) rows sorted by expert x (E, K, N) -> (M, N) via torch._grouped_mm."""
     return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
@@ -169,7 +175,7 @@ class MoE(nn.Module):
         # not a buffer: DDP broadcasts buffers from rank 0 every forward, which would overwrite
         # the other ranks' counts before they are all-reduced.
         self._load_acc: Tensor | None = None
-        self._stats: dict = {"load": [], "maxvio": 0.0}
+        self._last_load: Tensor | None = None      # (n_routed,) loads of the last step
         self.reset_parameters()
 
     @torch.no_grad()
@@ -181,7 +187,7 @@ class MoE(nn.Module):
         if self.aux_free:
             self.bias.zero_()
         self._load_acc = None
-        self._stats = {"load": [], "maxvio": 0.0}
+        self._last_load = None
 
     # --- routing ---
     def route(self, x2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -212,7 +218,7 @@ class MoE(nn.Module):
         # group the N*k (token, expert) assignments by expert
         flat = idx.reshape(-1)                                   # (N*k,) expert of assignment
         order = flat.argsort(stable=True)                        # assignments sorted by expert
-        counts = torch.bincount(flat, minlength=E)               # (E,) rows per expert
+        counts = _count(flat, E)                                 # (E,) rows per expert
         tok = order // k                                         # (N*k,) token of each row
         g = gates.reshape(-1).index_select(0, order)             # (N*k,) gate of each row
 
@@ -264,7 +270,7 @@ class MoE(nn.Module):
         # DeepSeek-V3 sequence-wise loss, per sequence b, averaged over the batch:
         #   f_bi = E/(k T) * #tokens of b picking i,  P_bi = mean_t s_bti / sum_j s_btj
         seq = torch.arange(flat.numel(), device=flat.device) // (k * T)     # (N*k,) sequence
-        cnt = torch.bincount(seq * E + flat, minlength=B * E).view(B, E).to(scores.dtype)
+        cnt = _count(seq * E + flat, B * E).view(B, E).to(scores.dtype)
         f = cnt * (E / (k * T))
         p = (scores / scores.sum(dim=-1, keepdim=True)).view(B, T, E).mean(dim=1)   # (B, E)
         return self.cfg.alpha * (f * p).sum(dim=-1).mean()
@@ -296,18 +302,23 @@ class MoE(nn.Module):
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(load, op=dist.ReduceOp.SUM)          # identical bias on every rank
         self._load_acc = None
+        # no host sync here (a step with no training forward, total 0, changes nothing); the
+        # stats stay on the device until load_stats() reads them at an eval
         load = load.double()
         total = load.sum()
-        if total.item() == 0:                                    # no training forward since last
-            return
         mean = total / self.n_routed
         if self.aux_free:
             step = self.cfg.gamma * torch.sign(mean - load)      # overloaded down, underloaded up
             self.bias += step.to(self.bias.dtype)
-        self._stats = {"load": (load / total).tolist(),
-                       "maxvio": ((load.max() - mean) / mean).item()}
+        last = self._last_load
+        self._last_load = load if last is None else torch.where(total > 0, load, last)
 
     def load_stats(self) -> dict:
         """{"load": fraction of routed assignments per routed expert, "maxvio": (max-mean)/mean},
         over the last step completed by update_bias() ({"load": [], "maxvio": 0.0} before)."""
-        return {"load": list(self._stats["load"]), "maxvio": self._stats["maxvio"]}
+        load = self._last_load
+        if load is None or load.sum().item() == 0:                 # sync: read (at evals)
+            return {"load": [], "maxvio": 0.0}
+        total = load.sum()
+        mean = total / self.n_routed
+        return {"load": (load / total).tolist(), "maxvio": ((load.max() - mean) / mean).item()}
