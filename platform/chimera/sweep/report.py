@@ -144,9 +144,10 @@ def configurations(c: dict) -> list[dict]:
     members: dict[str, list[dict]] = {}
     for r in c["rows"]:                      # best trial first, so ties in order keep that order
         members.setdefault(r["config"], []).append(r)
-    values = {k: [metric_of(r, metric) for r in rs if r["status"] == "finished"
-                  and isinstance(metric_of(r, metric), (int, float)) and math.isfinite(metric_of(r, metric))]
-              for k, rs in members.items()}
+    def counted(r):
+        v = metric_of(r, metric)
+        return r["status"] == "finished" and isinstance(v, (int, float)) and math.isfinite(v)
+    values = {k: [metric_of(r, metric) for r in rs if counted(r)] for k, rs in members.items()}
     out = []
     for i, st in enumerate(compare(values, c["mode"], spec.get("significance", 0.05))):
         rs = members[st.config]
@@ -175,19 +176,21 @@ def configurations_markdown(confs: list[dict], c: dict) -> str:
     def num(v):
         return "" if v is None else f"{v:.4f}"
     lines = [f"## Configurations: {seeds} seeds each, {name} over finished runs",
-             "", f"mean ± half-width of the {CONFIDENCE:.0%} CI of the mean (t distribution); p: {TEST}, "
-             f"two-sided; tied: p ≥ {level:g} (not distinguishable from the best at that level), worse: "
-             f"p < {level:g}.", "",
-             "| # | config | architecture | hyperparameters | n | mean ± CI | std | 95% CI | p vs best "
-             "| verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "", f"mean ± half-width of the {CONFIDENCE:.0%} CI of the mean (t distribution); p: {TEST}; "
+             f"tied: p ≥ {level:g} (not distinguishable from the best at that level), worse: p < {level:g}. "
+             f"Assumes independent, roughly normal runs (docs/sweeps.md).", ""]
+    heads = ["#", "config", "architecture", "hyperparameters", "n", "mean ± CI", "std", "95% CI",
+             "p vs best", "verdict"]
+    rows = []
     for r in confs:
         ci = r["ci"]
         mean = num(r["mean"]) + (f" ± {(ci[1] - ci[0]) / 2:.4f}" if ci else "")
-        cells = [str(r["rank"]), r["config"], r["arch"], r["hparams"], str(r["n"]), mean, num(r["std"]),
-                 f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "", "" if r["p"] is None else f"{r['p']:.3g}",
-                 _VERDICT[r["verdict"]]]
-        lines.append("| " + " | ".join(x.replace("|", "/") for x in cells) + " |")
+        rows.append([str(r["rank"]), r["config"], r["arch"], r["hparams"], str(r["n"]), mean, num(r["std"]),
+                     f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "", "" if r["p"] is None else f"{r['p']:.3g}",
+                     _VERDICT[r["verdict"]]])
+    keep = [i for i, h in enumerate(heads) if h != "hyperparameters" or any(x[i] for x in rows)]
+    lines += ["| " + " | ".join(heads[i] for i in keep) + " |", "|" + "---|" * len(keep)]
+    lines += ["| " + " | ".join(x[i].replace("|", "/") for i in keep) + " |" for x in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -88,7 +88,8 @@ class SweepSpec:
     search: str = opt("grid", ("`grid`: every architecture option combination; `random`: options "
                                "sampled (`num_samples` times)"))
     num_samples: int = opt(1, "samples of the random parts (each grid point is sampled that often)")
-    seed: int = opt(0, "seed of the sampling (the trial list is reproducible)")
+    seed: int = opt(0, "seed of the sampling (the trial list is reproducible); the trials' train seed "
+                       "is `base.seed`, replicas are `seeds`")
     metric: str = opt("val_loss", (
         "what ranks trials and drives ASHA: `val_loss` (ranked by the run's best) or `train_loss` "
         "(both measured at every eval). The table holds every other metric for sorting by hand"))
