@@ -157,8 +157,8 @@ def configurations(c: dict) -> list[dict]:
     return out
 
 
-_VERDICT = {"best": "**best**", "tied": "tied", "worse": "worse", "untested": "n < 2: no test",
-            "no data": "no finished run"}
+_VERDICT = {"best": "**best**", "tied": "tied", "worse": "significantly worse",
+            "untested": "n < 2: no test", "no data": "no finished run"}
 
 
 def configurations_markdown(confs: list[dict], c: dict) -> str:
