@@ -53,11 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     except SweepSpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"sweep {plan.spec.name} -> {root}: {len(plan.trials)} trial(s), {len(plan.rejected)} rejected")
+    reps = (f" ({len(plan.trials) // plan.spec.seeds} configuration(s) × {plan.spec.seeds} seeds)"
+            if plan.spec.seeds > 1 else "")
+    print(f"sweep {plan.spec.name} -> {root}: {len(plan.trials)} trial(s){reps}, "
+          f"{len(plan.rejected)} rejected")
     for choices, msg in plan.rejected:
         print(f"  rejected {choices}: {msg}")
     for t in plan.trials:
         extra = f"  budget {t.budget_value:,}" if t.budget_value is not None else ""
+        extra += f"  seed {t.seed}" if t.seed is not None else ""
         print(f"  {t.name}  {t.arch}  {t.choices}{extra}")
     if args.dry_run:
         return 0
@@ -76,9 +80,11 @@ def main(argv: list[str] | None = None) -> int:
 def _print_report(rep: dict) -> None:
     print(rep["table"])
     print("trials: " + ", ".join(f"{n} {s}" for s, n in rep["counts"].items()))
+    print(rep["config_table"])
     b = rep.get("best")
     if b:
-        print(f"best: {b['trial']}  {b['arch']}  best val loss {b['best_val_loss']:.4f}")
+        of = f" (best run of configuration {b['config']})" if b["config"] != b["trial"] else ""
+        print(f"best: {b['trial']}{of}  {b['arch']}  best val loss {b['best_val_loss']:.4f}")
         print(f"  checkpoint   {b['checkpoint']}")
         print(f"  layers       {b['layers_jsonl']}")
         print(f"  retrain with python jobs/train.py --config {b['train_config']}")

@@ -51,7 +51,9 @@ def parse_models(specs: list[str]) -> list[tuple[str, Path]]:
 def sweep_models(sweep_dir: str | Path, top_k: int) -> list[tuple[str, Path]]:
     """The top_k best trials of a sweep: <sweep_dir>/results.json holds
     {"metric": ..., "mode": "min"|"max", "trials": [{"trial_id", "<metric>", "best_checkpoint",
-    ...}]}. Trials without a checkpoint or a finite metric are skipped. Names are trial ids."""
+    ...}]}. Trials without a checkpoint or a finite metric are skipped. Names are trial ids.
+    A sweep with seed replicas ("seeds" > 1) also lists "configurations" (best first) and each
+    trial's "config": then the best trial of each of the top_k best configurations is served."""
     f = Path(sweep_dir).expanduser() / "results.json"
     if top_k < 1:
         raise ValueError(f"--top_k must be >= 1, got {top_k}")
@@ -65,6 +67,14 @@ def sweep_models(sweep_dir: str | Path, top_k: int) -> list[tuple[str, Path]]:
     ok = [t for t in trials if isinstance(t, dict) and t.get("best_checkpoint")
           and isinstance(t.get(metric), (int, float)) and math.isfinite(t[metric])]
     ok.sort(key=lambda t: t[metric], reverse=mode == "max")
+    confs = data.get("configurations")
+    if (isinstance(data.get("seeds"), int) and data["seeds"] > 1 and isinstance(confs, list)
+            and all(isinstance(t.get("config"), str) for t in ok)):
+        rank = {c.get("config"): i for i, c in enumerate(confs) if isinstance(c, dict)}
+        firsts = {}
+        for t in ok:                              # sorted: the first of a configuration is its best
+            firsts.setdefault(t["config"], t)
+        ok = sorted(firsts.values(), key=lambda t: rank.get(t["config"], len(rank)))
     if not ok:
         raise ValueError(f"{f}: no trial has a checkpoint and a finite {metric}")
     return parse_models([f"{default_name(Path(str(t['trial_id'])))}={t['best_checkpoint']}"

@@ -166,7 +166,8 @@ def test_every_shipped_spec_loads_and_expands(tmp_path):
             assert s.resources.get("gpus_per_worker", 0) >= 1 and s.base["dataset"] == "tinystories"
         if s.budget:
             assert all(t.budget_value for t in plan.trials)
-        counts[p.stem] = len(plan.trials)
+        counts[p.stem] = len({t.config or t.name for t in plan.trials})    # configurations
+        assert len(plan.trials) == counts[p.stem] * s.seeds, p.name
     # exp1/exp2: {GQA, MLA} x {RoPE, sinusoidal}; exp3: homogeneous vs heterogeneous
     assert {k: counts[k] for k in ("exp1-tiny", "exp2-tiny", "exp3-tiny")} == \
         {"exp1-tiny": 4, "exp2-tiny": 4, "exp3-tiny": 2}

@@ -5,10 +5,15 @@
 
 Writes into the sweep directory:
     results.md, results.csv   every trial (and every rejected combination) with its architecture
-                              summary and metrics, sorted by the spec's metric
-    results.json              {"metric", "mode", "trials": [...]} best first (serving reads it)
-    best_layers.jsonl         the best trial's resolved layer stack (jobs/train.py
-                              --layer_configs_jsonl), best_train.yaml its full flags (--config)
+                              summary and metrics, sorted by the spec's metric; results.md first
+                              groups the trials by configuration (all but the seed, spec `seeds`):
+                              n, mean ± 95% CI, p against the best, tied / worse (sweep/stats.py)
+    results.json              {"metric", "mode", "trials": [...] best first (serving reads it),
+                              "configurations": [{config, n, mean, std, ci, p, tied, verdict,
+                              trials, best_trial}] best first, "seeds", "significance", "test"}
+    best_layers.jsonl         the best trial of the best configuration: its resolved layer stack
+                              (jobs/train.py --layer_configs_jsonl), best_train.yaml its full
+                              flags (--config)
     val_loss_curves.png       val loss against training steps, every trial
     pareto.png                best val loss against KV-cache bytes/token and decode tokens/s,
                               with the Pareto front
@@ -24,7 +29,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-COLUMNS = [("rank", "#"), ("trial", "trial"), ("status", "status"), ("arch", "architecture"),
+COLUMNS = [("rank", "#"), ("trial", "trial"), ("seed", "seed"), ("status", "status"), ("arch", "architecture"),
            ("hparams", "hyperparameters"), ("step", "steps"), ("best_val_loss", "best val"),
            ("train_loss", "train"), ("tokens_per_s", "tok/s"), ("mfu", "MFU"),
            ("params_total", "params"), ("params_active", "active"), ("budget_value", "budget"),
@@ -50,7 +55,7 @@ def _fmt(key: str, v: Any) -> str:
         return f"{v:.4f}"
     if key in ("tokens_per_s", "decode_tokens_per_s"):
         return f"{v:,.0f}"
-    if isinstance(v, int) and key != "rank":
+    if isinstance(v, int) and key not in ("rank", "seed"):
         return f"{v:,}"
     return str(v).replace("|", "/")
 
@@ -82,7 +87,8 @@ def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
             status = "stopped" if hist else "not run"
         vals = [m["val_loss"] for m in hist if isinstance(m.get("val_loss"), (int, float))]
         best_ckpt = run / f"{t['train'].get('file_name', 'llm_model')}_best"
-        row = {"trial": t["name"], "status": status, "arch": t["arch"],
+        row = {"trial": t["name"], "config": t.get("config") or t["name"], "seed": t.get("seed"),
+               "status": status, "arch": t["arch"],
                "hparams": ", ".join(f"{k}={_short(v)}" for k, v in t["choices"].items()
                                     if "." not in k and k != "stack"),
                "choices": t["choices"], "budget_value": t.get("budget_value"),
@@ -108,7 +114,7 @@ def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
         rows.append(row)
 
     def score(r):
-        v = r["best_val_loss"] if metric == "val_loss" else r.get(metric)
+        v = metric_of(r, metric)
         if v is None:
             return (1, 0.0)
         return (0, v if mode == "min" else -v)
@@ -121,6 +127,71 @@ def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
                  "error": x["error"]} for x in plan["rejected"]]
     return {"metric": metric, "mode": mode, "rows": rows, "rejected": rejected, "spec": spec,
             "trials": plan["trials"]}
+
+
+def metric_of(row: dict, metric: str) -> float | None:
+    """A trial row's value of the spec's metric: val_loss is the run's best, others the latest."""
+    return row["best_val_loss"] if metric == "val_loss" else row.get(metric)
+
+
+def configurations(c: dict) -> list[dict]:
+    """collect()'s trials grouped by configuration, best first, each with its statistics
+    (chimera.sweep.stats.compare over its finished trials' metric). A stopped or failed
+    trial is listed under its configuration but not counted: its metric is from a shorter run."""
+    from chimera.sweep.stats import compare
+
+    spec, metric = c["spec"], c["metric"]
+    members: dict[str, list[dict]] = {}
+    for r in c["rows"]:                      # best trial first, so ties in order keep that order
+        members.setdefault(r["config"], []).append(r)
+    def counted(r):
+        v = metric_of(r, metric)
+        return r["status"] == "finished" and isinstance(v, (int, float)) and math.isfinite(v)
+    values = {k: [metric_of(r, metric) for r in rs if counted(r)] for k, rs in members.items()}
+    out = []
+    for i, st in enumerate(compare(values, c["mode"], spec.get("significance", 0.05))):
+        rs = members[st.config]
+        best = next((r for r in rs if r["best_checkpoint"]), None)
+        out.append({"rank": i + 1, **st.to_dict(), "arch": rs[0]["arch"], "hparams": rs[0]["hparams"],
+                    "trials": [r["trial"] for r in rs], "best_trial": best["trial"] if best else None})
+    return out
+
+
+_VERDICT = {"best": "**best**", "tied": "tied", "worse": "significantly worse",
+            "untested": "n < 2: no test", "no data": "no finished run"}
+
+
+def configurations_markdown(confs: list[dict], c: dict) -> str:
+    """The configuration table of results.md (mean ± CI half-width, CI, p vs best, verdict);
+    with seeds: 1 a plain statement that no significance is claimed instead."""
+    from chimera.sweep.stats import CONFIDENCE, TEST
+
+    spec, metric = c["spec"], c["metric"]
+    seeds, level = spec.get("seeds", 1), spec.get("significance", 0.05)
+    if seeds == 1:
+        return ("One run per configuration (`seeds: 1`): no significance is claimed. A difference "
+                "between trials may be seed noise; set `seeds: 3` or more to test it.\n")
+    name = "best val loss" if metric == "val_loss" else metric
+
+    def num(v):
+        return "" if v is None else f"{v:.4f}"
+    lines = [f"## Configurations: {seeds} seeds each, {name} over finished runs",
+             "", f"mean ± half-width of the {CONFIDENCE:.0%} CI of the mean (t distribution); p: {TEST}; "
+             f"tied: p ≥ {level:g} (not distinguishable from the best at that level), worse: p < {level:g}. "
+             f"Assumes independent, roughly normal runs (docs/sweeps.md).", ""]
+    heads = ["#", "config", "architecture", "hyperparameters", "n", "mean ± CI", "std", "95% CI",
+             "p vs best", "verdict"]
+    rows = []
+    for r in confs:
+        ci = r["ci"]
+        mean = num(r["mean"]) + (f" ± {(ci[1] - ci[0]) / 2:.4f}" if ci else "")
+        rows.append([str(r["rank"]), r["config"], r["arch"], r["hparams"], str(r["n"]), mean, num(r["std"]),
+                     f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "", "" if r["p"] is None else f"{r['p']:.3g}",
+                     _VERDICT[r["verdict"]]])
+    keep = [i for i, h in enumerate(heads) if h != "hyperparameters" or any(x[i] for x in rows)]
+    lines += ["| " + " | ".join(heads[i] for i in keep) + " |", "|" + "---|" * len(keep)]
+    lines += ["| " + " | ".join(x[i].replace("|", "/") for i in keep) + " |" for x in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _short(v: Any) -> str:
@@ -152,11 +223,13 @@ def plots(root: Path, rows: list[dict]) -> list[str]:
 
     out = []
     fig, ax = plt.subplots(figsize=(8, 5))
+    colors: dict[str, str] = {}                  # the seeds of a configuration share a colour
     for r in rows:
         if r["curve"]:
             s, v = zip(*r["curve"])
+            color = colors.setdefault(r.get("config", r["trial"]), f"C{len(colors) % 10}")
             ax.plot(s, v, marker="o", ms=3, label=f"{r['trial']} {r['arch']} {r['hparams']}"[:80],
-                    ls="-" if r["status"] == "finished" else "--")
+                    ls="-" if r["status"] == "finished" else "--", color=color)
     ax.set_xlabel("training step")
     ax.set_ylabel("val loss")
     ax.set_title("val loss of every trial (dashed: stopped early / failed)")
@@ -212,8 +285,11 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
     head = (f"# Sweep {c['spec']['name']}\n\nmetric {c['metric']} ({c['mode']}); "
             + ", ".join(f"{n} {s}" for s, n in counts.items())
             + (f"; wall time {wall_time_s:.0f} s" if wall_time_s else "") + "\n\n")
-    _atomic(root / "results.md", head + table)
-    fields = [k for k, _ in COLUMNS] + ["best_checkpoint", "val_loss", "tokens", "trial_time_s"]
+    confs = configurations(c)
+    conf_table = configurations_markdown(confs, c)
+    _atomic(root / "results.md", head + conf_table + "\n" + ("## Trials\n\n" if confs and
+                                                              c["spec"].get("seeds", 1) > 1 else "") + table)
+    fields = [k for k, _ in COLUMNS] + ["config", "best_checkpoint", "val_loss", "tokens", "trial_time_s"]
     with open(root / "results.csv.tmp", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
@@ -223,11 +299,20 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
     trials_json = [{"trial_id": r["trial"], **{k: v for k, v in r.items() if k not in ("curve", "trial")},
                     c["metric"]: r["best_val_loss"] if c["metric"] == "val_loss" else r.get(c["metric"])}
                    for r in rows]
+    from chimera.sweep.stats import CONFIDENCE, TEST
     _atomic(root / "results.json", json.dumps({"metric": c["metric"], "mode": c["mode"],
-                                               "trials": trials_json, "rejected": rejected},
+                                               "trials": trials_json, "rejected": rejected,
+                                               "seeds": c["spec"].get("seeds", 1),
+                                               "significance": c["spec"].get("significance", 0.05),
+                                               "confidence": CONFIDENCE, "test": TEST,
+                                               "configurations": confs},
                                               indent=2, default=str) + "\n")
     best = next((r for r in rows if r["best_checkpoint"]), None)
-    out = {"table": table, "counts": counts, "best": None, "files": [str(root / "results.md"),
+    if c["spec"].get("seeds", 1) > 1:          # the best single trial of the best configuration
+        by_name = {r["trial"]: r for r in rows}
+        best = next((by_name[k["best_trial"]] for k in confs if k["best_trial"]), None)
+    out = {"table": table, "config_table": conf_table, "configurations": confs, "counts": counts,
+           "best": None, "files": [str(root / "results.md"),
            str(root / "results.csv"), str(root / "results.json")]}
     if best is not None:
         cfg = ModelConfig.from_dict(ckpt.read_config(best["best_checkpoint"]))
@@ -237,7 +322,8 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
         flags = {**trial["train"], **glob, "layer_configs_jsonl": str(root / "best_layers.jsonl")}
         _atomic(root / "best_train.yaml", f"# best trial {best['trial']}: {best['arch']}\n"
                 + yaml.safe_dump(flags, sort_keys=True))
-        out["best"] = {"trial": best["trial"], "arch": best["arch"], "best_val_loss": best["best_val_loss"],
+        out["best"] = {"trial": best["trial"], "config": best["config"], "arch": best["arch"],
+                       "best_val_loss": best["best_val_loss"],
                        "checkpoint": best["best_checkpoint"], "layers_jsonl": str(root / "best_layers.jsonl"),
                        "train_config": str(root / "best_train.yaml")}
         out["files"] += [str(root / "best_layers.jsonl"), str(root / "best_train.yaml")]

@@ -24,6 +24,8 @@ A spec (YAML) holds:
     max_concurrent: 2
     resources: {num_workers: 1, cpus_per_worker: 1, gpus_per_worker: 0}
     decode_tokens: 32             tokens timed after training (batch 1, KV cache)
+    seeds: 3                      runs of every configuration (train seeds base.seed + 0, 1, 2)
+    significance: 0.05            the level of the test against the best configuration
 """
 from __future__ import annotations
 
@@ -86,7 +88,8 @@ class SweepSpec:
     search: str = opt("grid", ("`grid`: every architecture option combination; `random`: options "
                                "sampled (`num_samples` times)"))
     num_samples: int = opt(1, "samples of the random parts (each grid point is sampled that often)")
-    seed: int = opt(0, "seed of the sampling (the trial list is reproducible)")
+    seed: int = opt(0, "seed of the sampling (the trial list is reproducible); the trials' train seed "
+                       "is `base.seed`, replicas are `seeds`")
     metric: str = opt("val_loss", (
         "what ranks trials and drives ASHA: `val_loss` (ranked by the run's best) or `train_loss` "
         "(both measured at every eval). The table holds every other metric for sorting by hand"))
@@ -104,6 +107,15 @@ class SweepSpec:
         "threads, 1), `gpus_per_worker` (0 or 1; 0)"))
     decode_tokens: int = opt(32, "tokens timed after training (batch 1, KV cache) for the decode speed; 0 skips")
     description: str = opt("", "free text, for people")
+    # --- replicas and their statistics (chimera.sweep.stats) ---
+    seeds: int = opt(1, (
+        "runs of every configuration, as separate Tune trials `t003s0`, `t003s1`, ... with train "
+        "`seed` = base seed + 0, 1, ... (init and data order). The report groups them: mean ± 95% CI "
+        "per configuration and Welch's t-test against the best. 1: one run each, no significance "
+        "claimed"))
+    significance: float = opt(0.05, (
+        "the level of the two-sided Welch t-test of each configuration against the best one: p >= "
+        "this is `tied` with the best, below it `worse` (0 < level < 1)"))
 
     def __post_init__(self) -> None:
         if self.storage_path is not None and not isinstance(self.storage_path, str):
@@ -159,6 +171,13 @@ class SweepSpec:
         check_int("seed", self.seed, 0)
         check_int("max_concurrent", self.max_concurrent, 1)
         check_int("decode_tokens", self.decode_tokens, 0)
+        check_int("seeds", self.seeds, 1)
+        if (not isinstance(self.significance, (int, float)) or isinstance(self.significance, bool)
+                or not 0 < self.significance < 1):
+            raise SweepSpecError(f"significance={self.significance!r} must be a level in (0, 1), e.g. 0.05")
+        if self.seeds > 1 and "seed" in space:
+            raise SweepSpecError(f"space.seed: with seeds={self.seeds} the sweep sets every trial's seed "
+                                 f"(base seed + 0..{self.seeds - 1}); remove space.seed or set seeds: 1")
         if self.metric not in METRICS:
             raise SweepSpecError(f"metric={self.metric!r} must be one of {', '.join(METRICS)}")
         if self.mode not in ("min", "max"):

@@ -2,7 +2,8 @@
 solved, before anything is launched.
 
     plan = expand(load_spec("configs/sweeps/exp1-tiny.yaml"))
-    plan.trials                  # [Trial(name, choices, train, arch, model_config, budget_value, up_scale)]
+    plan.trials                  # [Trial(name, choices, train, arch, model_config, budget_value, up_scale,
+                                 #        config, seed)]
     plan.rejected                # [(choices, message)] invalid combinations, not launched
 
 Trial configs are resolved here with Tune's own variant generator (its grid expansion and
@@ -23,13 +24,16 @@ from models import config as mconfig
 
 @dataclass(frozen=True)
 class Trial:
-    name: str                       # short id, stable for a spec: t000, t001, ...
+    name: str                       # short id, stable for a spec: t000, t001, ... (t000s0, t000s1,
+                                    # ... with `seeds` > 1: configuration t000, replicas 0, 1, ...)
     choices: dict                   # what was picked: {"g0.attn": "mla", ..., "learning_rate": ...}
     train: dict                     # flat jobs/train.py training keys (data_dir absolute)
     arch: str                       # ModelConfig.summary()
     model_config: dict              # the resolved model (ModelConfig.to_dict()), as trained
     budget_value: int | None = None
     up_scale: float | None = None
+    config: str | None = None       # with `seeds` > 1: its configuration (t000), shared by the replicas
+    seed: int | None = None         # with `seeds` > 1: this replica's train seed
 
 
 @dataclass(frozen=True)
@@ -224,4 +228,20 @@ def expand(spec: SweepSpec) -> SweepPlan:
     if not trials:
         msgs = "; ".join(sorted({m for _, m in rejected}))[:500]
         raise SweepSpecError(f"no valid trial in the search space ({len(rejected)} rejected: {msgs})")
-    return SweepPlan(spec=spec, trials=trials, rejected=rejected)
+    return SweepPlan(spec=spec, trials=replicate(trials, spec.seeds), rejected=rejected)
+
+
+def replicate(configs: list[Trial], seeds: int) -> list[Trial]:
+    """`seeds` > 1: every configuration once per seed, t000 -> t000s0, t000s1, ... with train
+    seed = the configuration's seed + 0, 1, ... (init and data order differ; model, budget and
+    choices are the same). Round by round (every configuration's s0, then s1, ...), so an
+    interrupted sweep holds whole rounds. seeds == 1: the trials as they are."""
+    if seeds == 1:
+        return configs
+    out = []
+    for s in range(seeds):
+        for t in configs:
+            seed = TrainConfig.from_dict(t.train).seed + s
+            out.append(dataclasses.replace(t, name=f"{t.name}s{s}", config=t.name, seed=seed,
+                                           train={**t.train, "seed": seed}))
+    return out
