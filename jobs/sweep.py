@@ -78,7 +78,8 @@ def _print_report(rep: dict) -> None:
     print("trials: " + ", ".join(f"{n} {s}" for s, n in rep["counts"].items()))
     b = rep.get("best")
     if b:
-        print(f"best: {b['trial']}  {b['arch']}  best val loss {b['best_val_loss']:.4f}")
+        bpb = f"  ({b['best_val_bpb']:.4f} bits/byte)" if b.get("best_val_bpb") is not None else ""
+        print(f"best: {b['trial']}  {b['arch']}  best val loss {b['best_val_loss']:.4f}{bpb}")
         print(f"  checkpoint   {b['checkpoint']}")
         print(f"  layers       {b['layers_jsonl']}")
         print(f"  retrain with python jobs/train.py --config {b['train_config']}")

@@ -12,6 +12,8 @@ Writes into the sweep directory:
     val_loss_curves.png       val loss against training steps, every trial
     pareto.png                best val loss against KV-cache bytes/token and decode tokens/s,
                               with the Pareto front
+Losses are per token (nats); `best val bpb` is the best val loss in bits per byte of text, the
+measure that compares across tokenizers (a sweep over tokenizers is ranked by it).
 A trial's status: finished, stopped (ended before max_iters: the scheduler stopped it early, or
 the sweep was interrupted), failed (with Tune's error), not run, or rejected (never launched).
 """
@@ -26,6 +28,7 @@ from typing import Any
 
 COLUMNS = [("rank", "#"), ("trial", "trial"), ("status", "status"), ("arch", "architecture"),
            ("hparams", "hyperparameters"), ("step", "steps"), ("best_val_loss", "best val"),
+           ("best_val_bpb", "best val bpb"),
            ("train_loss", "train"), ("tokens_per_s", "tok/s"), ("mfu", "MFU"),
            ("params_total", "params"), ("params_active", "active"), ("budget_value", "budget"),
            ("kv_bytes_per_token", "KV B/tok"), ("moe_maxvio", "MaxVio"),
@@ -46,7 +49,7 @@ def _fmt(key: str, v: Any) -> str:
         return ""
     if key == "mfu":
         return f"{100 * v:.1f}%"
-    if key in ("best_val_loss", "train_loss", "moe_maxvio"):
+    if key in ("best_val_loss", "train_loss", "moe_maxvio", "best_val_bpb", "val_bpb", "train_bpb"):
         return f"{v:.4f}"
     if key in ("tokens_per_s", "decode_tokens_per_s"):
         return f"{v:,.0f}"
@@ -58,12 +61,14 @@ def _fmt(key: str, v: Any) -> str:
 def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
     """Rows for every trial of a sweep directory, best first (see the module docstring)."""
     from chimera.sweep.measure import measure_decode
+    from chimera.sweep.spec import check_metric_tokenizers
     from chimera.sweep.store import SUMMARY, history, read_plan
 
     root = Path(root)
     plan = read_plan(root)
     spec = plan["spec"]
     metric, mode = spec["metric"], spec["mode"]
+    check_metric_tokenizers(metric, {t["train"].get("tokenizer") for t in plan["trials"]})
     rows = []
     for t in plan["trials"]:
         run = root / "runs" / t["name"]
@@ -81,17 +86,19 @@ def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
         else:
             status = "stopped" if hist else "not run"
         vals = [m["val_loss"] for m in hist if isinstance(m.get("val_loss"), (int, float))]
+        bpbs = [m["val_bpb"] for m in hist if isinstance(m.get("val_bpb"), (int, float))]
         best_ckpt = run / f"{t['train'].get('file_name', 'llm_model')}_best"
         row = {"trial": t["name"], "status": status, "arch": t["arch"],
                "hparams": ", ".join(f"{k}={_short(v)}" for k, v in t["choices"].items()
                                     if "." not in k and k != "stack"),
                "choices": t["choices"], "budget_value": t.get("budget_value"),
                "best_val_loss": min(vals) if vals else None,
+               "best_val_bpb": min(bpbs) if bpbs else None, "tokenizer": t["train"].get("tokenizer"),
                "best_checkpoint": str(best_ckpt) if (best_ckpt / "config.json").is_file() else None,
                "error": err, "curve": [(m["step"], m["val_loss"]) for m in hist if "val_loss" in m]}
         for k in ("step", "train_loss", "tokens_per_s", "mfu", "params_total", "params_active",
                   "kv_bytes_per_token", "moe_maxvio", "decode_tokens_per_s", "val_loss", "tokens",
-                  "trial_time_s"):
+                  "trial_time_s", "val_bpb", "train_bpb"):
             row.setdefault(k, latest.get(k))
         if row["decode_tokens_per_s"] is None and row["best_checkpoint"] and decode_missing:
             cache = run / "decode.json"          # stopped trials: measured here, once
@@ -108,7 +115,7 @@ def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
         rows.append(row)
 
     def score(r):
-        v = r["best_val_loss"] if metric == "val_loss" else r.get(metric)
+        v = metric_value(r, metric)
         if v is None:
             return (1, 0.0)
         return (0, v if mode == "min" else -v)
@@ -121,6 +128,11 @@ def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
                  "error": x["error"]} for x in plan["rejected"]]
     return {"metric": metric, "mode": mode, "rows": rows, "rejected": rejected, "spec": spec,
             "trials": plan["trials"]}
+
+
+def metric_value(row: dict, metric: str) -> Any:
+    """What ranks a row: the run's best for val_loss / val_bpb, else the latest value."""
+    return row.get({"val_loss": "best_val_loss", "val_bpb": "best_val_bpb"}.get(metric, metric))
 
 
 def _short(v: Any) -> str:
@@ -213,7 +225,8 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
             + ", ".join(f"{n} {s}" for s, n in counts.items())
             + (f"; wall time {wall_time_s:.0f} s" if wall_time_s else "") + "\n\n")
     _atomic(root / "results.md", head + table)
-    fields = [k for k, _ in COLUMNS] + ["best_checkpoint", "val_loss", "tokens", "trial_time_s"]
+    fields = [k for k, _ in COLUMNS] + ["best_checkpoint", "val_loss", "tokens", "trial_time_s",
+                                        "tokenizer", "val_bpb", "train_bpb"]
     with open(root / "results.csv.tmp", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
@@ -221,7 +234,7 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
             w.writerow(r)
     os.replace(root / "results.csv.tmp", root / "results.csv")
     trials_json = [{"trial_id": r["trial"], **{k: v for k, v in r.items() if k not in ("curve", "trial")},
-                    c["metric"]: r["best_val_loss"] if c["metric"] == "val_loss" else r.get(c["metric"])}
+                    c["metric"]: metric_value(r, c["metric"])}
                    for r in rows]
     _atomic(root / "results.json", json.dumps({"metric": c["metric"], "mode": c["mode"],
                                                "trials": trials_json, "rejected": rejected},
@@ -238,6 +251,7 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
         _atomic(root / "best_train.yaml", f"# best trial {best['trial']}: {best['arch']}\n"
                 + yaml.safe_dump(flags, sort_keys=True))
         out["best"] = {"trial": best["trial"], "arch": best["arch"], "best_val_loss": best["best_val_loss"],
+                       "best_val_bpb": best["best_val_bpb"],
                        "checkpoint": best["best_checkpoint"], "layers_jsonl": str(root / "best_layers.jsonl"),
                        "train_config": str(root / "best_train.yaml")}
         out["files"] += [str(root / "best_layers.jsonl"), str(root / "best_train.yaml")]
