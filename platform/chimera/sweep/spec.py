@@ -15,6 +15,7 @@ A spec (YAML) holds:
     space:                        hyperparameters: key -> {loguniform|uniform: [lo, hi]},
       learning_rate: {loguniform: [1.0e-4, 1.0e-2]}   {randint: [lo, hi)}, {choice: [...]},
       pos_emb: {grid: [rope, sin]}                {grid: [...]} or a constant
+      tokenizer: {grid: [char, gpt2]}             each trial reads data/<dataset>_<tokenizer>
     search: grid | random         architecture options as a grid (default) or sampled
     num_samples: 1                samples of the random parts (times every grid point)
     seed: 0
@@ -84,7 +85,9 @@ class SweepSpec:
         "layer dicts; an item may carry `repeat: N`"))
     space: Mapping[str, Any] = opt({}, (
         "other keys → `{loguniform: [lo, hi]}`, `{uniform: [lo, hi]}`, `{randint: [lo, hi]}` (hi "
-        "excluded), `{choice: [...]}`, `{grid: [...]}` or a constant"))
+        "excluded), `{choice: [...]}`, `{grid: [...]}` or a constant. `tokenizer` (or `data_dir`) "
+        "gives each trial its own data folder, `<repo>/data/<dataset>_<tokenizer>` (rank those by "
+        "`val_bpb`)"))
     search: str = opt("grid", ("`grid`: every architecture option combination; `random`: options "
                                "sampled (`num_samples` times)"))
     num_samples: int = opt(1, "samples of the random parts (each grid point is sampled that often)")
