@@ -179,7 +179,7 @@ def data_tokenizer(spec: SweepSpec, train: Mapping[str, Any] | None = None) -> d
     base.vocab_size, when given, must hold its vocabulary."""
     from chimera.data.shards import read_manifest
     d = spec.base if train is None else train
-    space = spec.space or {}
+    space = (spec.space or {}) if train is not None else {}
     data_dir = base_data_dir(spec, train)
     where = (f"space.data_dir {data_dir}" if "data_dir" in space else
              f"space.tokenizer={d.get('tokenizer')!r}: {data_dir}" if "tokenizer" in space else
