@@ -156,6 +156,39 @@ def test_a_run_logs_bpb_beside_the_losses(train_char_data, tmp_path, capsys):
     assert len(line) == 1 and f"val bpb {evals[-1]['val_bpb']:.4f}  " in line[0], line
 
 
+def test_gpt2_evals_without_the_bpe_files_say_why_they_need_them(tmp_path, monkeypatch,
+                                                                 shared_data, request):
+    """Training needs no tokenizer; the evals' bits per byte read gpt2's token bytes."""
+    import functools
+    import requests
+    import tiktoken.registry
+    from chimera.data import tokenizers
+    from chimera.train.config import load_train_config
+    from chimera.train.loop import train_fn_per_worker
+    from chimera.train.plan import plan_run
+    request.getfixturevalue("tiktoken_cache")
+    data = tmp_path / "gpt2"
+    prepare("tinystories", sources=[shared_data / "tinystories" / "tinystories_sample.txt"],
+            tokenizer="gpt2", out=data, val_fraction=0.2, progress=False, log=lambda *_: None)
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty"))
+
+    def no_network(url, *a, **k):
+        raise requests.ConnectionError(f"network is unreachable (test): {url}")
+    monkeypatch.setattr(requests, "get", no_network)
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})       # forget encodings loaded earlier
+    monkeypatch.setattr(tokenizers, "_token_bytes",                # and tables built earlier
+                        functools.lru_cache(maxsize=8)(tokenizers._token_bytes.__wrapped__))
+    flags = {"data_dir": str(data), "n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16,
+             "up_dim": 32, "batch_size": 2, "total_batch_size_str": "2*16", "max_iters": 2,
+             "eval_iters": 1, "num_threads": 1, "storage_path": str(tmp_path / "runs")}
+    s = train_fn_per_worker(plan_run(load_train_config({**flags, "run_name": "a"})).worker_config)
+    assert s["step"] == 2 and "val_bpb" not in s["metrics"]
+    with pytest.raises(TokenizerError, match="the evals' bits per byte need the bytes of every "
+                                             "token: cannot load the gpt2 BPE files.*TIKTOKEN_CACHE_DIR"):
+        train_fn_per_worker(plan_run(load_train_config({**flags, "run_name": "b", "eval": True})).worker_config)
+
+
 # --- sweeps across tokenizers --------------------------------------------------------------------
 BASE = {"dataset": "shakespeare", "n_embd": 32, "n_head": 4, "block_size": 32, "n_layer": 1,
         "batch_size": 4, "total_batch_size_str": "4*32", "max_iters": 4}

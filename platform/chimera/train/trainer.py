@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from chimera import checkpoint as ckpt
 from chimera.data.loader import ShardLoader
-from chimera.data.tokenizers import token_bytes
+from chimera.data.tokenizers import TokenizerError, token_bytes
 from chimera.train.config import TrainConfig
 from chimera.train.context import RESULT, checkpoint_at, copy_dir, write_run_file
 from chimera.train.hooks import Hook
@@ -146,8 +146,12 @@ class Trainer:
             "train": ShardLoader(tc.data_dir, "train", tc.batch_size, T, rank=rank,
                                  world_size=world, seed=tc.seed + 1, shuffle=True, device=device)}
         # UTF-8 bytes per token id, for the evals' bits per byte (gpt2 reads its BPE files)
-        self.token_bytes = (torch.tensor(token_bytes(self.tokenizer), device=device)
-                            if tc.eval else None)
+        self.token_bytes = None
+        if tc.eval:
+            try:
+                self.token_bytes = torch.tensor(token_bytes(self.tokenizer), device=device)
+            except TokenizerError as e:
+                raise TokenizerError(f"the evals' bits per byte need the bytes of every token: {e}") from None
 
     def restore(self) -> None:
         """Ray's latest checkpoint of this run first, else --resume_from: weights, optimizer,
