@@ -246,3 +246,36 @@ def test_a_missing_tokenizer_folder_names_the_space_key(two_tokenizers):
     with pytest.raises(SweepSpecError, match=r"space.tokenizer='gpt2': .*shakespeare_gpt2: .*prepare it"):
         expand(SweepSpec(name="s", base=BASE, metric="val_bpb",
                          space={"tokenizer": {"grid": ["char", "gpt2"]}}))
+
+
+def test_the_report_ranks_a_sweep_over_tokenizers_by_bits_per_byte(two_tokenizers, tmp_path):
+    """From files alone (no Ray): runs whose per-token order is the opposite of their bpb order."""
+    from chimera.sweep.report import collect, write_report
+    from chimera.sweep.store import write_plan
+    plan = expand(SweepSpec(name="s", base=BASE, metric="val_bpb",
+                            space={"tokenizer": {"grid": ["char", "byte"]}}))
+    root = tmp_path / "sweep"
+    write_plan(plan, root)
+    # char: 1.5 nats/token, bpb 2.2 at best; byte: 1.2 nats/token (lower) but bpb 2.6 at best
+    hist = {"char": [(0, 4.0, 5.0), (2, 1.6, 2.2), (4, 1.5, 2.3)],
+            "byte": [(0, 5.0, 6.0), (2, 1.2, 2.6), (4, 1.3, 2.7)]}
+    for t in plan.trials:
+        (root / "runs" / t.name).mkdir(parents=True)
+        (root / "runs" / t.name / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "val_loss": v, "val_bpb": b, "train_loss": v, "train_bpb": b}) + "\n"
+            for s, v, b in hist[t.train["tokenizer"]]))
+    rep = write_report(root, decode_missing=False)
+    doc = json.loads((root / "results.json").read_text())
+    assert [(r["tokenizer"], r["val_bpb"], r["best_val_loss"]) for r in doc["trials"]] == \
+        [("char", 2.2, 1.5), ("byte", 2.6, 1.2)]
+    text = (root / "results.md").read_text()
+    assert "metric val_bpb (min); tokenizers byte, char (compared in bits per byte)" in text
+    assert "| best val | best val bpb |" in text and "| 1.5000 | 2.2000 |" in text
+    png = root / "val_bpb_curves.png"
+    assert str(png) in rep["files"] and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a plan edited to rank these trials per token is refused, as expand refuses the spec
+    doc = json.loads((root / "sweep.json").read_text())
+    doc["spec"]["metric"] = "val_loss"
+    (root / "sweep.json").write_text(json.dumps(doc))
+    with pytest.raises(SweepSpecError, match="the trials use different tokenizers"):
+        collect(root)

@@ -10,6 +10,7 @@ Writes into the sweep directory:
     best_layers.jsonl         the best trial's resolved layer stack (jobs/train.py
                               --layer_configs_jsonl), best_train.yaml its full flags (--config)
     val_loss_curves.png       val loss against training steps, every trial
+    val_bpb_curves.png        the same in bits per byte, when the metric is val_bpb / train_bpb
     pareto.png                best val loss against KV-cache bytes/token and decode tokens/s,
                               with the Pareto front
 Losses are per token (nats); `best val bpb` is the best val loss in bits per byte of text, the
@@ -95,7 +96,8 @@ def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
                "best_val_loss": min(vals) if vals else None,
                "best_val_bpb": min(bpbs) if bpbs else None, "tokenizer": t["train"].get("tokenizer"),
                "best_checkpoint": str(best_ckpt) if (best_ckpt / "config.json").is_file() else None,
-               "error": err, "curve": [(m["step"], m["val_loss"]) for m in hist if "val_loss" in m]}
+               "error": err, "curve": [(m["step"], m["val_loss"]) for m in hist if "val_loss" in m],
+               "bpb_curve": [(m["step"], m["val_bpb"]) for m in hist if "val_bpb" in m]}
         for k in ("step", "train_loss", "tokens_per_s", "mfu", "params_total", "params_active",
                   "kv_bytes_per_token", "moe_maxvio", "decode_tokens_per_s", "val_loss", "tokens",
                   "trial_time_s", "val_bpb", "train_bpb"):
@@ -221,7 +223,9 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
     table = markdown(rows + rejected)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("finished", "stopped", "failed", "not run")}
     counts["rejected"] = len(rejected)
+    toks = sorted({str(r["tokenizer"]) for r in rows if r.get("tokenizer")})
     head = (f"# Sweep {c['spec']['name']}\n\nmetric {c['metric']} ({c['mode']}); "
+            + (f"tokenizers {', '.join(toks)} (compared in bits per byte); " if len(toks) > 1 else "")
             + ", ".join(f"{n} {s}" for s, n in counts.items())
             + (f"; wall time {wall_time_s:.0f} s" if wall_time_s else "") + "\n\n")
     _atomic(root / "results.md", head + table)
@@ -233,7 +237,8 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
         for r in rows + rejected:
             w.writerow(r)
     os.replace(root / "results.csv.tmp", root / "results.csv")
-    trials_json = [{"trial_id": r["trial"], **{k: v for k, v in r.items() if k not in ("curve", "trial")},
+    trials_json = [{"trial_id": r["trial"], **{k: v for k, v in r.items()
+                                               if k not in ("curve", "bpb_curve", "trial")},
                     c["metric"]: metric_value(r, c["metric"])}
                    for r in rows]
     _atomic(root / "results.json", json.dumps({"metric": c["metric"], "mode": c["mode"],
@@ -256,4 +261,30 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
                        "train_config": str(root / "best_train.yaml")}
         out["files"] += [str(root / "best_layers.jsonl"), str(root / "best_train.yaml")]
     out["files"] += plots(root, rows)
+    from chimera.sweep.spec import BPB_METRICS
+    if c["metric"] in BPB_METRICS:
+        out["files"].append(bpb_curves(root, rows))
     return out
+
+
+def bpb_curves(root: Path, rows: list[dict]) -> str:
+    """val_bpb_curves.png: val bits per byte against steps, every trial (with its tokenizer)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        if r["bpb_curve"]:
+            s, v = zip(*r["bpb_curve"])
+            ax.plot(s, v, marker="o", ms=3, ls="-" if r["status"] == "finished" else "--",
+                    label=f"{r['trial']} {r['arch']} {r['hparams']} ({r['tokenizer']})"[:80])
+    ax.set_xlabel("training step")
+    ax.set_ylabel("val bits per byte")
+    ax.set_title("val bits per byte of every trial (dashed: stopped early / failed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(root / "val_bpb_curves.png", dpi=110)
+    plt.close(fig)
+    return str(root / "val_bpb_curves.png")
