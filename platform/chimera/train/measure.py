@@ -15,7 +15,6 @@ text, and char/byte data has none. Both sums are all-reduced like the losses.
 from __future__ import annotations
 
 import hashlib
-
 import math
 
 import torch

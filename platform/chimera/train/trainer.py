@@ -10,8 +10,9 @@ wrap for DDP (the context's prepare_model); grad accumulation with `no_sync()` o
 last micro-step; AdamW (fused on CUDA, decay on >=2-D weights only); warmup + cosine lr;
 clipping; bf16 autocast on CUDA (fp16 + GradScaler without bf16), fp32 on CPU. Metrics every
 log_interval, eval every eval_interval (cross-entropy without the MoE terms, which are reported
-apart with MaxVio per MoE layer, and the same losses in bits per byte of text: val_bpb, train_bpb), checkpoints every ckpt_interval, at a new best val loss (also
-copied to <run>/<file_name>_best) and at the end. Rank 0 prints, writes <run>/metrics.jsonl
+apart with MaxVio per MoE layer, and the same losses in bits per byte of text: val_bpb,
+train_bpb), checkpoints every ckpt_interval, at a new best val loss (also copied to
+<run>/<file_name>_best) and at the end. Rank 0 prints, writes <run>/metrics.jsonl
 (local storage) and logs to W&B.
 
 What costs time besides compute (look for `# sync:` and `# report:`): log_metrics() waits for
