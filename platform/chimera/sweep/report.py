@@ -100,7 +100,7 @@ def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
                "bpb_curve": [(m["step"], m["val_bpb"]) for m in hist if "val_bpb" in m]}
         for k in ("step", "train_loss", "tokens_per_s", "mfu", "params_total", "params_active",
                   "kv_bytes_per_token", "moe_maxvio", "decode_tokens_per_s", "val_loss", "tokens",
-                  "trial_time_s", "val_bpb", "train_bpb"):
+                  "trial_time_s", "trial_started_at", "val_bpb", "train_bpb"):
             row.setdefault(k, latest.get(k))
         if row["decode_tokens_per_s"] is None and row["best_checkpoint"] and decode_missing:
             cache = run / "decode.json"          # stopped trials: measured here, once
