@@ -84,7 +84,8 @@ def _print_report(rep: dict) -> None:
     b = rep.get("best")
     if b:
         of = f" (best run of configuration {b['config']})" if b["config"] != b["trial"] else ""
-        print(f"best: {b['trial']}{of}  {b['arch']}  best val loss {b['best_val_loss']:.4f}")
+        bpb = f"  ({b['best_val_bpb']:.4f} bits/byte)" if b.get("best_val_bpb") is not None else ""
+        print(f"best: {b['trial']}{of}  {b['arch']}  best val loss {b['best_val_loss']:.4f}{bpb}")
         print(f"  checkpoint   {b['checkpoint']}")
         print(f"  layers       {b['layers_jsonl']}")
         print(f"  retrain with python jobs/train.py --config {b['train_config']}")

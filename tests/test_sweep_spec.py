@@ -38,7 +38,7 @@ def spec(**kw) -> SweepSpec:
     ({"space": {"learning_rate": {"loguniform": [1e-2, 1e-4]}}}, "low < high"),
     ({"space": {"learning_rate": {"loguniform": [0, 1e-2]}}}, "bounds must be > 0"),
     ({"space": {"pos_emb": {"grid": []}}}, "non-empty list"),
-    ({"space": {"data_dir": {"grid": ["a", "b"]}}}, "cannot be searched"),
+    ({"space": {"vocab_size": {"grid": [128, 256]}}}, "cannot be searched"),
     ({"layers": {"groups": [1, 2]}}, "sums to 3 layers but base.n_layer=2"),
     ({"layers": {"atn": {}}}, "did you mean 'attn'"),
     ({"layers": {"attn": {"x": 1}}}, r"layers.attn.x: expected a mapping"),

@@ -4,6 +4,7 @@ heterogeneous stacks, W&B offline, early rejection."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def test_two_workers_hetero_moe_learn_and_stay_in_sync(ray_cluster, train_char_d
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 60
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
     assert "moe/layer0/maxvio" in evals[-1] and "moe/layer1/maxvio" in evals[-1]
+    for r in evals:    # both workers' nats and bytes summed alike: ASCII text, bpb = loss / ln 2
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2), rel=1e-6)
     h = rows[-1]["param_hashes"]                        # parameters + buffers (MoE biases)
     assert len(h) == 2 and h[0] == h[1]
     cfg = json.loads((tmp_path / "hetero" / "checkpoint_000060" / "config.json").read_text())

@@ -10,7 +10,15 @@
 
 Common interface: `name`, `vocab_size`, `eot_id`, `encode(str) -> list[int]`,
 `encode_batch(list[str]) -> list[list[int]]`, `encode_to_numpy(str) -> np.ndarray (uint32)`,
-`decode(list[int]) -> str`, `to_dict()` / `Tokenizer.from_dict()`.
+`decode(list[int]) -> str`, `to_dict()` / `Tokenizer.from_dict()`, `token_bytes()`.
+
+Bytes per token (bits per byte, chimera.train.measure): `token_bytes(info)` is the (vocab,)
+table of how many UTF-8 bytes of text each id stands for, built once per process and tokenizer
+from a manifest's / checkpoint's tokenizer dict: gpt2 the length of each BPE token's bytes
+(its byte-level tokens concatenate to exactly the text's UTF-8), char len(ch.encode('utf-8')),
+byte 1. Ids that are no text count 0 bytes: gpt2's `<|endoftext|>` (50256, its only special
+id); char and byte have no such ids. Padded model vocabularies (ids >= vocab_size) never occur
+in data.
 
 End of text: gpt2 has `<|endoftext|>` = 50256. char and byte have none (`eot_id is None`):
 their vocabularies are exactly the text's symbols / the 256 byte values, as in nanoGPT's
@@ -23,6 +31,7 @@ TokenizerError that says how to fix it.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
@@ -50,6 +59,10 @@ class Tokenizer:
         raise NotImplementedError
 
     def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def token_bytes(self) -> np.ndarray:  # (vocab_size,) int64
+        """UTF-8 bytes of text each id stands for; 0 for ids that are no text."""
         raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,6 +111,13 @@ class GPT2Tokenizer(Tokenizer):
         if bad:
             raise TokenizerError(f"gpt2 ids must be in [0, {self.vocab_size}), got {bad[:5]}")
         return self._enc.decode(ids)  # invalid UTF-8 across token boundaries -> U+FFFD
+
+    def token_bytes(self) -> np.ndarray:
+        n = np.array([len(self._enc.decode_single_token_bytes(i)) for i in range(self.vocab_size)],
+                     dtype=np.int64)
+        for s in self._enc.special_tokens_set:           # {"<|endoftext|>"}: no text
+            n[self._enc.encode_single_token(s)] = 0
+        return n
 
     def __getstate__(self) -> dict:  # rebuilt from tiktoken's cache in the receiving process
         return {}
@@ -152,6 +172,9 @@ class CharTokenizer(Tokenizer):
             raise TokenizerError(f"char ids must be in [0, {self.vocab_size}), got {bad[:5]}")
         return "".join(map(self.chars.__getitem__, ids))
 
+    def token_bytes(self) -> np.ndarray:
+        return np.array([len(c.encode("utf-8", "surrogatepass")) for c in self.chars], dtype=np.int64)
+
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "vocab": self.chars}
 
@@ -172,6 +195,9 @@ class ByteTokenizer(Tokenizer):
         except ValueError:  # bytes() rejects values outside [0, 256)
             raise TokenizerError("byte ids must be in [0, 256)") from None
 
+    def token_bytes(self) -> np.ndarray:
+        return np.ones(self.vocab_size, dtype=np.int64)
+
 
 TOKENIZERS: dict[str, type[Tokenizer]] = {"gpt2": GPT2Tokenizer, "char": CharTokenizer,
                                           "byte": ByteTokenizer}
@@ -189,6 +215,23 @@ def get_tokenizer(name: str, vocab: str | Sequence[str] | None = None) -> Tokeni
     if vocab is not None:
         raise TokenizerError(f"the {name} tokenizer has a fixed vocabulary; do not pass vocab")
     return TOKENIZERS[name]()
+
+
+def token_bytes(info: Mapping[str, Any]) -> np.ndarray:
+    """(vocab_size,) int64, read-only: UTF-8 bytes of text of each id of the tokenizer `info`
+    describes (a manifest's or checkpoint's `tokenizer` dict; see the module docstring).
+    Built once per process and tokenizer (gpt2 needs its BPE files, as preparing did)."""
+    if not isinstance(info, Mapping) or "name" not in info:
+        raise TokenizerError(f"tokenizer info must be a dict with a 'name', got {info!r}")
+    return _token_bytes(tuple(sorted((k, info[k]) for k in ("name", "vocab", "vocab_size", "eot_id")
+                                     if k in info)))
+
+
+@functools.lru_cache(maxsize=8)
+def _token_bytes(info: tuple) -> np.ndarray:
+    n = Tokenizer.from_dict(dict(info)).token_bytes()
+    n.setflags(write=False)
+    return n
 
 
 def _load_tiktoken(encoding: str):

@@ -15,8 +15,11 @@ Writes into the sweep directory:
                               (jobs/train.py --layer_configs_jsonl), best_train.yaml its full
                               flags (--config)
     val_loss_curves.png       val loss against training steps, every trial
+    val_bpb_curves.png        the same in bits per byte, when the metric is val_bpb / train_bpb
     pareto.png                best val loss against KV-cache bytes/token and decode tokens/s,
                               with the Pareto front
+Losses are per token (nats); `best val bpb` is the best val loss in bits per byte of text, the
+measure that compares across tokenizers (a sweep over tokenizers is ranked by it).
 A trial's status: finished, stopped (ended before max_iters: the scheduler stopped it early, or
 the sweep was interrupted), failed (with Tune's error), not run, or rejected (never launched).
 """
@@ -31,6 +34,7 @@ from typing import Any
 
 COLUMNS = [("rank", "#"), ("trial", "trial"), ("seed", "seed"), ("status", "status"), ("arch", "architecture"),
            ("hparams", "hyperparameters"), ("step", "steps"), ("best_val_loss", "best val"),
+           ("best_val_bpb", "best val bpb"),
            ("train_loss", "train"), ("tokens_per_s", "tok/s"), ("mfu", "MFU"),
            ("params_total", "params"), ("params_active", "active"), ("budget_value", "budget"),
            ("kv_bytes_per_token", "KV B/tok"), ("moe_maxvio", "MaxVio"),
@@ -51,7 +55,7 @@ def _fmt(key: str, v: Any) -> str:
         return ""
     if key == "mfu":
         return f"{100 * v:.1f}%"
-    if key in ("best_val_loss", "train_loss", "moe_maxvio"):
+    if key in ("best_val_loss", "train_loss", "moe_maxvio", "best_val_bpb", "val_bpb", "train_bpb"):
         return f"{v:.4f}"
     if key in ("tokens_per_s", "decode_tokens_per_s"):
         return f"{v:,.0f}"
@@ -63,12 +67,14 @@ def _fmt(key: str, v: Any) -> str:
 def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
     """Rows for every trial of a sweep directory, best first (see the module docstring)."""
     from chimera.sweep.measure import measure_decode
+    from chimera.sweep.spec import check_metric_tokenizers
     from chimera.sweep.store import SUMMARY, history, read_plan
 
     root = Path(root)
     plan = read_plan(root)
     spec = plan["spec"]
     metric, mode = spec["metric"], spec["mode"]
+    check_metric_tokenizers(metric, {t["train"].get("tokenizer") for t in plan["trials"]})
     rows = []
     for t in plan["trials"]:
         run = root / "runs" / t["name"]
@@ -86,6 +92,7 @@ def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
         else:
             status = "stopped" if hist else "not run"
         vals = [m["val_loss"] for m in hist if isinstance(m.get("val_loss"), (int, float))]
+        bpbs = [m["val_bpb"] for m in hist if isinstance(m.get("val_bpb"), (int, float))]
         best_ckpt = run / f"{t['train'].get('file_name', 'llm_model')}_best"
         row = {"trial": t["name"], "config": t.get("config") or t["name"], "seed": t.get("seed"),
                "status": status, "arch": t["arch"],
@@ -93,11 +100,13 @@ def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
                                     if "." not in k and k != "stack"),
                "choices": t["choices"], "budget_value": t.get("budget_value"),
                "best_val_loss": min(vals) if vals else None,
+               "best_val_bpb": min(bpbs) if bpbs else None, "tokenizer": t["train"].get("tokenizer"),
                "best_checkpoint": str(best_ckpt) if (best_ckpt / "config.json").is_file() else None,
-               "error": err, "curve": [(m["step"], m["val_loss"]) for m in hist if "val_loss" in m]}
+               "error": err, "curve": [(m["step"], m["val_loss"]) for m in hist if "val_loss" in m],
+               "bpb_curve": [(m["step"], m["val_bpb"]) for m in hist if "val_bpb" in m]}
         for k in ("step", "train_loss", "tokens_per_s", "mfu", "params_total", "params_active",
                   "kv_bytes_per_token", "moe_maxvio", "decode_tokens_per_s", "val_loss", "tokens",
-                  "trial_time_s", "trial_started_at"):
+                  "trial_time_s", "trial_started_at", "val_bpb", "train_bpb"):
             row.setdefault(k, latest.get(k))
         if row["decode_tokens_per_s"] is None and row["best_checkpoint"] and decode_missing:
             cache = run / "decode.json"          # stopped trials: measured here, once
@@ -114,7 +123,7 @@ def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
         rows.append(row)
 
     def score(r):
-        v = metric_of(r, metric)
+        v = metric_value(r, metric)
         if v is None:
             return (1, 0.0)
         return (0, v if mode == "min" else -v)
@@ -129,9 +138,9 @@ def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
             "trials": plan["trials"]}
 
 
-def metric_of(row: dict, metric: str) -> float | None:
-    """A trial row's value of the spec's metric: val_loss is the run's best, others the latest."""
-    return row["best_val_loss"] if metric == "val_loss" else row.get(metric)
+def metric_value(row: dict, metric: str) -> Any:
+    """What ranks a row: the run's best for val_loss / val_bpb, else the latest value."""
+    return row.get({"val_loss": "best_val_loss", "val_bpb": "best_val_bpb"}.get(metric, metric))
 
 
 def configurations(c: dict) -> list[dict]:
@@ -145,9 +154,9 @@ def configurations(c: dict) -> list[dict]:
     for r in c["rows"]:                      # best trial first, so ties in order keep that order
         members.setdefault(r["config"], []).append(r)
     def counted(r):
-        v = metric_of(r, metric)
+        v = metric_value(r, metric)
         return r["status"] == "finished" and isinstance(v, (int, float)) and math.isfinite(v)
-    values = {k: [metric_of(r, metric) for r in rs if counted(r)] for k, rs in members.items()}
+    values = {k: [metric_value(r, metric) for r in rs if counted(r)] for k, rs in members.items()}
     out = []
     for i, st in enumerate(compare(values, c["mode"], spec.get("significance", 0.05))):
         rs = members[st.config]
@@ -171,7 +180,7 @@ def configurations_markdown(confs: list[dict], c: dict) -> str:
     if seeds == 1:
         return ("One run per configuration (`seeds: 1`): no significance is claimed. A difference "
                 "between trials may be seed noise; set `seeds: 3` or more to test it.\n")
-    name = "best val loss" if metric == "val_loss" else metric
+    name = {"val_loss": "best val loss", "val_bpb": "best val bpb"}.get(metric, metric)
 
     def num(v):
         return "" if v is None else f"{v:.4f}"
@@ -282,22 +291,26 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
     table = markdown(rows + rejected)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("finished", "stopped", "failed", "not run")}
     counts["rejected"] = len(rejected)
+    toks = sorted({str(r["tokenizer"]) for r in rows if r.get("tokenizer")})
     head = (f"# Sweep {c['spec']['name']}\n\nmetric {c['metric']} ({c['mode']}); "
+            + (f"tokenizers {', '.join(toks)} (compared in bits per byte); " if len(toks) > 1 else "")
             + ", ".join(f"{n} {s}" for s, n in counts.items())
             + (f"; wall time {wall_time_s:.0f} s" if wall_time_s else "") + "\n\n")
     confs = configurations(c)
     conf_table = configurations_markdown(confs, c)
     _atomic(root / "results.md", head + conf_table + "\n" + ("## Trials\n\n" if confs and
                                                               c["spec"].get("seeds", 1) > 1 else "") + table)
-    fields = [k for k, _ in COLUMNS] + ["config", "best_checkpoint", "val_loss", "tokens", "trial_time_s"]
+    fields = [k for k, _ in COLUMNS] + ["config", "best_checkpoint", "val_loss", "tokens", "trial_time_s",
+                                        "tokenizer", "val_bpb", "train_bpb"]
     with open(root / "results.csv.tmp", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in rows + rejected:
             w.writerow(r)
     os.replace(root / "results.csv.tmp", root / "results.csv")
-    trials_json = [{"trial_id": r["trial"], **{k: v for k, v in r.items() if k not in ("curve", "trial")},
-                    c["metric"]: r["best_val_loss"] if c["metric"] == "val_loss" else r.get(c["metric"])}
+    trials_json = [{"trial_id": r["trial"], **{k: v for k, v in r.items()
+                                               if k not in ("curve", "bpb_curve", "trial")},
+                    c["metric"]: metric_value(r, c["metric"])}
                    for r in rows]
     from chimera.sweep.stats import CONFIDENCE, TEST
     _atomic(root / "results.json", json.dumps({"metric": c["metric"], "mode": c["mode"],
@@ -323,9 +336,35 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
         _atomic(root / "best_train.yaml", f"# best trial {best['trial']}: {best['arch']}\n"
                 + yaml.safe_dump(flags, sort_keys=True))
         out["best"] = {"trial": best["trial"], "config": best["config"], "arch": best["arch"],
-                       "best_val_loss": best["best_val_loss"],
+                       "best_val_loss": best["best_val_loss"], "best_val_bpb": best["best_val_bpb"],
                        "checkpoint": best["best_checkpoint"], "layers_jsonl": str(root / "best_layers.jsonl"),
                        "train_config": str(root / "best_train.yaml")}
         out["files"] += [str(root / "best_layers.jsonl"), str(root / "best_train.yaml")]
     out["files"] += plots(root, rows)
+    from chimera.sweep.spec import BPB_METRICS
+    if c["metric"] in BPB_METRICS:
+        out["files"].append(bpb_curves(root, rows))
     return out
+
+
+def bpb_curves(root: Path, rows: list[dict]) -> str:
+    """val_bpb_curves.png: val bits per byte against steps, every trial (with its tokenizer)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        if r["bpb_curve"]:
+            s, v = zip(*r["bpb_curve"])
+            ax.plot(s, v, marker="o", ms=3, ls="-" if r["status"] == "finished" else "--",
+                    label=f"{r['trial']} {r['arch']} {r['hparams']} ({r['tokenizer']})"[:80])
+    ax.set_xlabel("training step")
+    ax.set_ylabel("val bits per byte")
+    ax.set_title("val bits per byte of every trial (dashed: stopped early / failed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(root / "val_bpb_curves.png", dpi=110)
+    plt.close(fig)
+    return str(root / "val_bpb_curves.png")

@@ -15,10 +15,11 @@ A spec (YAML) holds:
     space:                        hyperparameters: key -> {loguniform|uniform: [lo, hi]},
       learning_rate: {loguniform: [1.0e-4, 1.0e-2]}   {randint: [lo, hi)}, {choice: [...]},
       pos_emb: {grid: [rope, sin]}                {grid: [...]} or a constant
+      tokenizer: {grid: [char, gpt2]}             each trial reads data/<dataset>_<tokenizer>
     search: grid | random         architecture options as a grid (default) or sampled
     num_samples: 1                samples of the random parts (times every grid point)
     seed: 0
-    metric: val_loss | train_loss, mode: min
+    metric: val_loss | train_loss | val_bpb | train_bpb, mode: min
     budget: {active_params: N | flops_per_token: N, tolerance: 0.02, multiple: 8}
     scheduler: {type: fifo | asha, time_attr: step | tokens, grace_period, reduction_factor}
     max_concurrent: 2
@@ -38,7 +39,9 @@ from typing import Any, Mapping
 from chimera.train.config import TrainConfig, TrainConfigError, config_keys, opt
 
 SAMPLERS = ("loguniform", "uniform", "randint", "choice", "grid")
-METRICS = ("val_loss", "train_loss")      # measured at every eval, so in every report to Tune
+METRICS = ("val_loss", "train_loss", "val_bpb", "train_bpb")   # measured at every eval, so in
+                                                                # every report to Tune
+BPB_METRICS = ("val_bpb", "train_bpb")    # bits per byte of text: comparable across tokenizers
 
 
 class SweepSpecError(ValueError):
@@ -84,15 +87,20 @@ class SweepSpec:
         "layer dicts; an item may carry `repeat: N`"))
     space: Mapping[str, Any] = opt({}, (
         "other keys → `{loguniform: [lo, hi]}`, `{uniform: [lo, hi]}`, `{randint: [lo, hi]}` (hi "
-        "excluded), `{choice: [...]}`, `{grid: [...]}` or a constant"))
+        "excluded), `{choice: [...]}`, `{grid: [...]}` or a constant. `tokenizer` (or `data_dir`) "
+        "gives each trial its own data folder, `<repo>/data/<dataset>_<tokenizer>` (rank those by "
+        "`val_bpb`)"))
     search: str = opt("grid", ("`grid`: every architecture option combination; `random`: options "
                                "sampled (`num_samples` times)"))
     num_samples: int = opt(1, "samples of the random parts (each grid point is sampled that often)")
     seed: int = opt(0, "seed of the sampling (the trial list is reproducible); the trials' train seed "
                        "is `base.seed`, replicas are `seeds`")
     metric: str = opt("val_loss", (
-        "what ranks trials and drives ASHA: `val_loss` (ranked by the run's best) or `train_loss` "
-        "(both measured at every eval). The table holds every other metric for sorting by hand"))
+        "what ranks trials and drives ASHA: `val_loss` (ranked by the run's best) or `train_loss`, "
+        "per token; `val_bpb` (ranked by the run's best) or `train_bpb`, in bits per byte of text "
+        "(all measured at every eval). Trials on different tokenizers (`space.tokenizer` / "
+        "`space.data_dir`) must be ranked by a bpb metric. The table holds every other metric for "
+        "sorting by hand"))
     mode: str = opt("min", "`min` or `max` of the metric")
     budget: Mapping[str, Any] | None = opt(None, (
         "`{active_params: N}` or `{flops_per_token: N}`, `tolerance` (fraction, 0.02), `multiple` "
@@ -158,13 +166,14 @@ class SweepSpec:
             raise SweepSpecError("stacks: expected a non-empty mapping name -> JSONL path or layer list")
         space = _keys("space", self.space or {}, config_keys())
         for k, v in space.items():
-            if k in ("storage_path", "run_name", "resume_from", "data_dir", "dataset", "tokenizer", "vocab_size",
+            if k in ("storage_path", "run_name", "resume_from", "dataset", "vocab_size",
                      "num_workers", "use_gpu", "num_threads", "layer_configs", "layer_configs_jsonl"):
                 raise SweepSpecError(f"space.{k}: cannot be searched"
                                      + (" (use `stacks` for layer files)" if "layer" in k else ""))
             if k == "n_layer" and (self.layers is not None or self.stacks is not None):
                 raise SweepSpecError("space.n_layer: the depth comes from layers.groups / stacks")
             tune_domain(f"space.{k}", v)         # checks the sampler form
+        check_data_space(base, space)
         if self.search not in ("grid", "random"):
             raise SweepSpecError(f"search={self.search!r} must be 'grid' or 'random'")
         check_int("num_samples", self.num_samples, 1)
@@ -225,6 +234,35 @@ class SweepSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_data_space(base: Mapping[str, Any], space: Mapping[str, Any]) -> None:
+    """`space.tokenizer` / `space.data_dir`: each trial reads its own data folder (the default
+    folder of its tokenizer, or the folder given), so the search can compare tokenizers."""
+    from chimera.data.tokenizers import TOKENIZERS
+    if "tokenizer" in space and "data_dir" in space:
+        raise SweepSpecError("space: give at most one of tokenizer and data_dir (a data folder "
+                             "fixes its tokenizer)")
+    if "tokenizer" in space and base.get("data_dir"):
+        raise SweepSpecError("space.tokenizer: base.data_dir fixes one tokenizer; drop it so that "
+                             "each trial reads <repo>/data/<dataset>_<tokenizer>, or search "
+                             "space.data_dir instead")
+    v = space.get("tokenizer")
+    names = v if not isinstance(v, Mapping) else next(iter(v.values()))
+    for n in (names if isinstance(names, list) else [names] if "tokenizer" in space else []):
+        if n not in TOKENIZERS:
+            raise SweepSpecError(f"space.tokenizer: {n!r} is not a tokenizer; choose from "
+                                 f"{', '.join(TOKENIZERS)}")
+
+
+def check_metric_tokenizers(metric: str, tokenizers) -> None:
+    """Loss per token depends on the tokenizer: trials on different ones rank by bits per byte."""
+    names = sorted({str(t) for t in tokenizers if t is not None})
+    if len(names) > 1 and metric not in BPB_METRICS:
+        raise SweepSpecError(
+            f"metric={metric!r}: the trials use different tokenizers ({', '.join(names)}) and a "
+            f"loss per token does not compare across tokenizers; use metric: val_bpb (bits per "
+            f"byte of text) or train_bpb")
 
 
 def spec_keys() -> tuple[str, ...]:

@@ -9,6 +9,10 @@ solved, before anything is launched.
 Trial configs are resolved here with Tune's own variant generator (its grid expansion and
 sampling functions) so that every combination can be validated - and invalid ones counted and
 reported - before anything is launched; Tune then runs exactly the valid list.
+
+Data: every trial reads base's data folder, or, when `space` searches `tokenizer` (each trial
+then reads <repo>/data/<dataset>_<tokenizer>) or `data_dir`, its own; each folder must be
+prepared. Trials on different tokenizers must be ranked by bits per byte (spec.BPB_METRICS).
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from chimera.sweep.spec import SweepSpec, SweepSpecError, check_int, tune_domain
+from chimera.sweep.spec import (SweepSpec, SweepSpecError, check_int, check_metric_tokenizers,
+                                tune_domain)
 from chimera.train.config import TrainConfig, TrainConfigError
 from models import config as mconfig
 
@@ -161,35 +166,48 @@ def solve_budget(train: Mapping[str, Any], layers: list[dict] | None, budget: Ma
     return c, v, s
 
 
-def base_data_dir(spec: SweepSpec) -> Path:
+def base_data_dir(spec: SweepSpec, train: Mapping[str, Any] | None = None) -> Path:
     """The trials' data folder: base.data_dir, else the default folder of base.dataset and
-    base.tokenizer (chimera.paths); absolute, since trials run elsewhere (Ray changes the cwd)."""
+    base.tokenizer (chimera.paths); absolute, since trials run elsewhere (Ray changes the cwd).
+    `train` (base + a trial's choices): that trial's folder, when space searches tokenizer or
+    data_dir."""
     from chimera.paths import resolve_data_dir
     fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    return resolve_data_dir(spec.base.get("data_dir"), spec.base.get("dataset", fields["dataset"]),
-                            spec.base.get("tokenizer"))
+    d = spec.base if train is None else train
+    return resolve_data_dir(d.get("data_dir"), d.get("dataset", fields["dataset"]), d.get("tokenizer"))
 
 
-def data_vocab(spec: SweepSpec) -> int:
-    """The vocabulary of the trials' data (its tokenizer's); the data directory must be
-    prepared already, and base.vocab_size, when given, must hold it."""
+def data_tokenizer(spec: SweepSpec, train: Mapping[str, Any] | None = None) -> dict:
+    """The tokenizer (manifest dict) of the trials' data, or of one trial's (`train`, as in
+    base_data_dir); the data directory must be prepared already, with the tokenizer named, and
+    base.vocab_size, when given, must hold its vocabulary."""
     from chimera.data.shards import read_manifest
-    data_dir = base_data_dir(spec)
+    d = spec.base if train is None else train
+    space = (spec.space or {}) if train is not None else {}
+    data_dir = base_data_dir(spec, train)
+    where = (f"space.data_dir {data_dir}" if "data_dir" in space else
+             f"space.tokenizer={d.get('tokenizer')!r}: {data_dir}" if "tokenizer" in space else
+             f"base.data_dir {data_dir}")
     try:
         tok = read_manifest(data_dir)["tokenizer"]
         v = int(tok["vocab_size"])
     except Exception as e:
         from chimera.paths import job_copy_hint
-        hint = job_copy_hint("base.data_dir") if "data_dir" not in spec.base else ""
-        raise SweepSpecError(f"base.data_dir {data_dir}: {e} (prepare it with jobs/prepare.py){hint}") from None
-    if spec.base.get("tokenizer") not in (None, tok.get("name")):
-        raise SweepSpecError(f"base.tokenizer={spec.base['tokenizer']!r} but {data_dir} was prepared "
-                             f"with {tok.get('name')!r}")
+        hint = job_copy_hint("base.data_dir") if "data_dir" not in d else ""
+        raise SweepSpecError(f"{where}: {e} (prepare it with jobs/prepare.py){hint}") from None
+    if d.get("tokenizer") not in (None, tok.get("name")):
+        raise SweepSpecError(f"{'space' if 'tokenizer' in space else 'base'}.tokenizer="
+                             f"{d['tokenizer']!r} but {data_dir} was prepared with {tok.get('name')!r}")
     if "vocab_size" in spec.base:
         if int(spec.base["vocab_size"]) < v:
             raise SweepSpecError(f"base.vocab_size={spec.base['vocab_size']} is smaller than the "
                                  f"dataset's tokenizer vocabulary ({v})")
-    return v
+    return tok
+
+
+def data_vocab(spec: SweepSpec) -> int:
+    """The vocabulary of the trials' data (its tokenizer's); see data_tokenizer."""
+    return int(data_tokenizer(spec)["vocab_size"])
 
 
 def expand(spec: SweepSpec) -> SweepPlan:
@@ -201,7 +219,7 @@ def expand(spec: SweepSpec) -> SweepPlan:
     space = {**_arch_space(spec), **{k: tune_domain(f"space.{k}", v) for k, v in (spec.space or {}).items()}}
     random_parts = spec.search == "random" or any(
         isinstance(v, Mapping) and next(iter(v)) != "grid" for v in (spec.space or {}).values())
-    vocab = data_vocab(spec)
+    data: dict[Path, dict] = {}        # data folder -> its tokenizer; checked once per folder
     rng = np.random.RandomState(spec.seed)
     variants: list[dict] = []
     for _ in range(spec.num_samples if random_parts else 1):     # a pure grid needs one pass
@@ -209,6 +227,11 @@ def expand(spec: SweepSpec) -> SweepPlan:
     trials, rejected = [], []
     for choices in variants:
         train = {**spec.base, **{k: v for k, v in choices.items() if "." not in k and k != "stack"}}
+        data_dir = base_data_dir(spec, train)      # a trial's own with space.tokenizer / data_dir
+        if data_dir not in data:
+            data[data_dir] = data_tokenizer(spec, train)
+        tok = data[data_dir]
+        vocab = int(tok["vocab_size"])
         try:
             layers = _layer_list(spec, choices)
             if spec.budget is not None:
@@ -218,7 +241,8 @@ def expand(spec: SweepSpec) -> SweepPlan:
             # the trial carries its resolved model; `train` keeps the training keys only
             out = {k: v for k, v in train.items()
                    if k not in mconfig.MODEL_KEYS and k not in ("layer_configs", "layer_configs_jsonl")}
-            out["data_dir"] = str(base_data_dir(spec))    # trials run elsewhere (Ray changes the cwd)
+            out["data_dir"] = str(data_dir)          # trials run elsewhere (Ray changes the cwd)
+            out["tokenizer"] = tok["name"]
             TrainConfig.from_dict(out)
         except (ConfigError, SweepSpecError, TrainConfigError) as e:
             rejected.append((choices, str(e)))
@@ -228,6 +252,7 @@ def expand(spec: SweepSpec) -> SweepPlan:
     if not trials:
         msgs = "; ".join(sorted({m for _, m in rejected}))[:500]
         raise SweepSpecError(f"no valid trial in the search space ({len(rejected)} rejected: {msgs})")
+    check_metric_tokenizers(spec.metric, {t.train["tokenizer"] for t in trials})
     return SweepPlan(spec=spec, trials=replicate(trials, spec.seeds), rejected=rejected)
 
 

@@ -2,15 +2,24 @@
 
     peak_flops(torch.device("cuda"), None)      # by GPU name (H100: 989e12), else per CPU thread
     all_mean(t, world)                          # all-reduced mean of a tensor over the workers
-    eval_losses(raw, {"val": loader}, iters, amp, world)    # {"val_loss": .., "val_aux": ..}
+    eval_losses(raw, {"val": loader}, iters, amp, world, token_bytes)
+                                                # {"val_loss": .., "val_aux": .., "val_bpb": ..}
     state_hash(model)                           # sha256 of every parameter and buffer, 16 hex
+
+Bits per byte (`{name}_bpb`): the cross-entropy in nats summed over the same targets as the
+loss, / ln 2, / the UTF-8 bytes of text those targets stand for (chimera.data.tokenizers
+.token_bytes), so models with different tokenizers compare on the same text (nanochat's
+evaluate_bpb). Targets of 0 bytes (gpt2's end of text) are left out of both sums: they are no
+text, and char/byte data has none. Both sums are all-reduced like the losses.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from chimera.data.loader import ShardLoader
 
@@ -46,19 +55,31 @@ def state_hash(model: torch.nn.Module) -> str:
 
 
 @torch.no_grad()
-def eval_losses(raw, loaders: dict[str, ShardLoader], iters: int, amp, world: int) -> dict[str, float]:
-    """{name}_loss and {name}_aux per loader: means over `iters` batches and over workers."""
+def eval_losses(raw, loaders: dict[str, ShardLoader], iters: int, amp, world: int,
+                token_bytes: torch.Tensor | None = None) -> dict[str, float]:
+    """{name}_loss and {name}_aux per loader: means over `iters` batches and over workers; with
+    `token_bytes` ((vocab,) bytes of text per id, on the model's device) also {name}_bpb."""
     raw.eval()
     out: dict[str, float] = {}
     for name, ld in loaders.items():
         ld.reset()
-        acc = torch.zeros(2, dtype=torch.float64, device=next(raw.parameters()).device)
+        # mean CE, mean aux, nats summed over targets with bytes, their bytes summed
+        acc = torch.zeros(4, dtype=torch.float64, device=next(raw.parameters()).device)
         for _ in range(iters):
-            x, y = ld.next_batch()
+            x, y = ld.next_batch()                                      # (B, T) each
             with amp():
-                _, ce, aux = raw.forward_with_aux(x, y)
-            acc += torch.stack([ce.double(), aux.double()])
-        acc = all_mean(acc / iters, world)
-        out[f"{name}_loss"], out[f"{name}_aux"] = acc[0].item(), acc[1].item()   # sync: read
+                logits, _, aux = raw.forward_with_aux(x)                # (B, T, V)
+                nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(),
+                                      reduction="none")                 # (B*T,) nats
+            nb = (token_bytes[y.flatten()] if token_bytes is not None
+                  else torch.zeros_like(nll))                           # (B*T,) bytes
+            acc += torch.stack([nll.mean().double(), aux.double(),
+                                (nll * (nb > 0)).sum().double(), nb.sum().double()])
+        acc[:2] /= iters
+        acc = all_mean(acc, world)               # the ratio of the sums is the ratio of means
+        ce, ax, nats, nbytes = acc.tolist()                             # sync: read
+        out[f"{name}_loss"], out[f"{name}_aux"] = ce, ax
+        if token_bytes is not None:
+            out[f"{name}_bpb"] = nats / math.log(2) / nbytes if nbytes else math.nan
     raw.train()
     return out

@@ -10,8 +10,9 @@ wrap for DDP (the context's prepare_model); grad accumulation with `no_sync()` o
 last micro-step; AdamW (fused on CUDA, decay on >=2-D weights only); warmup + cosine lr;
 clipping; bf16 autocast on CUDA (fp16 + GradScaler without bf16), fp32 on CPU. Metrics every
 log_interval, eval every eval_interval (cross-entropy without the MoE terms, which are reported
-apart with MaxVio per MoE layer), checkpoints every ckpt_interval, at a new best val loss (also
-copied to <run>/<file_name>_best) and at the end. Rank 0 prints, writes <run>/metrics.jsonl
+apart with MaxVio per MoE layer, and the same losses in bits per byte of text: val_bpb,
+train_bpb), checkpoints every ckpt_interval, at a new best val loss (also copied to
+<run>/<file_name>_best) and at the end. Rank 0 prints, writes <run>/metrics.jsonl
 (local storage) and logs to W&B.
 
 What costs time besides compute (look for `# sync:` and `# report:`): log_metrics() waits for
@@ -40,6 +41,7 @@ import torch.distributed as dist
 
 from chimera import checkpoint as ckpt
 from chimera.data.loader import ShardLoader
+from chimera.data.tokenizers import TokenizerError, token_bytes
 from chimera.train.config import TrainConfig
 from chimera.train.context import RESULT, checkpoint_at, copy_dir, write_run_file
 from chimera.train.hooks import Hook
@@ -144,6 +146,13 @@ class Trainer:
                                device=device),
             "train": ShardLoader(tc.data_dir, "train", tc.batch_size, T, rank=rank,
                                  world_size=world, seed=tc.seed + 1, shuffle=True, device=device)}
+        # UTF-8 bytes per token id, for the evals' bits per byte (gpt2 reads its BPE files)
+        self.token_bytes = None
+        if tc.eval:
+            try:
+                self.token_bytes = torch.tensor(token_bytes(self.tokenizer), device=device)
+            except TokenizerError as e:
+                raise TokenizerError(f"the evals' bits per byte need the bytes of every token: {e}") from None
 
     def restore(self) -> None:
         """Ray's latest checkpoint of this run first, else --resume_from: weights, optimizer,
@@ -251,9 +260,11 @@ class Trainer:
         return m
 
     def evaluate(self) -> tuple[dict[str, Any], bool]:
-        """Val and train losses (and MoE aux terms) averaged over workers, MaxVio per MoE layer,
-        best val loss so far; printed on rank 0. Returns (metrics, improved)."""
-        m = eval_losses(self.raw, self.eval_loaders, self.tc.eval_iters, self.amp, self.world)
+        """Val and train losses (and MoE aux terms) averaged over workers, the same in bits per
+        byte, MaxVio per MoE layer, best val loss so far; printed on rank 0.
+        Returns (metrics, improved)."""
+        m = eval_losses(self.raw, self.eval_loaders, self.tc.eval_iters, self.amp, self.world,
+                        self.token_bytes)
         for layer, s in self.raw.moe_stats().items():
             m[f"moe/{layer}/maxvio"] = s["maxvio"]
         vios = [s["maxvio"] for s in self.raw.moe_stats().values()]
@@ -263,6 +274,7 @@ class Trainer:
         self.best_val = min(self.best_val, m["val_loss"])
         m["best_val_loss"] = self.best_val
         self.print0(f"step {self.iter_num}: val {m['val_loss']:.4f}  train {m['train_loss']:.4f}  "
+                    f"val bpb {m['val_bpb']:.4f}  train bpb {m['train_bpb']:.4f}  "
                     f"aux {m['val_aux']:.4g}" + ("  (best)" if improved else ""))
         return m, improved
 
