@@ -12,6 +12,9 @@ Writes into the sweep directory:
     val_loss_curves.png       val loss against training steps, every trial
     pareto.png                best val loss against KV-cache bytes/token and decode tokens/s,
                               with the Pareto front
+    scaling.png               a ladder's loss against training FLOPs with the fits and the
+                              prediction at target_flops (chimera.sweep.scaling); its
+                              section in results.md and results.json["ladder"]
 A trial's status: finished, stopped (ended before max_iters: the scheduler stopped it early, or
 the sweep was interrupted), failed (with Tune's error), not run, or rejected (never launched).
 """
@@ -212,6 +215,11 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
     head = (f"# Sweep {c['spec']['name']}\n\nmetric {c['metric']} ({c['mode']}); "
             + ", ".join(f"{n} {s}" for s, n in counts.items())
             + (f"; wall time {wall_time_s:.0f} s" if wall_time_s else "") + "\n\n")
+    ladder = None
+    if c["spec"].get("ladder"):             # scaling fits and scaling.png (chimera.sweep.scaling)
+        from chimera.sweep.scaling import write_ladder
+        ladder = write_ladder(root, rows, c["trials"], c["spec"])
+        table += "\n" + ladder["markdown"]
     _atomic(root / "results.md", head + table)
     fields = [k for k, _ in COLUMNS] + ["best_checkpoint", "val_loss", "tokens", "trial_time_s"]
     with open(root / "results.csv.tmp", "w", newline="") as f:
@@ -224,7 +232,10 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
                     c["metric"]: r["best_val_loss"] if c["metric"] == "val_loss" else r.get(c["metric"])}
                    for r in rows]
     _atomic(root / "results.json", json.dumps({"metric": c["metric"], "mode": c["mode"],
-                                               "trials": trials_json, "rejected": rejected},
+                                               "trials": trials_json, "rejected": rejected,
+                                               **({"ladder": {k: v for k, v in ladder.items()
+                                                              if k not in ("markdown", "summary")}}
+                                                  if ladder else {})},
                                               indent=2, default=str) + "\n")
     best = next((r for r in rows if r["best_checkpoint"]), None)
     out = {"table": table, "counts": counts, "best": None, "files": [str(root / "results.md"),
@@ -242,4 +253,7 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
                        "train_config": str(root / "best_train.yaml")}
         out["files"] += [str(root / "best_layers.jsonl"), str(root / "best_train.yaml")]
     out["files"] += plots(root, rows)
+    if ladder:
+        out["ladder"] = ladder
+        out["files"].append(ladder["plot"])
     return out

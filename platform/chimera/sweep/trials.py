@@ -30,6 +30,7 @@ class Trial:
     model_config: dict              # the resolved model (ModelConfig.to_dict()), as trained
     budget_value: int | None = None
     up_scale: float | None = None
+    ladder: dict | None = None      # a ladder's rung, budget and compute (chimera.sweep.ladder)
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,9 @@ def data_vocab(spec: SweepSpec) -> int:
 
 def expand(spec: SweepSpec) -> SweepPlan:
     """Resolve every trial (Tune's variant generator), validate it, solve its budget."""
+    if spec.ladder is not None:          # each rung expanded by this function (chimera.sweep.ladder)
+        from chimera.sweep.ladder import expand_ladder
+        return expand_ladder(spec, expand, _stack_layers, measure)
     import numpy as np
     from ray.tune.search.variant_generator import generate_variants
     from models.config import ConfigError
