@@ -2,9 +2,10 @@
 model size or a training FLOP budget), each rung's steps derived from its budget.
 
     plan = expand(load_spec("configs/sweeps/exp1-ladder-tiny.yaml"))   # trials.expand calls here
-    plan.trials[0].ladder     # {"rung": 0, "label": "n_embd=32 n_layer=2", "held_out": False,
-                              #  "params": 29_312, "flops_per_token": 201_216, "tokens": 146_560,
-                              #  "steps": 143, "flops": 2.9e10, "config": "g0.attn=gqa2", ...}
+    plan.trials[0].ladder     # {"rung": 0, "label": "n_embd=16 n_layer=1 up_dim=64",
+                              #  "held_out": False, "params": 5_936, "flops_per_token": 47_904,
+                              #  "steps": 46, "tokens": 23_552, "flops": 1.13e9,
+                              #  "config": "g0.attn=gqa2", ...}
 
 Each rung is a spec of its own - the base with the rung's size (or the base size), no ladder -
 expanded by trials.expand, so the rung's trials are resolved and checked exactly as a plain
