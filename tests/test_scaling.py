@@ -309,3 +309,20 @@ def test_every_shipped_ladder_spec_expands_with_intervals_possible_and_a_held_ou
         assert len(by) == 2, p.name
         for pts in by.values():                   # > 3 fitted runs: the bootstrap has residuals
             assert sum(not x["held_out"] for x in pts) >= 4 and sum(x["held_out"] for x in pts) == 1
+
+
+def test_two_configurations_on_one_curve_are_not_called_a_clear_winner():
+    from chimera.sweep.scaling import ladder_section, summary_lines
+    rng = np.random.default_rng(5)
+    trials, rows = [], []
+    for cfg in ("a", "b"):
+        for i, c in enumerate(C):
+            name = f"{cfg}{i}"
+            trials.append({"name": name, "ladder": {"config": cfg, "rung": i, "label": f"r{i}", "held_out": False,
+                                                    "params": 1, "tokens": 1, "steps": 1, "flops": float(c)}})
+            rows.append({"trial": name, "status": "finished", "val_loss": float(law(c)) + rng.normal(0, 0.01)})
+    sec = ladder_section(rows, trials, {"metric": "val_loss", "ladder": {"target_flops": 1e15, "bootstrap": 200}})
+    assert sec["winner"]["clear"] is False
+    assert sum(f["p_best"] for f in sec["fits"]) == pytest.approx(1.0)
+    assert 0.5 <= sec["winner"]["p_best"] < 0.95
+    assert "95% intervals overlap: not a clear winner" in "\n".join(summary_lines(sec))

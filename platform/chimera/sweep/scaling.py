@@ -221,7 +221,7 @@ def ladder_section(rows: list[dict], trials: list[dict], spec: dict, seed: int =
         w = min(fitted, key=lambda f: f["predicted"]["value"])
         others = [f for f in fitted if f is not w]
         clear = None
-        if w["predicted"]["hi"] is not None and others:
+        if others and all(f["predicted"]["lo"] is not None for f in fitted):
             clear = all(w["predicted"]["hi"] < f["predicted"]["lo"] for f in others)
         out["winner"] = {"config": w["config"], "predicted": w["predicted"], "p_best": w.get("p_best"),
                          "clear": clear}
@@ -257,9 +257,10 @@ def summary_lines(sec: dict) -> list[str]:
                      f"{sec['target_flops']:.3g} FLOPs (α {_ci(f['alpha'], '.3f')}{extra})")
     w = sec["winner"]
     if w:
-        how = ("no interval: not a claim" if w["clear"] is None and w["predicted"]["lo"] is None
-               else "its interval clear of the others'" if w["clear"]
-               else f"intervals overlap at {pct}: not a clear winner")
+        how = ("the only configuration fitted" if len([f for f in sec["fits"] if "predicted" in f]) == 1
+               else "no interval: not a claim" if w["clear"] is None
+               else f"its {pct} interval clear of the others'" if w["clear"]
+               else f"{pct} intervals overlap: not a clear winner")
         lines.append(f"predicted winner at {sec['target_flops']:.3g} FLOPs: {w['config']} ({how})")
     v = sec["validate"]
     if v:
