@@ -203,7 +203,7 @@ def ladder_section(rows: list[dict], trials: list[dict], spec: dict, seed: int =
             if draws:                         # new runs: a curve draw plus their mean noise
                 noise = (_noise_scale(law, c, y) / math.sqrt(len(held))
                          * rng.standard_t(len(y) - 3, size=len(draws)))
-                new_run = [float(d(h_c)) + float(e) for d, e in zip(draws, noise)]
+                new_run = [max(0.0, float(d(h_c)) + float(e)) for d, e in zip(draws, noise)]   # a loss >= 0
                 check["lo"], check["hi"] = _interval(new_run, conf)
                 check["inside"] = bool(check["lo"] <= h_y <= check["hi"])
             cfg["validate"] = check
