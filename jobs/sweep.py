@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     for t in plan.trials:
         extra = f"  budget {t.budget_value:,}" if t.budget_value is not None else ""
         extra += f"  seed {t.seed}" if t.seed is not None else ""
+        if t.ladder:
+            extra += (f"  {t.ladder['steps']:,} steps, {t.ladder['tokens']:,} tokens, "
+                      f"C {t.ladder['flops']:.3g} FLOPs" + ("  (held out)" if t.ladder["held_out"] else ""))
         print(f"  {t.name}  {t.arch}  {t.choices}{extra}")
     if args.dry_run:
         return 0
@@ -89,6 +92,8 @@ def _print_report(rep: dict) -> None:
         print(f"  checkpoint   {b['checkpoint']}")
         print(f"  layers       {b['layers_jsonl']}")
         print(f"  retrain with python jobs/train.py --config {b['train_config']}")
+    if rep.get("ladder"):
+        print("scaling ladder:\n" + "\n".join(rep["ladder"]["summary"]))
     print("files: " + "  ".join(rep["files"]))
 
 

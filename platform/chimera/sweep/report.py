@@ -18,6 +18,9 @@ Writes into the sweep directory:
     val_bpb_curves.png        the same in bits per byte, when the metric is val_bpb / train_bpb
     pareto.png                best val loss against KV-cache bytes/token and decode tokens/s,
                               with the Pareto front
+    scaling.png               a ladder's loss against training FLOPs with the fits and the
+                              prediction at target_flops (chimera.sweep.scaling); its
+                              section in results.md and results.json["ladder"]
 Losses are per token (nats); `best val bpb` is the best val loss in bits per byte of text, the
 measure that compares across tokenizers (a sweep over tokenizers is ranked by it).
 A trial's status: finished, stopped (ended before max_iters: the scheduler stopped it early, or
@@ -296,6 +299,11 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
             + (f"tokenizers {', '.join(toks)} (compared in bits per byte); " if len(toks) > 1 else "")
             + ", ".join(f"{n} {s}" for s, n in counts.items())
             + (f"; wall time {wall_time_s:.0f} s" if wall_time_s else "") + "\n\n")
+    ladder = None
+    if c["spec"].get("ladder"):             # scaling fits and scaling.png (chimera.sweep.scaling)
+        from chimera.sweep.scaling import write_ladder
+        ladder = write_ladder(root, rows, c["trials"], c["spec"])
+        table += "\n" + ladder["markdown"]
     confs = configurations(c)
     conf_table = configurations_markdown(confs, c)
     _atomic(root / "results.md", head + conf_table + "\n" + ("## Trials\n\n" if confs and
@@ -318,7 +326,10 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
                                                "seeds": c["spec"].get("seeds", 1),
                                                "significance": c["spec"].get("significance", 0.05),
                                                "confidence": CONFIDENCE, "test": TEST,
-                                               "configurations": confs},
+                                               "configurations": confs,
+                                               **({"ladder": {k: v for k, v in ladder.items()
+                                                              if k not in ("markdown", "summary")}}
+                                                  if ladder else {})},
                                               indent=2, default=str) + "\n")
     best = next((r for r in rows if r["best_checkpoint"]), None)
     if c["spec"].get("seeds", 1) > 1:          # the best single trial of the best configuration
@@ -344,6 +355,9 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
     from chimera.sweep.spec import BPB_METRICS
     if c["metric"] in BPB_METRICS:
         out["files"].append(bpb_curves(root, rows))
+    if ladder:
+        out["ladder"] = ladder
+        out["files"].append(ladder["plot"])
     return out
 
 

@@ -27,6 +27,7 @@ A spec (YAML) holds:
     decode_tokens: 32             tokens timed after training (batch 1, KV cache)
     seeds: 3                      runs of every configuration (train seeds base.seed + 0, 1, 2)
     significance: 0.05            the level of the test against the best configuration
+    ladder: {sizes: [...] | flops: [...], target_flops, validate, ...}   a scaling ladder
 """
 from __future__ import annotations
 
@@ -114,6 +115,14 @@ class SweepSpec:
         "`num_workers` (Ray Train workers per trial, 1), `cpus_per_worker` (also its torch "
         "threads, 1), `gpus_per_worker` (0 or 1; 0)"))
     decode_tokens: int = opt(32, "tokens timed after training (batch 1, KV cache) for the decode speed; 0 skips")
+    ladder: Mapping[str, Any] | None = opt(None, (
+        "a scaling ladder: every configuration runs at every rung. `sizes: [{n_embd, n_layer, ...}, "
+        "...]` (model keys over `base`; tokens = `tokens_per_param` (20) × active params) or `flops: "
+        "[C, ...]` (training FLOP budgets of the base size; tokens = C ÷ FLOPs/token), >= 3 rungs; "
+        "each rung's steps = tokens ÷ tokens per step. `target_flops` (required): where the fits "
+        "L(C) = E + A·C^(−α) predict each configuration's loss and the winner; `validate`: one more "
+        "size / FLOP budget, run but held out of the fit, checked against its predicted interval; "
+        "`bootstrap` (1000; 0: no intervals), `confidence` (0.95). See docs/sweeps.md"))
     description: str = opt("", "free text, for people")
     # --- replicas and their statistics (chimera.sweep.stats) ---
     seeds: int = opt(1, (
@@ -218,6 +227,8 @@ class SweepSpec:
         check_int("resources.cpus_per_worker", res.get("cpus_per_worker", 1), 1)
         if res.get("gpus_per_worker", 0) not in (0, 1) or isinstance(res.get("gpus_per_worker"), bool):
             raise SweepSpecError(f"resources.gpus_per_worker={res.get('gpus_per_worker')!r} must be 0 or 1")
+        if self.ladder is not None:
+            check_ladder(self)
 
     # --- derived ---------------------------------------------------------------------------------
     @property
@@ -263,6 +274,96 @@ def check_metric_tokenizers(metric: str, tokenizers) -> None:
             f"metric={metric!r}: the trials use different tokenizers ({', '.join(names)}) and a "
             f"loss per token does not compare across tokenizers; use metric: val_bpb (bits per "
             f"byte of text) or train_bpb")
+
+
+LADDER_KEYS = ("sizes", "flops", "tokens_per_param", "target_flops", "validate", "bootstrap", "confidence")
+
+
+def flops_value(where: str, v: Any) -> float:
+    """A FLOP count > 0; YAML reads `1.0e15` (no exponent sign) as a string, so numeric text counts."""
+    if isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            pass
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < float("inf"):
+        raise SweepSpecError(f"{where}={v!r} must be a number of FLOPs > 0")
+    return float(v)
+
+
+def _ladder_size(spec: SweepSpec, where: str, size: Any) -> dict:
+    from models.config import MODEL_KEYS
+    d = _keys(where, size, set(MODEL_KEYS) - {"vocab_size"})
+    if not d:
+        raise SweepSpecError(f"{where}: an empty size (give model keys such as n_embd, n_layer)")
+    for k, v in d.items():
+        if k in (spec.space or {}):
+            raise SweepSpecError(f"{where}.{k}: searched in space too; a size must not set it")
+    if "n_layer" in d:
+        n = check_int(f"{where}.n_layer", d["n_layer"], 1)
+        lay = spec.layers
+        if lay is not None and not lay.get("groups"):
+            raise SweepSpecError(f"{where}.n_layer: layers without `groups` choose per layer, so the "
+                                 f"depth cannot change; give layers.groups (scaled to each depth)")
+        if lay is not None and any(g * n % sum(lay["groups"]) for g in lay["groups"]):
+            raise SweepSpecError(f"{where}.n_layer={n}: layers.groups={list(lay['groups'])} cannot be "
+                                 f"scaled to {n} layers (each group × {n}/{sum(lay['groups'])} must be "
+                                 f"a whole number)")
+    return d
+
+
+def check_ladder(spec: SweepSpec) -> None:
+    """The `ladder` section (SweepSpec.ladder's help; chimera.sweep.ladder expands it)."""
+    lad = _keys("ladder", spec.ladder, LADDER_KEYS)
+    kinds = [k for k in ("sizes", "flops") if k in lad]
+    if len(kinds) != 1:
+        raise SweepSpecError("ladder: give exactly one of sizes (model sizes, tokens by "
+                             "tokens_per_param) and flops (training FLOP budgets of the base size)")
+    kind = kinds[0]
+    rungs = lad[kind]
+    if not isinstance(rungs, list) or len(rungs) < 3:
+        raise SweepSpecError(f"ladder.{kind}: expected a list of >= 3 rungs (a power law has 3 "
+                             f"parameters), got {rungs!r}")
+    if kind == "sizes":
+        sizes = [_ladder_size(spec, f"ladder.sizes[{i}]", s) for i, s in enumerate(rungs)]
+        if len({tuple(sorted(s.items())) for s in sizes}) < len(sizes):
+            raise SweepSpecError("ladder.sizes: two rungs are the same size")
+        if spec.budget is not None:
+            raise SweepSpecError("ladder.sizes and budget exclude each other (the budget fixes the "
+                                 "size every rung changes); use ladder.flops with a budget")
+        tpp = lad.get("tokens_per_param", 20)
+        if not isinstance(tpp, (int, float)) or isinstance(tpp, bool) or not 0 < tpp < float("inf"):
+            raise SweepSpecError(f"ladder.tokens_per_param={tpp!r} must be a number > 0")
+        if "validate" in lad:
+            _ladder_size(spec, "ladder.validate", lad["validate"])
+    else:
+        budgets = [flops_value(f"ladder.flops[{i}]", c) for i, c in enumerate(rungs)]
+        if len(set(budgets)) < len(budgets):
+            raise SweepSpecError("ladder.flops: two rungs have the same budget")
+        if "tokens_per_param" in lad:
+            raise SweepSpecError("ladder.tokens_per_param: only with ladder.sizes (a FLOP budget sets "
+                                 "the tokens itself)")
+        if "validate" in lad:
+            flops_value("ladder.validate", lad["validate"])
+    if "target_flops" not in lad:
+        raise SweepSpecError("ladder.target_flops: required (the compute at which the fits predict "
+                             "each configuration's loss)")
+    flops_value("ladder.target_flops", lad["target_flops"])
+    b = lad.get("bootstrap", 1000)
+    if not isinstance(b, int) or isinstance(b, bool) or not (b == 0 or b >= 100):
+        raise SweepSpecError(f"ladder.bootstrap={b!r} must be 0 (no intervals) or an integer >= 100")
+    conf = lad.get("confidence", 0.95)
+    if not isinstance(conf, float) or not 0.5 <= conf < 1:
+        raise SweepSpecError(f"ladder.confidence={conf!r} must be a fraction in [0.5, 1)")
+    if spec.mode != "min":
+        raise SweepSpecError("ladder: mode must be 'min' (the fit is of a loss falling with compute)")
+    if dict(spec.scheduler).get("type", "fifo") != "fifo":
+        raise SweepSpecError("ladder: scheduler must be fifo (a rung's point is its run's final loss; "
+                             "ASHA would stop runs early)")
+    for where, d in (("base", spec.base), ("space", spec.space or {})):
+        if "max_iters" in d:
+            raise SweepSpecError(f"{where}.max_iters: a ladder derives each rung's steps from its "
+                                 f"budget; remove it")
 
 
 def spec_keys() -> tuple[str, ...]:

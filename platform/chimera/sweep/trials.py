@@ -39,6 +39,7 @@ class Trial:
     up_scale: float | None = None
     config: str | None = None       # with `seeds` > 1: its configuration (t000), shared by the replicas
     seed: int | None = None         # with `seeds` > 1: this replica's train seed
+    ladder: dict | None = None      # a ladder's rung, budget and compute (chimera.sweep.ladder)
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,9 @@ def data_vocab(spec: SweepSpec) -> int:
 
 def expand(spec: SweepSpec) -> SweepPlan:
     """Resolve every trial (Tune's variant generator), validate it, solve its budget."""
+    if spec.ladder is not None:          # each rung expanded by this function (chimera.sweep.ladder)
+        from chimera.sweep.ladder import expand_ladder
+        return expand_ladder(spec, expand, _stack_layers, measure)
     import numpy as np
     from ray.tune.search.variant_generator import generate_variants
     from models.config import ConfigError
