@@ -15,8 +15,12 @@ A spec (YAML) holds:
     space:                        hyperparameters: key -> {loguniform|uniform: [lo, hi]},
       learning_rate: {loguniform: [1.0e-4, 1.0e-2]}   {randint: [lo, hi)}, {choice: [...]},
       pos_emb: {grid: [rope, sin]}                {grid: [...]} or a constant
-    search: grid | random         architecture options as a grid (default) or sampled
-    num_samples: 1                samples of the random parts (times every grid point)
+    search: grid | random         architecture options as a grid (default) or sampled,
+            | optuna | evolution  or chosen while the sweep runs (chimera.sweep.search)
+    num_samples: 1                samples of the random parts (times every grid point);
+                                  with a searcher: the number of trials
+    objectives: {val_loss: min, kv_bytes_per_token: min, decode_tokens_per_s: max}
+    population: 8                 searchers: random trials first (evolution's population)
     seed: 0
     metric: val_loss | train_loss, mode: min
     budget: {active_params: N | flops_per_token: N, tolerance: 0.02, multiple: 8}
@@ -37,6 +41,10 @@ from chimera.train.config import TrainConfig, TrainConfigError, config_keys, opt
 
 SAMPLERS = ("loguniform", "uniform", "randint", "choice", "grid")
 METRICS = ("val_loss", "train_loss")      # measured at every eval, so in every report to Tune
+SEARCHERS = ("optuna", "evolution")       # suggest trials while the sweep runs (chimera.sweep.search)
+# what a searcher may optimise, besides METRICS: measured for every trial (the report's columns)
+OBJECTIVES = METRICS + ("kv_bytes_per_token", "decode_tokens_per_s", "params_active", "params_total",
+                        "tokens_per_s")
 
 
 class SweepSpecError(ValueError):
@@ -84,8 +92,11 @@ class SweepSpec:
         "other keys → `{loguniform: [lo, hi]}`, `{uniform: [lo, hi]}`, `{randint: [lo, hi]}` (hi "
         "excluded), `{choice: [...]}`, `{grid: [...]}` or a constant"))
     search: str = opt("grid", ("`grid`: every architecture option combination; `random`: options "
-                               "sampled (`num_samples` times)"))
-    num_samples: int = opt(1, "samples of the random parts (each grid point is sampled that often)")
+                               "sampled (`num_samples` times); `optuna` (TPE) or `evolution` (per-layer "
+                               "mutations): a searcher picks each trial from the completed ones, as the "
+                               "sweep runs (docs/sweeps.md)"))
+    num_samples: int = opt(1, ("samples of the random parts (each grid point is sampled that often); "
+                               "with a searcher: the number of trials"))
     seed: int = opt(0, "seed of the sampling (the trial list is reproducible)")
     metric: str = opt("val_loss", (
         "what ranks trials and drives ASHA: `val_loss` (ranked by the run's best) or `train_loss` "
@@ -104,6 +115,17 @@ class SweepSpec:
         "threads, 1), `gpus_per_worker` (0 or 1; 0)"))
     decode_tokens: int = opt(32, "tokens timed after training (batch 1, KV cache) for the decode speed; 0 skips")
     description: str = opt("", "free text, for people")
+    # --- searchers (search: optuna | evolution; chimera.sweep.search) ------------------------------
+    objectives: Mapping[str, str] | None = opt(None, (
+        "what `search: optuna | evolution` optimise: an ordered mapping name → `min` | `max`, e.g. "
+        "`{val_loss: min, kv_bytes_per_token: min, decode_tokens_per_s: max}` (names: "
+        + ", ".join(f"`{o}`" for o in OBJECTIVES) + "). Two or more: multi-objective (Optuna's "
+        "multi-objective TPE; evolution selects parents by Pareto rank) and the report shows the "
+        "Pareto front. `val_loss` counts as the run's best"), "`{metric: mode}`")
+    population: int = opt(8, (
+        "searchers: the first `population` suggestions are random samples; evolution then breeds "
+        "from the best `population` completed trials (binary tournament by Pareto rank, one change "
+        "per child); for optuna it is TPE's `n_startup_trials`"))
 
     def __post_init__(self) -> None:
         if self.storage_path is not None and not isinstance(self.storage_path, str):
@@ -153,8 +175,9 @@ class SweepSpec:
             if k == "n_layer" and (self.layers is not None or self.stacks is not None):
                 raise SweepSpecError("space.n_layer: the depth comes from layers.groups / stacks")
             tune_domain(f"space.{k}", v)         # checks the sampler form
-        if self.search not in ("grid", "random"):
-            raise SweepSpecError(f"search={self.search!r} must be 'grid' or 'random'")
+        if self.search not in ("grid", "random") + SEARCHERS:
+            raise SweepSpecError(f"search={self.search!r} must be 'grid' or 'random' (trials listed before "
+                                 f"launch), or a searcher: {' or '.join(map(repr, SEARCHERS))}")
         check_int("num_samples", self.num_samples, 1)
         check_int("seed", self.seed, 0)
         check_int("max_concurrent", self.max_concurrent, 1)
@@ -185,11 +208,31 @@ class SweepSpec:
         rf = sch.get("reduction_factor", 2)
         if not isinstance(rf, (int, float)) or isinstance(rf, bool) or not 1 < rf < float("inf"):
             raise SweepSpecError(f"scheduler.reduction_factor={rf!r} must be a number > 1")
+        self._check_search()
         res = _keys("resources", self.resources, {"num_workers", "cpus_per_worker", "gpus_per_worker"})
         check_int("resources.num_workers", res.get("num_workers", 1), 1)
         check_int("resources.cpus_per_worker", res.get("cpus_per_worker", 1), 1)
         if res.get("gpus_per_worker", 0) not in (0, 1) or isinstance(res.get("gpus_per_worker"), bool):
             raise SweepSpecError(f"resources.gpus_per_worker={res.get('gpus_per_worker')!r} must be 0 or 1")
+
+    def _check_search(self) -> None:
+        """The searcher keys (objectives, population)."""
+        if self.objectives is not None:
+            obj = _keys("objectives", self.objectives, OBJECTIVES)
+            if not obj:
+                raise SweepSpecError("objectives: expected at least one name -> min | max")
+            for k, d in obj.items():
+                if d not in ("min", "max"):
+                    raise SweepSpecError(f"objectives.{k}={d!r} must be 'min' or 'max'")
+            if self.search not in SEARCHERS:
+                raise SweepSpecError(f"objectives: only a searcher optimises them (search: "
+                                     f"{' or '.join(SEARCHERS)}), not search={self.search!r}")
+        check_int("population", self.population, 1)
+
+    @property
+    def objective_modes(self) -> dict[str, str]:
+        """name -> min | max, in order; the first is the primary one (`{metric: mode}` by default)."""
+        return dict(self.objectives) if self.objectives else {self.metric: self.mode}
 
     # --- derived ---------------------------------------------------------------------------------
     @property

@@ -8,6 +8,10 @@ solved, before anything is launched.
 Trial configs are resolved here with Tune's own variant generator (its grid expansion and
 sampling functions) so that every combination can be validated - and invalid ones counted and
 reported - before anything is launched; Tune then runs exactly the valid list.
+
+With a searcher (search: optuna | evolution) the plan starts empty: chimera.sweep.search
+resolves each suggestion with resolve_trial, the function expand uses for every listed trial,
+from the space search_space gives the searcher.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from chimera.sweep.spec import SweepSpec, SweepSpecError, check_int, tune_domain
+from chimera.sweep.spec import SEARCHERS, SweepSpec, SweepSpecError, check_int, tune_domain
 from chimera.train.config import TrainConfig, TrainConfigError
 from models import config as mconfig
 
@@ -85,7 +89,8 @@ def _layer_list(spec: SweepSpec, choices: Mapping[str, Any]) -> list[dict] | Non
     if spec.layers is None:                  # base's own stack, if any, as jobs/train.py reads it
         return TrainConfig.from_dict(spec.base).layer_list()
     lay = spec.layers
-    groups = lay.get("groups") or [1] * int(spec.base["n_layer"])
+    # an evolutionary search moves group boundaries: its trials carry their own group sizes
+    groups = choices.get("layers.groups") or lay.get("groups") or [1] * int(spec.base["n_layer"])
     layers: list[dict] = []
     for g, count in enumerate(groups):
         d: dict = {}
@@ -188,11 +193,41 @@ def data_vocab(spec: SweepSpec) -> int:
     return v
 
 
+def resolve_trial(spec: SweepSpec, choices: Mapping[str, Any], vocab: int, name: str) -> Trial:
+    """One trial from its choices (arch keys `g<i>.attn`, `g<i>.ffn`, `stack`, `layers.groups`;
+    the rest train.py keys): its layers built, its budget solved, model and training config
+    validated. Both the fixed trial lists (expand) and the searchers' suggestions
+    (chimera.sweep.search) go through here. SweepSpecError with the validation message."""
+    from models.config import ConfigError
+
+    choices = dict(choices)
+    train = {**spec.base, **{k: v for k, v in choices.items() if "." not in k and k != "stack"}}
+    try:
+        layers = _layer_list(spec, choices)
+        if spec.budget is not None:
+            cfg, value, scale = solve_budget(train, layers, spec.budget, vocab)
+        else:
+            cfg, value, scale = _model_config(train, layers, None, 8, vocab), None, None
+        # the trial carries its resolved model; `train` keeps the training keys only
+        out = {k: v for k, v in train.items()
+               if k not in mconfig.MODEL_KEYS and k not in ("layer_configs", "layer_configs_jsonl")}
+        out["data_dir"] = str(base_data_dir(spec))    # trials run elsewhere (Ray changes the cwd)
+        TrainConfig.from_dict(out)
+    except (ConfigError, TrainConfigError) as e:
+        raise SweepSpecError(str(e)) from None
+    return Trial(name=name, choices=choices, train=out, arch=cfg.summary(),
+                 model_config=cfg.to_dict(), budget_value=value, up_scale=scale)
+
+
 def expand(spec: SweepSpec) -> SweepPlan:
-    """Resolve every trial (Tune's variant generator), validate it, solve its budget."""
+    """Resolve every trial (Tune's variant generator), validate it, solve its budget. With a
+    searcher (search: optuna | evolution) trials are chosen while the sweep runs: the plan
+    starts empty, once the space is checked (search_plan)."""
     import numpy as np
     from ray.tune.search.variant_generator import generate_variants
-    from models.config import ConfigError
+
+    if spec.search in SEARCHERS:
+        return search_plan(spec)
 
     space = {**_arch_space(spec), **{k: tune_domain(f"space.{k}", v) for k, v in (spec.space or {}).items()}}
     random_parts = spec.search == "random" or any(
@@ -204,24 +239,53 @@ def expand(spec: SweepSpec) -> SweepPlan:
         variants += [resolved for _, resolved in generate_variants(space, random_state=rng)]
     trials, rejected = [], []
     for choices in variants:
-        train = {**spec.base, **{k: v for k, v in choices.items() if "." not in k and k != "stack"}}
         try:
-            layers = _layer_list(spec, choices)
-            if spec.budget is not None:
-                cfg, value, scale = solve_budget(train, layers, spec.budget, vocab)
-            else:
-                cfg, value, scale = _model_config(train, layers, None, 8, vocab), None, None
-            # the trial carries its resolved model; `train` keeps the training keys only
-            out = {k: v for k, v in train.items()
-                   if k not in mconfig.MODEL_KEYS and k not in ("layer_configs", "layer_configs_jsonl")}
-            out["data_dir"] = str(base_data_dir(spec))    # trials run elsewhere (Ray changes the cwd)
-            TrainConfig.from_dict(out)
-        except (ConfigError, SweepSpecError, TrainConfigError) as e:
+            trials.append(resolve_trial(spec, choices, vocab, f"t{len(trials):03d}"))
+        except SweepSpecError as e:
             rejected.append((choices, str(e)))
-            continue
-        trials.append(Trial(name=f"t{len(trials):03d}", choices=choices, train=out, arch=cfg.summary(),
-                            model_config=cfg.to_dict(), budget_value=value, up_scale=scale))
     if not trials:
         msgs = "; ".join(sorted({m for _, m in rejected}))[:500]
         raise SweepSpecError(f"no valid trial in the search space ({len(rejected)} rejected: {msgs})")
     return SweepPlan(spec=spec, trials=trials, rejected=rejected)
+
+
+# --- the space a searcher (chimera.sweep.search) picks from ----------------------------------------
+def search_space(spec: SweepSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(Tune domains the searcher picks from, constants every trial gets)."""
+    from ray import tune
+    from ray.tune.search.sample import Domain
+
+    space: dict[str, Any] = dict(_arch_space(spec))        # tune.choice per group / of the stacks
+    consts: dict[str, Any] = {}
+    for k, v in (spec.space or {}).items():
+        if isinstance(v, Mapping) and next(iter(v)) == "grid":
+            tune_domain(f"space.{k}", v)                   # its checks
+            space[k] = tune.choice(list(v["grid"]))
+        else:
+            d = tune_domain(f"space.{k}", v)
+            (space if isinstance(d, Domain) else consts)[k] = d
+    if not space:
+        raise SweepSpecError(f"search={spec.search!r}: nothing to search (give layers, stacks or a "
+                             f"sampled space key)")
+    return space, consts
+
+
+def search_plan(spec: SweepSpec, tries: int = 32) -> SweepPlan:
+    """The plan of a searcher sweep: no trials yet. Refused early when the data is missing or
+    none of `tries` random samples of the space is a valid trial."""
+    import numpy as np
+    from ray.tune.search.variant_generator import generate_variants
+
+    space, consts = search_space(spec)
+    vocab = data_vocab(spec)
+    rng = np.random.RandomState(spec.seed)
+    errors = []
+    for _ in range(tries):
+        _, choices = next(generate_variants({**space, **consts}, random_state=rng))
+        try:
+            resolve_trial(spec, choices, vocab, "check")
+            return SweepPlan(spec=spec, trials=[], rejected=[])
+        except SweepSpecError as e:
+            errors.append(str(e))
+    raise SweepSpecError(f"no valid trial among {tries} random samples of the search space "
+                         f"({'; '.join(sorted(set(errors)))[:500]})")
