@@ -165,8 +165,8 @@ def run_sweep(plan: SweepPlan, resume: bool = False, verbose: int = 1) -> dict[s
         trials = [Trial(**t) for t in saved["trials"]]
     else:
         if (root / "sweep.json").exists() and tune.Tuner.can_restore(str(root)):
-            raise SweepSpecError(f"{root} already holds a sweep: pass --resume to continue it, or "
-                                 f"choose another name / storage_path")
+            again = "" if spec.search in SEARCHERS else "pass --resume to continue it, or "
+            raise SweepSpecError(f"{root} already holds a sweep: {again}choose another name / storage_path")
         # (a sweep.json without Tune state: the driver died before any trial started; start over)
         write_plan(plan, root)
         trials = plan.trials

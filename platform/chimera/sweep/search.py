@@ -111,3 +111,4 @@ class TrialSearcher(Searcher):
         import pickle
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
+        self.log = print
