@@ -169,7 +169,7 @@ def test_optuna_searcher_suggests_within_the_space_reproducibly():
 
 class _Scripted:
     """An inner searcher suggesting a fixed list; records what it is told."""
-    metric, mode = "best_val_loss", "min"
+    metric, mode = "best_val_loss", "min"      # what it optimises (TrialSearcher reads it)
 
     def __init__(self, configs):
         self.configs, self.told = list(configs), []
@@ -198,8 +198,8 @@ def test_suggestions_are_resolved_like_fixed_trials_and_invalid_ones_rejected(tm
     ts = TrialSearcher(inner, s, data_vocab(s), tmp_path, {"warmup_steps": 3})
     cfg = ts.suggest("abc")
     assert cfg == {"trial": "t000", **good}
-    # the invalid suggestion: told to the searcher as failed, recorded as rejected with its reason
-    assert inner.told == [("abc", None, True)]
+    # the invalid suggestion: told to the searcher (no result: pruned), recorded as rejected
+    assert inner.told == [("abc", None, False)]
     doc = read_plan(tmp_path)
     assert [t["name"] for t in doc["trials"]] == ["t000"]
     assert doc["trials"][0]["train"]["warmup_steps"] == 3 and doc["trials"][0]["arch"] == "3×[gqa2+mlp]"

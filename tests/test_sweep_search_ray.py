@@ -68,7 +68,8 @@ def _checks(rep, root, doc, saved):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
     # rejected suggestions (the `bad` attention) are listed with their reason, never launched
     assert all("not divisible by n_kv_heads=3" in x["error"] for x in doc["rejected"])
-    assert all("bad" not in t["arch"] for t in saved["trials"])
+    assert all(x["choices"]["g0.attn"] == "bad" or x["choices"]["g1.attn"] == "bad" for x in doc["rejected"])
+    assert all(ld.get("n_kv_heads") != 3 for t in saved["trials"] for ld in t["model_config"]["layers"])
 
 
 def test_optuna_search_runs_six_trials_and_reports_the_pareto_front(ray_cluster, train_char_data, tmp_path):

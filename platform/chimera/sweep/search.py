@@ -8,8 +8,8 @@ per-layer choices (`g<i>.attn`, `g<i>.ffn` per group of layers.groups, or `stack
 
 Every suggestion is resolved into a trial by chimera.sweep.trials.resolve_trial, as the fixed
 lists are (budget solved, model and training config validated). An invalid one is recorded as
-rejected (with its validation message), the searcher is told it failed, and the searcher is
-asked again, so `num_samples` counts launched trials only. A valid one is written into
+rejected (with its validation message), the searcher is told it ended without a result (a
+pruned trial, for Optuna), and the searcher is asked again, so `num_samples` counts launched trials only. A valid one is written into
 sweep.json before Tune launches it: the trial process reads its resolved config from there
 (the sweep directory is local or a shared mount, as the trials' runs are).
 """
@@ -61,7 +61,9 @@ class TrialSearcher(Searcher):
 
     def __init__(self, inner: Searcher, spec: SweepSpec, vocab: int, root: Path,
                  constants: Mapping[str, Any], log=print):
-        super().__init__(metric=inner.metric, mode=inner.mode)
+        # Tune checks every report for this searcher's metric: the spec's, in every eval report;
+        # the inner searcher's objectives (decode speed...) are only in a trial's final result
+        super().__init__(metric=spec.metric, mode=spec.mode)
         self.inner, self.spec, self.vocab, self.root = inner, spec, vocab, root
         self.constants, self.log = dict(constants), log
         self.trials: list[Trial] = []
@@ -83,7 +85,11 @@ class TrialSearcher(Searcher):
                 trial = resolve_trial(self.spec, choices, self.vocab, f"t{len(self.trials):03d}")
             except SweepSpecError as e:
                 self.rejected.append((choices, str(e)))
-                self.inner.on_trial_complete(inner_id, None, error=True)
+                # told as pruned (no result, no error): Optuna's TPE ranks pruned trials below
+                # every completed one, so it learns to avoid the invalid option; a failed trial
+                # it ignores, and it kept proposing the never-completed option (TPE favours
+                # unexplored categories). Evolution drops either and never suggests it again.
+                self.inner.on_trial_complete(inner_id, None, error=False)
                 self._write()
                 continue
             self._ids[trial_id] = inner_id
@@ -97,7 +103,7 @@ class TrialSearcher(Searcher):
         inner_id = self._ids.pop(trial_id, None)
         if inner_id is None:
             return
-        keys = self.metric if isinstance(self.metric, list) else [self.metric]
+        keys = self.inner.metric if isinstance(self.inner.metric, list) else [self.inner.metric]
         if result is not None and any(result.get(k) is None for k in keys):
             result = None
         self.inner.on_trial_complete(inner_id, result, error=error)
