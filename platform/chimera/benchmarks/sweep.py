@@ -1,6 +1,7 @@
-"""`python jobs/bench.py sweep`: what Ray Tune costs a sweep, and what ASHA saves.
+"""`python jobs/bench.py sweep`: what Ray Tune costs a sweep, what ASHA saves, and what the
+evolutionary search saves over random search.
 
-Both rows come from one run on a private local Ray instance with `--threads` CPUs, over one
+The first two rows come from one run on a private local Ray instance with `--threads` CPUs, over one
 search space: `--trials` learning rates sampled log-uniformly in [1e-4, 3e-2] (seeded) for a
 tiny dense model on Tiny Shakespeare char, one CPU per trial, `--threads` trials at a time.
   * Tune overhead: FIFO sweep wall time ÷ (sum of the trials' own times ÷ concurrency). A

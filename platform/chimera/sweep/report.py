@@ -262,7 +262,7 @@ def pareto_front_plot(root: Path, rows: list[dict], front: dict | None) -> list[
         ax.set_ylabel(f"{names[0]} ({modes[names[0]]})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.colorbar(sc, ax=list(axes[0][:-1]), label="Pareto rank (0 = front)")
+    fig.colorbar(sc, ax=list(axes[0][:-1]), label="Pareto rank (0 = front)", ticks=range(max(1, top) + 1))
     ax = axes[0][-1]                            # the search's progress, in suggestion order
     seq = sorted((r for r in rows if r.get(y0) is not None), key=lambda r: r["trial"])
     if seq:

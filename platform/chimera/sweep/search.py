@@ -9,9 +9,10 @@ per-layer choices (`g<i>.attn`, `g<i>.ffn` per group of layers.groups, or `stack
 Every suggestion is resolved into a trial by chimera.sweep.trials.resolve_trial, as the fixed
 lists are (budget solved, model and training config validated). An invalid one is recorded as
 rejected (with its validation message), the searcher is told it ended without a result (a
-pruned trial, for Optuna), and the searcher is asked again, so `num_samples` counts launched trials only. A valid one is written into
-sweep.json before Tune launches it: the trial process reads its resolved config from there
-(the sweep directory is local or a shared mount, as the trials' runs are).
+pruned trial, for Optuna), and the searcher is asked again, so `num_samples` counts launched
+trials only. A valid one is written into sweep.json before Tune launches it: the trial process
+reads its resolved config from there (the sweep directory is local or a shared mount, as the
+trials' runs are).
 """
 from __future__ import annotations
 
