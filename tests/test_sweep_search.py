@@ -219,3 +219,20 @@ def test_resume_of_a_searcher_sweep_is_refused_clearly(tmp_path):
     with pytest.raises(SweepSpecError, match="with search: evolution cannot be resumed .*--report"):
         run_sweep(expand(spec(storage_path=str(tmp_path))), resume=True)
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("search", ["optuna", "evolution"])
+def test_the_searcher_pickles_as_tune_saves_it_even_with_print_patched(search, tmp_path, monkeypatch):
+    """Tune pickles the search algorithm with its config (tuner.pkl), and Ray Train patches
+    builtins.print in the driver: the searcher must hold no such callable."""
+    import builtins
+    import pickle
+
+    from ray import cloudpickle
+    from chimera.sweep.search import make_searcher
+    from chimera.sweep.trials import expand
+
+    s = make_searcher(expand(spec(search=search)), tmp_path)
+    monkeypatch.setattr(builtins, "print", lambda *a, **k: None)
+    again = pickle.loads(cloudpickle.dumps(s))
+    assert again.suggest("a")["trial"] == "t000"

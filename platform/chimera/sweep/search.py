@@ -49,9 +49,9 @@ def inner_searcher(spec: SweepSpec) -> Searcher:
                            seed=spec.seed)
 
 
-def make_searcher(plan: SweepPlan, root: Path, log=print) -> "TrialSearcher":
+def make_searcher(plan: SweepPlan, root: Path) -> "TrialSearcher":
     _, consts = search_space(plan.spec)
-    return TrialSearcher(inner_searcher(plan.spec), plan.spec, data_vocab(plan.spec), Path(root), consts, log)
+    return TrialSearcher(inner_searcher(plan.spec), plan.spec, data_vocab(plan.spec), Path(root), consts)
 
 
 class TrialSearcher(Searcher):
@@ -61,12 +61,13 @@ class TrialSearcher(Searcher):
     results; a result lacking an objective is passed on as none, i.e. a pruned trial)."""
 
     def __init__(self, inner: Searcher, spec: SweepSpec, vocab: int, root: Path,
-                 constants: Mapping[str, Any], log=print):
+                 constants: Mapping[str, Any]):
         # Tune checks every report for this searcher's metric: the spec's, in every eval report;
         # the inner searcher's objectives (decode speed...) are only in a trial's final result
         super().__init__(metric=spec.metric, mode=spec.mode)
         self.inner, self.spec, self.vocab, self.root = inner, spec, vocab, root
-        self.constants, self.log = dict(constants), log
+        # no callables held: Tune pickles the searcher with its config (tuner.pkl)
+        self.constants = dict(constants)
         self.trials: list[Trial] = []
         self.rejected: list[tuple[dict, str]] = []
         self._ids: dict[str, str] = {}             # Tune's trial id -> the inner searcher's
@@ -97,7 +98,7 @@ class TrialSearcher(Searcher):
             self.trials.append(trial)
             self._write()
             return {"trial": trial.name, **cfg}
-        self.log(f"search {self.spec.search}: {MAX_REJECTED} invalid suggestions in a row; no more trials")
+        print(f"search {self.spec.search}: {MAX_REJECTED} invalid suggestions in a row; no more trials")
         return Searcher.FINISHED
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -112,10 +113,9 @@ class TrialSearcher(Searcher):
     def save(self, checkpoint_path: str) -> None:
         import pickle
         with open(checkpoint_path, "wb") as f:
-            pickle.dump({k: v for k, v in self.__dict__.items() if k != "log"}, f)
+            pickle.dump(self.__dict__, f)
 
     def restore(self, checkpoint_path: str) -> None:
         import pickle
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
-        self.log = print
