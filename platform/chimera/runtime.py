@@ -23,6 +23,8 @@ one machine does not use stay off (the spot-preemption watcher, the dashboard's 
 reconciliation, Prometheus metrics), workers print their own lines (no print patch), and the
 controller checks its workers every 0.5 s instead of 2 s: it notices a started worker group,
 a committed checkpoint and the end of the run that much sooner.
+On a local instance chimera.train.loop.fit also leaves out Ray Train's PlacementGroupCleaner
+(see its _local_trainer_class).
 """
 from __future__ import annotations
 

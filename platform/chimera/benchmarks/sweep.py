@@ -1,13 +1,14 @@
 """`python jobs/bench.py sweep`: what Ray Tune costs a sweep, what ASHA saves, and what the
 evolutionary search saves over random search.
 
-The first two rows come from one run on a private local Ray instance with `--threads` CPUs, over one
+The Tune rows come from one run on a private local Ray instance with `--threads` CPUs, over one
 search space: `--trials` learning rates sampled log-uniformly in [1e-4, 3e-2] (seeded) for a
 tiny dense model on Tiny Shakespeare char, one CPU per trial, `--threads` trials at a time.
   * Tune overhead: FIFO sweep wall time ÷ (sum of the trials' own times ÷ concurrency). A
     trial's own time is measured inside it, from its start to its end (planning, training,
     decode measurement); so the ratio prices trial start-up, scheduling, reporting and the
-    report. Target <= 1.15.
+    report. Target <= 1.10. The start-up part (from `tuner.fit()` to the first trial's
+    start: trial actors' processes and imports) is shown apart.
   * ASHA vs FIFO: the same space under ASHA (grace period = one eval interval, reduction
     factor `--reduction_factor`). Ratio = training steps ASHA's trials ran in total ÷ the
     steps of the FIFO sweep (trials x max_iters), counted only when ASHA's best val loss is
@@ -152,6 +153,8 @@ def _tune_rows(args: argparse.Namespace, table: list) -> int:
         own = sum(r["trial_time_s"] or 0.0 for r in f_rows)
         ideal = own / min(args.threads, len(f_rows))
         overhead = fifo["wall_time_s"] / ideal
+        starts = [r["trial_started_at"] for r in f_rows if r.get("trial_started_at")]
+        first = min(starts) - fifo["started_at"] if starts else None    # Tune's start-up
         f_steps = sum(r["step"] or 0 for r in f_rows)
         a_steps = sum(r["step"] or 0 for r in a_rows)
         f_best = min(r["best_val_loss"] for r in f_rows if r["best_val_loss"] is not None)
@@ -161,7 +164,11 @@ def _tune_rows(args: argparse.Namespace, table: list) -> int:
         table.append(("Tune overhead: FIFO sweep wall time ÷ (sum of trial times ÷ concurrency)",
                       f"{overhead:.3f}  ({fifo['wall_time_s']:.1f} s vs {own:.1f} s / "
                       f"{min(args.threads, len(f_rows))})",
-                      f"≤ 1.15 — {'met' if overhead <= 1.15 else '**missed**'}"))
+                      f"≤ 1.10 — {'met' if overhead <= 1.10 else '**missed**'}"))
+        if first is not None:
+            table.append(("Tune overhead after its start-up: (wall time − start-up) ÷ the same",
+                          f"{(fifo['wall_time_s'] - first) / ideal:.3f}  (start-up {first:.1f} s: "
+                          f"`tuner.fit()` → the first trial's start)", ""))
     if "asha" in args.skip:
         return 0
     label = "ASHA vs FIFO: training steps ÷ FIFO's, same space"

@@ -95,7 +95,7 @@ def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
                "error": err, "curve": [(m["step"], m["val_loss"]) for m in hist if "val_loss" in m]}
         for k in ("step", "train_loss", "tokens_per_s", "mfu", "params_total", "params_active",
                   "kv_bytes_per_token", "moe_maxvio", "decode_tokens_per_s", "val_loss", "tokens",
-                  "trial_time_s"):
+                  "trial_time_s", "trial_started_at"):
             row.setdefault(k, latest.get(k))
         if row["decode_tokens_per_s"] is None and row["best_checkpoint"] and decode_missing:
             cache = run / "decode.json"          # stopped trials: measured here, once

@@ -108,6 +108,7 @@ def run_trial(config: dict, trials: dict, ctx: dict) -> None:
         if ctx["decode_tokens"]:         # on this actor's CPU, as for trials stopped early
             final["decode_tokens_per_s"] = measure_decode(s["best_checkpoint"], ctx["decode_tokens"])
     final["trial_time_s"] = time.time() - t0
+    final["trial_started_at"] = t0          # epoch seconds: when Tune's start-up ended for it
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(final, indent=2, default=str) + "\n")
     os.replace(tmp, done)
@@ -200,5 +201,5 @@ def run_sweep(plan: SweepPlan, resume: bool = False, verbose: int = 1) -> dict[s
     grid = tuner.fit()
     wall = time.time() - t0
     report = write_report(root, wall_time_s=wall, decode_missing=True)
-    return {"sweep_dir": str(root), "wall_time_s": wall, "errors": sum(r.error is not None for r in grid),
+    return {"sweep_dir": str(root), "wall_time_s": wall, "started_at": t0, "errors": sum(r.error is not None for r in grid),
             **report}

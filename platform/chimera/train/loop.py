@@ -80,7 +80,7 @@ def fit(plan: RunPlan, callbacks: list | None = None,
         from chimera.runtime import TRAIN_ENV
         env.update(TRAIN_ENV)
     per_worker = {"CPU": max(1, tc.num_threads), **({"GPU": 1} if tc.use_gpu else {})}
-    trainer = TorchTrainer(
+    trainer = (_local_trainer_class() if started_local() else TorchTrainer)(
         train_fn, train_loop_config={**plan.worker_config, "report_evals": report_evals},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker=per_worker),
@@ -102,3 +102,20 @@ def fit(plan: RunPlan, callbacks: list | None = None,
     return {"step": m.get("step"), "metrics": m, "last_checkpoint":
             result.checkpoint.path if result.checkpoint else None, "best_checkpoint": best,
             "resumed_from_step": m.get("resumed_from_step")}
+
+
+def _local_trainer_class():
+    """TorchTrainer without Ray Train's PlacementGroupCleaner, for a private local instance.
+    The cleaner is a detached actor that removes the run's placement group should the
+    controller die; it asks the state API (served by the dashboard) every second whether the
+    controller lives. A private instance has no dashboard and ends with this process, so the
+    cleaner can never work there: it only costs a process and logs "Failed to query Ray Train
+    Controller actor state" once a second into the job's output."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class LocalTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):               # Ray 2.60's hook (private API)
+            return [c for c in super()._create_default_callbacks()
+                    if not isinstance(c, PlacementGroupCleanerCallback)]
+    return LocalTorchTrainer
