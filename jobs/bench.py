@@ -19,7 +19,8 @@ SUITES = {
     "data": ("chimera.benchmarks.data", "preparation and loader throughput"),
     "train": ("chimera.benchmarks.train", "Ray Train overhead, data-parallel efficiency, time to quality"),
     "serve": ("chimera.benchmarks.serve", "Serve overhead, continuous batching, short-behind-long, load"),
-    "sweep": ("chimera.benchmarks.sweep", "Ray Tune overhead, ASHA vs FIFO training steps"),
+    "sweep": ("chimera.benchmarks.sweep",
+              "Ray Tune overhead, ASHA vs FIFO training steps, evolution vs random search"),
 }
 
 

@@ -53,10 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     except SweepSpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    reps = (f" ({len(plan.trials) // plan.spec.seeds} configuration(s) × {plan.spec.seeds} seeds)"
-            if plan.spec.seeds > 1 else "")
-    print(f"sweep {plan.spec.name} -> {root}: {len(plan.trials)} trial(s){reps}, "
-          f"{len(plan.rejected)} rejected")
+    if not plan.trials:                  # a searcher picks the trials as the sweep runs
+        print(f"sweep {plan.spec.name} -> {root}: search {plan.spec.search}, {plan.spec.num_samples} "
+              f"trial(s) chosen while it runs, objectives {plan.spec.objective_modes}")
+    else:
+        reps = (f" ({len(plan.trials) // plan.spec.seeds} configuration(s) × {plan.spec.seeds} seeds)"
+                if plan.spec.seeds > 1 else "")
+        print(f"sweep {plan.spec.name} -> {root}: {len(plan.trials)} trial(s){reps}, "
+              f"{len(plan.rejected)} rejected")
     for choices, msg in plan.rejected:
         print(f"  rejected {choices}: {msg}")
     for t in plan.trials:
@@ -82,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_report(rep: dict) -> None:
     print(rep["table"])
+    if rep.get("pareto"):
+        print(rep["pareto"])
     print("trials: " + ", ".join(f"{n} {s}" for s, n in rep["counts"].items()))
     print(rep["config_table"])
     b = rep.get("best")

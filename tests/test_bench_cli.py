@@ -43,6 +43,8 @@ def test_models_suite_rejects_unknown_skip_section():
     (["--max_iters", "10", "--eval_interval", "20"], "--eval_interval=20 must be <= --max_iters=10"),
     (["--reduction_factor", "1"], "--reduction_factor=1.0 must be > 1"),
     (["--source", "/nonexistent/input.txt"], "--source /nonexistent/input.txt does not exist"),
+    (["--skip", "overhead", "asha", "search"], "every section is skipped"),
+    (["--search_seeds", "0"], "--search_seeds and --search_cap must be >= 1"),
 ])
 def test_sweep_suite_rejects_bad_flags_before_starting_ray(args, msg):
     out = bench("sweep", *args)

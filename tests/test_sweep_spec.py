@@ -159,7 +159,8 @@ def test_every_shipped_spec_loads_and_expands(tmp_path):
         assert s.base["tokenizer"] == ("char" if p.stem.endswith("tiny") else "gpt2"), p.name
         s = dataclasses.replace(s, base={**s.base, "data_dir": BASE["data_dir"], "tokenizer": "char"})
         plan = expand(s)
-        assert plan.trials and not plan.rejected, (p.name, plan.rejected)
+        # a searcher's trials are chosen as it runs: expand only checks its space
+        assert (plan.trials or s.search in ("optuna", "evolution")) and not plan.rejected, (p.name, plan.rejected)
         if p.stem.endswith("tiny"):
             assert s.resources.get("gpus_per_worker", 0) == 0 and s.base["dataset"] == "shakespeare"
         else:

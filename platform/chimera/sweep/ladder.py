@@ -163,7 +163,9 @@ def expand_ladder(spec: SweepSpec, expand: Callable, stack_layers: Callable, mea
                     "config_key": json.dumps(group, sort_keys=True, default=str)}
             trials.append(dataclasses.replace(
                 t, name=f"t{len(trials):03d}", train={**t.train, "max_iters": steps},
-                arch=f"{t.arch} @ {r.label}", ladder=info))
+                arch=f"{t.arch} @ {r.label}", ladder=info,
+                # seeds > 1: replicas group per rung (the rung's own names repeat across rungs)
+                config=f"r{r.index}.{t.config}" if t.config else None))
     _check_budgets(trials)
     return dataclasses.replace(per_rung[0][1], spec=spec, trials=trials, rejected=rejected)
 

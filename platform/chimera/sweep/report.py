@@ -18,6 +18,10 @@ Writes into the sweep directory:
     val_bpb_curves.png        the same in bits per byte, when the metric is val_bpb / train_bpb
     pareto.png                best val loss against KV-cache bytes/token and decode tokens/s,
                               with the Pareto front
+    pareto_front.png          with two or more `objectives` (searcher sweeps): every trial by its
+                              Pareto rank over all of them, the front circled, and the search's
+                              progress; results.md lists the front, results.json each trial's
+                              `pareto_rank`
     scaling.png               a ladder's loss against training FLOPs with the fits and the
                               prediction at target_flops (chimera.sweep.scaling); its
                               section in results.md and results.json["ladder"]
@@ -276,6 +280,92 @@ def plots(root: Path, rows: list[dict]) -> list[str]:
     return out
 
 
+def pareto_front(rows: list[dict], spec: dict) -> dict | None:
+    """With two or more objectives: every trial's Pareto rank over them (0 = on the front),
+    set as row["pareto_rank"] (None where an objective is missing), and the front, best first
+    by the first objective. None with fewer objectives."""
+    from chimera.sweep.pareto import objective_vector, pareto_ranks
+
+    modes = dict(spec.get("objectives") or {})
+    if len(modes) < 2:
+        return None
+    pts = [(r, objective_vector(r, modes)) for r in rows if r["status"] != "failed"]
+    pts = [(r, v) for r, v in pts if v is not None]
+    ranks = pareto_ranks([v for _, v in pts])
+    for r in rows:
+        r["pareto_rank"] = None
+    for (r, v), k in zip(pts, ranks):
+        r["pareto_rank"] = k
+    front = sorted((r for r, _ in pts if r["pareto_rank"] == 0), key=lambda r: objective_vector(r, modes))
+    return {"objectives": modes, "front": [r["trial"] for r in front], "evaluated": len(pts),
+            "rows": front}
+
+
+def pareto_markdown(front: dict | None) -> str:
+    if front is None:
+        return ""
+    from chimera.sweep.pareto import result_key
+    names = list(front["objectives"])
+    head = ("\n## Pareto front\n\n" + f"{len(front['front'])} of {front['evaluated']} trials with every "
+            "objective measured are not dominated on (" + ", ".join(f"{n} {m}" for n, m in
+                                                               front["objectives"].items()) + "):\n\n")
+    out = ["| trial | architecture | hyperparameters | " + " | ".join(names) + " |",
+           "|" + "---|" * (3 + len(names))]
+    for r in front["rows"]:
+        out.append(f"| {r['trial']} | {_fmt('arch', r['arch'])} | {_fmt('hparams', r['hparams'])} | "
+                   + " | ".join(_fmt(result_key(n), r.get(result_key(n))) for n in names) + " |")
+    return head + "\n".join(out) + "\n"
+
+
+def pareto_front_plot(root: Path, rows: list[dict], front: dict | None) -> list[str]:
+    """pareto_front.png: the first objective against each other one, every trial coloured by
+    its Pareto rank over all objectives, the front circled; last panel, the first objective
+    per trial in suggestion order with the best so far."""
+    if front is None:
+        return []
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from chimera.sweep.pareto import result_key
+
+    names = list(front["objectives"])
+    modes = front["objectives"]
+    pts = [r for r in rows if r.get("pareto_rank") is not None]
+    y0 = result_key(names[0])
+    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.6), squeeze=False)
+    top = max([r["pareto_rank"] for r in pts], default=0)
+    for ax, name in zip(axes[0], names[1:]):
+        x = result_key(name)
+        sc = ax.scatter([r[x] for r in pts], [r[y0] for r in pts], c=[r["pareto_rank"] for r in pts],
+                        cmap="viridis", vmin=0, vmax=max(1, top), s=28, zorder=2)
+        on = [r for r in pts if r["pareto_rank"] == 0]
+        ax.scatter([r[x] for r in on], [r[y0] for r in on], s=150, facecolors="none", edgecolors="r",
+                   lw=1.4, zorder=3, label=f"Pareto front ({len(on)})")
+        for r in on:
+            ax.annotate(r["trial"], (r[x], r[y0]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.set_xlabel(f"{name} ({modes[name]})")
+        ax.set_ylabel(f"{names[0]} ({modes[names[0]]})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.colorbar(sc, ax=list(axes[0][:-1]), label="Pareto rank (0 = front)", ticks=range(max(1, top) + 1))
+    ax = axes[0][-1]                            # the search's progress, in suggestion order
+    seq = sorted((r for r in rows if r.get(y0) is not None), key=lambda r: r["trial"])
+    if seq:
+        ys = [r[y0] for r in seq]
+        best = [min(ys[:i + 1]) if modes[names[0]] == "min" else max(ys[:i + 1]) for i in range(len(ys))]
+        ax.plot(range(len(ys)), ys, "o", ms=4, label="trial")
+        ax.plot(range(len(ys)), best, "r-", lw=1.2, label="best so far")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("trial (suggestion order)")
+    ax.set_ylabel(f"{names[0]} ({modes[names[0]]})")
+    ax.grid(alpha=0.3)
+    fig.suptitle(f"Pareto front over ({', '.join(f'{n} {m}' for n, m in modes.items())}): "
+                 f"{len(front['front'])} of {front['evaluated']} trials")
+    fig.savefig(root / "pareto_front.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return [str(root / "pareto_front.png")]
+
+
 def _atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -291,6 +381,7 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
     root = Path(root).expanduser().resolve()      # results.json carries absolute paths
     c = collect(root, decode_missing=decode_missing)
     rows, rejected = c["rows"], c["rejected"]
+    front = pareto_front(rows, c["spec"])          # sets each row's pareto_rank (results.json)
     table = markdown(rows + rejected)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("finished", "stopped", "failed", "not run")}
     counts["rejected"] = len(rejected)
@@ -307,7 +398,8 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
     confs = configurations(c)
     conf_table = configurations_markdown(confs, c)
     _atomic(root / "results.md", head + conf_table + "\n" + ("## Trials\n\n" if confs and
-                                                              c["spec"].get("seeds", 1) > 1 else "") + table)
+                                                              c["spec"].get("seeds", 1) > 1 else "") + table
+            + pareto_markdown(front))
     fields = [k for k, _ in COLUMNS] + ["config", "best_checkpoint", "val_loss", "tokens", "trial_time_s",
                                         "tokenizer", "val_bpb", "train_bpb"]
     with open(root / "results.csv.tmp", "w", newline="") as f:
@@ -358,6 +450,8 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
     if ladder:
         out["ladder"] = ladder
         out["files"].append(ladder["plot"])
+    out["files"] += pareto_front_plot(root, rows, front)
+    out["pareto"] = pareto_markdown(front)
     return out
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from chimera.sweep.measure import measure_decode
-from chimera.sweep.spec import SweepSpec, SweepSpecError
+from chimera.sweep.spec import SEARCHERS, SweepSpec, SweepSpecError
 from chimera.sweep.trials import SweepPlan, Trial
 from chimera.sweep.store import SUMMARY, history, read_plan, sweep_dir, write_plan
 
@@ -70,6 +70,13 @@ def _forwarder(static: dict):
     return Forward()
 
 
+def _recorded_trial(ctx: dict, name: str) -> dict:
+    """A trial a searcher chose after the sweep started: resolved and written into sweep.json
+    by chimera.sweep.search before Tune launched it."""
+    return next(t for t in read_plan(Path(ctx["runs"]).parent, log=lambda *_: None)["trials"]
+                if t["name"] == name)
+
+
 def run_trial(config: dict, trials: dict, ctx: dict) -> None:
     """The Tune trainable: train one trial, report as it goes, then measure decoding.
     `config["trial"]` is the trial's name; `trials` maps names to Trial dicts."""
@@ -77,7 +84,7 @@ def run_trial(config: dict, trials: dict, ctx: dict) -> None:
     from chimera.train.plan import plan_run
     from chimera.train.loop import fit, train_fn_per_worker
 
-    trial = trials[config["trial"]]
+    trial = trials.get(config["trial"]) or _recorded_trial(ctx, config["trial"])
     static = {"trial": trial["name"], "arch": trial["arch"]}
     if trial.get("budget_value") is not None:
         static["budget_value"] = trial["budget_value"]
@@ -122,15 +129,36 @@ def _scheduler(spec: SweepSpec, max_iters: int, tokens_per_step: int):
                          stop_last_trials=False)    # a trial at max_t still measures decoding
 
 
+def _trial_source(plan: SweepPlan) -> dict[str, Any]:
+    """Tuner's param_space: the fixed trial list as a grid, or nothing (a searcher suggests)."""
+    from ray import tune
+    if plan.spec.search in SEARCHERS:
+        return {"param_space": {}}
+    return {"param_space": {"trial": tune.grid_search([t.name for t in plan.trials])}}
+
+
+def _search_args(plan: SweepPlan, root: Path) -> dict[str, Any]:
+    """TuneConfig's search_alg and num_samples for a searcher sweep (chimera.sweep.search)."""
+    if plan.spec.search not in SEARCHERS:
+        return {}
+    from chimera.sweep.search import make_searcher
+    return {"search_alg": make_searcher(plan, root), "num_samples": plan.spec.num_samples}
+
+
 def run_sweep(plan: SweepPlan, resume: bool = False, verbose: int = 1) -> dict[str, Any]:
     """Run (or resume) the sweep on the connected Ray cluster, then write its report."""
     from ray import tune
     from chimera.sweep.report import write_report
     from chimera.train.batchexpr import parse_batch_expr
     from chimera.train.config import TrainConfig
+    from models.config import MODEL_KEYS
 
     spec = plan.spec
     root = sweep_dir(spec)
+    if resume and spec.search in SEARCHERS:
+        raise SweepSpecError(f"--resume: a sweep with search: {spec.search} cannot be resumed (its "
+                             f"searcher's state is not restored); its finished trials are in {root}: "
+                             f"start a new sweep (another name) or `--report {root}`")
     if resume:
         if not tune.Tuner.can_restore(str(root)):
             raise SweepSpecError(f"--resume: nothing to resume in {root} (no Tune experiment state)")
@@ -138,8 +166,8 @@ def run_sweep(plan: SweepPlan, resume: bool = False, verbose: int = 1) -> dict[s
         trials = [Trial(**t) for t in saved["trials"]]
     else:
         if (root / "sweep.json").exists() and tune.Tuner.can_restore(str(root)):
-            raise SweepSpecError(f"{root} already holds a sweep: pass --resume to continue it, or "
-                                 f"choose another name / storage_path")
+            again = "" if spec.search in SEARCHERS else "pass --resume to continue it, or "
+            raise SweepSpecError(f"{root} already holds a sweep: {again}choose another name / storage_path")
         # (a sweep.json without Tune state: the driver died before any trial started; start over)
         write_plan(plan, root)
         trials = plan.trials
@@ -150,7 +178,8 @@ def run_sweep(plan: SweepPlan, resume: bool = False, verbose: int = 1) -> dict[s
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, trials={t.name: t.__dict__ for t in trials}, ctx=ctx),
         {"cpu": spec.cpus_per_worker} if in_process else {"cpu": 0.01})
-    base = TrainConfig.from_dict({k: v for k, v in trials[0].train.items()})
+    base = TrainConfig.from_dict(dict(trials[0].train) if trials else
+                                 {k: v for k, v in spec.base.items() if k not in MODEL_KEYS})
     t0 = time.time()
     if resume:
         tuner = tune.Tuner.restore(str(root), trainable=trainable, resume_unfinished=True,
@@ -159,8 +188,9 @@ def run_sweep(plan: SweepPlan, resume: bool = False, verbose: int = 1) -> dict[s
         from ray.tune import CheckpointConfig, RunConfig
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial": tune.grid_search([t.name for t in trials])},
+            **_trial_source(plan),
             tune_config=tune.TuneConfig(
+                **_search_args(plan, root),
                 metric=spec.metric, mode=spec.mode, max_concurrent_trials=spec.max_concurrent,
                 reuse_actors=True,           # no process start and imports per trial
                 scheduler=_scheduler(spec, base.max_iters, parse_batch_expr(base.total_batch_size_str)),

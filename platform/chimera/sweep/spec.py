@@ -16,8 +16,12 @@ A spec (YAML) holds:
       learning_rate: {loguniform: [1.0e-4, 1.0e-2]}   {randint: [lo, hi)}, {choice: [...]},
       pos_emb: {grid: [rope, sin]}                {grid: [...]} or a constant
       tokenizer: {grid: [char, gpt2]}             each trial reads data/<dataset>_<tokenizer>
-    search: grid | random         architecture options as a grid (default) or sampled
-    num_samples: 1                samples of the random parts (times every grid point)
+    search: grid | random         architecture options as a grid (default) or sampled,
+            | optuna | evolution  or chosen while the sweep runs (chimera.sweep.search)
+    num_samples: 1                samples of the random parts (times every grid point);
+                                  with a searcher: the number of trials
+    objectives: {val_loss: min, kv_bytes_per_token: min, decode_tokens_per_s: max}
+    population: 8                 searchers: random trials first (evolution's population)
     seed: 0
     metric: val_loss | train_loss | val_bpb | train_bpb, mode: min
     budget: {active_params: N | flops_per_token: N, tolerance: 0.02, multiple: 8}
@@ -43,6 +47,10 @@ SAMPLERS = ("loguniform", "uniform", "randint", "choice", "grid")
 METRICS = ("val_loss", "train_loss", "val_bpb", "train_bpb")   # measured at every eval, so in
                                                                 # every report to Tune
 BPB_METRICS = ("val_bpb", "train_bpb")    # bits per byte of text: comparable across tokenizers
+SEARCHERS = ("optuna", "evolution")       # suggest trials while the sweep runs (chimera.sweep.search)
+# what a searcher may optimise, besides METRICS: measured for every trial (the report's columns)
+OBJECTIVES = METRICS + ("kv_bytes_per_token", "decode_tokens_per_s", "params_active", "params_total",
+                        "tokens_per_s")
 
 
 class SweepSpecError(ValueError):
@@ -92,8 +100,11 @@ class SweepSpec:
         "gives each trial its own data folder, `<repo>/data/<dataset>_<tokenizer>` (rank those by "
         "`val_bpb`)"))
     search: str = opt("grid", ("`grid`: every architecture option combination; `random`: options "
-                               "sampled (`num_samples` times)"))
-    num_samples: int = opt(1, "samples of the random parts (each grid point is sampled that often)")
+                               "sampled (`num_samples` times); `optuna` (TPE) or `evolution` (per-layer "
+                               "mutations): a searcher picks each trial from the completed ones, as the "
+                               "sweep runs (docs/sweeps.md)"))
+    num_samples: int = opt(1, ("samples of the random parts (each grid point is sampled that often); "
+                               "with a searcher: the number of trials"))
     seed: int = opt(0, "seed of the sampling (the trial list is reproducible); the trials' train seed "
                        "is `base.seed`, replicas are `seeds`")
     metric: str = opt("val_loss", (
@@ -133,6 +144,17 @@ class SweepSpec:
     significance: float = opt(0.05, (
         "the level of the two-sided Welch t-test of each configuration against the best one: p >= "
         "this is `tied` with the best, below it `worse` (0 < level < 1)"))
+    # --- searchers (search: optuna | evolution; chimera.sweep.search) ------------------------------
+    objectives: Mapping[str, str] | None = opt(None, (
+        "what `search: optuna | evolution` optimise: an ordered mapping name → `min` | `max`, e.g. "
+        "`{val_loss: min, kv_bytes_per_token: min, decode_tokens_per_s: max}` (names: "
+        + ", ".join(f"`{o}`" for o in OBJECTIVES) + "). Two or more: multi-objective (Optuna's "
+        "multi-objective TPE; evolution selects parents by Pareto rank) and the report shows the "
+        "Pareto front. `val_loss` counts as the run's best"), "`{metric: mode}`")
+    population: int = opt(8, (
+        "searchers: the first `population` suggestions are random samples; evolution then breeds "
+        "from the best `population` completed trials (binary tournament by Pareto rank, one change "
+        "per child); for optuna it is TPE's `n_startup_trials`"))
 
     def __post_init__(self) -> None:
         if self.storage_path is not None and not isinstance(self.storage_path, str):
@@ -183,8 +205,9 @@ class SweepSpec:
                 raise SweepSpecError("space.n_layer: the depth comes from layers.groups / stacks")
             tune_domain(f"space.{k}", v)         # checks the sampler form
         check_data_space(base, space)
-        if self.search not in ("grid", "random"):
-            raise SweepSpecError(f"search={self.search!r} must be 'grid' or 'random'")
+        if self.search not in ("grid", "random") + SEARCHERS:
+            raise SweepSpecError(f"search={self.search!r} must be 'grid' or 'random' (trials listed before "
+                                 f"launch), or a searcher: {' or '.join(map(repr, SEARCHERS))}")
         check_int("num_samples", self.num_samples, 1)
         check_int("seed", self.seed, 0)
         check_int("max_concurrent", self.max_concurrent, 1)
@@ -222,6 +245,7 @@ class SweepSpec:
         rf = sch.get("reduction_factor", 2)
         if not isinstance(rf, (int, float)) or isinstance(rf, bool) or not 1 < rf < float("inf"):
             raise SweepSpecError(f"scheduler.reduction_factor={rf!r} must be a number > 1")
+        self._check_search()
         res = _keys("resources", self.resources, {"num_workers", "cpus_per_worker", "gpus_per_worker"})
         check_int("resources.num_workers", res.get("num_workers", 1), 1)
         check_int("resources.cpus_per_worker", res.get("cpus_per_worker", 1), 1)
@@ -229,6 +253,33 @@ class SweepSpec:
             raise SweepSpecError(f"resources.gpus_per_worker={res.get('gpus_per_worker')!r} must be 0 or 1")
         if self.ladder is not None:
             check_ladder(self)
+
+    def _check_search(self) -> None:
+        """The searcher keys (objectives, population)."""
+        if self.objectives is not None:
+            obj = _keys("objectives", self.objectives, OBJECTIVES)
+            if not obj:
+                raise SweepSpecError("objectives: expected at least one name -> min | max")
+            for k, d in obj.items():
+                if d not in ("min", "max"):
+                    raise SweepSpecError(f"objectives.{k}={d!r} must be 'min' or 'max'")
+            if self.search not in SEARCHERS:
+                raise SweepSpecError(f"objectives: only a searcher optimises them (search: "
+                                     f"{' or '.join(SEARCHERS)}), not search={self.search!r}")
+        check_int("population", self.population, 1)
+        if self.search in SEARCHERS:         # a searcher picks each trial once, from a flat space
+            if self.seeds != 1:
+                raise SweepSpecError(f"seeds={self.seeds}: not with search={self.search!r} (a searcher "
+                                     f"suggests each configuration once); use grid or random search "
+                                     f"for replicas, or seeds: 1")
+            if self.ladder is not None:
+                raise SweepSpecError(f"ladder: not with search={self.search!r} (a ladder runs every "
+                                     f"configuration at every rung); use grid or random search")
+
+    @property
+    def objective_modes(self) -> dict[str, str]:
+        """name -> min | max, in order; the first is the primary one (`{metric: mode}` by default)."""
+        return dict(self.objectives) if self.objectives else {self.metric: self.mode}
 
     # --- derived ---------------------------------------------------------------------------------
     @property

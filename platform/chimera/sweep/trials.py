@@ -13,6 +13,9 @@ reported - before anything is launched; Tune then runs exactly the valid list.
 Data: every trial reads base's data folder, or, when `space` searches `tokenizer` (each trial
 then reads <repo>/data/<dataset>_<tokenizer>) or `data_dir`, its own; each folder must be
 prepared. Trials on different tokenizers must be ranked by bits per byte (spec.BPB_METRICS).
+With a searcher (search: optuna | evolution) the plan starts empty: chimera.sweep.search
+resolves each suggestion with resolve_trial, the function expand uses for every listed trial,
+from the space search_space gives the searcher.
 """
 from __future__ import annotations
 
@@ -21,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from chimera.sweep.spec import (SweepSpec, SweepSpecError, check_int, check_metric_tokenizers,
-                                tune_domain)
+from chimera.sweep.spec import (SEARCHERS, SweepSpec, SweepSpecError, check_int,
+                                check_metric_tokenizers, tune_domain)
 from chimera.train.config import TrainConfig, TrainConfigError
 from models import config as mconfig
 
@@ -95,7 +98,8 @@ def _layer_list(spec: SweepSpec, choices: Mapping[str, Any]) -> list[dict] | Non
     if spec.layers is None:                  # base's own stack, if any, as jobs/train.py reads it
         return TrainConfig.from_dict(spec.base).layer_list()
     lay = spec.layers
-    groups = lay.get("groups") or [1] * int(spec.base["n_layer"])
+    # an evolutionary search moves group boundaries: its trials carry their own group sizes
+    groups = choices.get("layers.groups") or lay.get("groups") or [1] * int(spec.base["n_layer"])
     layers: list[dict] = []
     for g, count in enumerate(groups):
         d: dict = {}
@@ -211,14 +215,63 @@ def data_vocab(spec: SweepSpec) -> int:
     return int(data_tokenizer(spec)["vocab_size"])
 
 
+def _train_keys(spec: SweepSpec, choices: Mapping[str, Any]) -> dict[str, Any]:
+    """base + a trial's train.py choices (not its architecture keys)."""
+    return {**spec.base, **{k: v for k, v in choices.items() if "." not in k and k != "stack"}}
+
+
+def trial_data(spec: SweepSpec, train: Mapping[str, Any], data: dict) -> tuple[Path, dict]:
+    """A trial's data folder and tokenizer (data_tokenizer), checked once per folder (`data`)."""
+    d = base_data_dir(spec, train)
+    if d not in data:
+        data[d] = data_tokenizer(spec, train)
+    return d, data[d]
+
+
+def resolve_trial(spec: SweepSpec, choices: Mapping[str, Any], name: str,
+                  data: dict | None = None) -> Trial:
+    """One trial from its choices (arch keys `g<i>.attn`, `g<i>.ffn`, `stack`, `layers.groups`;
+    the rest train.py keys): its data folder and tokenizer (its own with space.tokenizer /
+    data_dir), its layers built, its budget solved, model and training config validated. Both
+    the fixed trial lists (expand) and the searchers' suggestions (chimera.sweep.search) go
+    through here. `data`: a cache folder -> tokenizer, filled here. SweepSpecError with the
+    validation message; a folder that is not prepared is one too."""
+    from models.config import ConfigError
+
+    choices = dict(choices)
+    train = _train_keys(spec, choices)
+    data_dir, tok = trial_data(spec, train, {} if data is None else data)
+    vocab = int(tok["vocab_size"])
+    try:
+        layers = _layer_list(spec, choices)
+        if spec.budget is not None:
+            cfg, value, scale = solve_budget(train, layers, spec.budget, vocab)
+        else:
+            cfg, value, scale = _model_config(train, layers, None, 8, vocab), None, None
+        # the trial carries its resolved model; `train` keeps the training keys only
+        out = {k: v for k, v in train.items()
+               if k not in mconfig.MODEL_KEYS and k not in ("layer_configs", "layer_configs_jsonl")}
+        out["data_dir"] = str(data_dir)          # trials run elsewhere (Ray changes the cwd)
+        out["tokenizer"] = tok["name"]
+        TrainConfig.from_dict(out)
+    except (ConfigError, TrainConfigError) as e:
+        raise SweepSpecError(str(e)) from None
+    return Trial(name=name, choices=choices, train=out, arch=cfg.summary(),
+                 model_config=cfg.to_dict(), budget_value=value, up_scale=scale)
+
+
 def expand(spec: SweepSpec) -> SweepPlan:
-    """Resolve every trial (Tune's variant generator), validate it, solve its budget."""
+    """Resolve every trial (Tune's variant generator), validate it, solve its budget. With a
+    searcher (search: optuna | evolution) trials are chosen while the sweep runs: the plan
+    starts empty, once the space is checked (search_plan)."""
     if spec.ladder is not None:          # each rung expanded by this function (chimera.sweep.ladder)
         from chimera.sweep.ladder import expand_ladder
         return expand_ladder(spec, expand, _stack_layers, measure)
     import numpy as np
     from ray.tune.search.variant_generator import generate_variants
-    from models.config import ConfigError
+
+    if spec.search in SEARCHERS:
+        return search_plan(spec)
 
     space = {**_arch_space(spec), **{k: tune_domain(f"space.{k}", v) for k, v in (spec.space or {}).items()}}
     random_parts = spec.search == "random" or any(
@@ -230,29 +283,11 @@ def expand(spec: SweepSpec) -> SweepPlan:
         variants += [resolved for _, resolved in generate_variants(space, random_state=rng)]
     trials, rejected = [], []
     for choices in variants:
-        train = {**spec.base, **{k: v for k, v in choices.items() if "." not in k and k != "stack"}}
-        data_dir = base_data_dir(spec, train)      # a trial's own with space.tokenizer / data_dir
-        if data_dir not in data:
-            data[data_dir] = data_tokenizer(spec, train)
-        tok = data[data_dir]
-        vocab = int(tok["vocab_size"])
+        trial_data(spec, _train_keys(spec, choices), data)    # a folder not prepared fails the spec
         try:
-            layers = _layer_list(spec, choices)
-            if spec.budget is not None:
-                cfg, value, scale = solve_budget(train, layers, spec.budget, vocab)
-            else:
-                cfg, value, scale = _model_config(train, layers, None, 8, vocab), None, None
-            # the trial carries its resolved model; `train` keeps the training keys only
-            out = {k: v for k, v in train.items()
-                   if k not in mconfig.MODEL_KEYS and k not in ("layer_configs", "layer_configs_jsonl")}
-            out["data_dir"] = str(data_dir)          # trials run elsewhere (Ray changes the cwd)
-            out["tokenizer"] = tok["name"]
-            TrainConfig.from_dict(out)
-        except (ConfigError, SweepSpecError, TrainConfigError) as e:
+            trials.append(resolve_trial(spec, choices, f"t{len(trials):03d}", data))
+        except SweepSpecError as e:
             rejected.append((choices, str(e)))
-            continue
-        trials.append(Trial(name=f"t{len(trials):03d}", choices=choices, train=out, arch=cfg.summary(),
-                            model_config=cfg.to_dict(), budget_value=value, up_scale=scale))
     if not trials:
         msgs = "; ".join(sorted({m for _, m in rejected}))[:500]
         raise SweepSpecError(f"no valid trial in the search space ({len(rejected)} rejected: {msgs})")
@@ -274,3 +309,45 @@ def replicate(configs: list[Trial], seeds: int) -> list[Trial]:
             out.append(dataclasses.replace(t, name=f"{t.name}s{s}", config=t.name, seed=seed,
                                            train={**t.train, "seed": seed}))
     return out
+
+
+# --- the space a searcher (chimera.sweep.search) picks from ----------------------------------------
+def search_space(spec: SweepSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(Tune domains the searcher picks from, constants every trial gets)."""
+    from ray import tune
+    from ray.tune.search.sample import Domain
+
+    space: dict[str, Any] = dict(_arch_space(spec))        # tune.choice per group / of the stacks
+    consts: dict[str, Any] = {}
+    for k, v in (spec.space or {}).items():
+        if isinstance(v, Mapping) and next(iter(v)) == "grid":
+            tune_domain(f"space.{k}", v)                   # its checks
+            space[k] = tune.choice(list(v["grid"]))
+        else:
+            d = tune_domain(f"space.{k}", v)
+            (space if isinstance(d, Domain) else consts)[k] = d
+    if not space:
+        raise SweepSpecError(f"search={spec.search!r}: nothing to search (give layers, stacks or a "
+                             f"sampled space key)")
+    return space, consts
+
+
+def search_plan(spec: SweepSpec, tries: int = 32) -> SweepPlan:
+    """The plan of a searcher sweep: no trials yet. Refused early when the data is missing or
+    none of `tries` random samples of the space is a valid trial."""
+    import numpy as np
+    from ray.tune.search.variant_generator import generate_variants
+
+    space, consts = search_space(spec)
+    data: dict = {}
+    rng = np.random.RandomState(spec.seed)
+    errors = []
+    for _ in range(tries):
+        _, choices = next(generate_variants({**space, **consts}, random_state=rng))
+        try:
+            resolve_trial(spec, choices, "check", data)
+            return SweepPlan(spec=spec, trials=[], rejected=[])
+        except SweepSpecError as e:
+            errors.append(str(e))
+    raise SweepSpecError(f"no valid trial among {tries} random samples of the search space "
+                         f"({'; '.join(sorted(set(errors)))[:500]})")
