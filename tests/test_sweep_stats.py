@@ -163,7 +163,9 @@ def _fake_sweep(root: Path, spec, values: dict[str, float]) -> None:
         run = root / "runs" / t.name
         (run / "llm_model_best").mkdir(parents=True)
         (run / "llm_model_best" / "config.json").write_text(json.dumps(t.model_config))
-        rows = [{"step": 0, "val_loss": 4.0}, {"step": 10, "val_loss": values[t.name], "train_loss": 3.0}]
+        facts = {"params_total": 1000, "params_active": 800, "flops_per_token": 4800}   # as a run logs
+        rows = [{"step": 0, "val_loss": 4.0, **facts},
+                {"step": 10, "val_loss": values[t.name], "train_loss": 3.0, **facts}]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (run / "summary.json").write_text(json.dumps({"step": 10}))
 
@@ -213,6 +215,11 @@ def test_one_seed_claims_no_significance(spec, tmp_path):
     doc = json.loads((tmp_path / "results.json").read_text())
     assert [(c["config"], c["n"], c["p"], c["tied"]) for c in doc["configurations"]] == \
         [("t001", 1, None, None), ("t000", 1, None, None)]
+    # the budget triad MoE comparisons need, for every trial: total and active params, FLOPs/token
+    assert all((r["params_total"], r["params_active"], r["flops_per_token"]) == (1000, 800, 4800)
+               for r in doc["trials"])
+    head = next(ln for ln in (tmp_path / "results.md").read_text().splitlines() if "| trial |" in ln)
+    assert "| params | active | FLOPs/tok |" in head
     assert rep["best"]["trial"] == "t001"
 
 

@@ -43,7 +43,8 @@ COLUMNS = [("rank", "#"), ("trial", "trial"), ("seed", "seed"), ("status", "stat
            ("hparams", "hyperparameters"), ("step", "steps"), ("best_val_loss", "best val"),
            ("best_val_bpb", "best val bpb"),
            ("train_loss", "train"), ("tokens_per_s", "tok/s"), ("mfu", "MFU"),
-           ("params_total", "params"), ("params_active", "active"), ("budget_value", "budget"),
+           ("params_total", "params"), ("params_active", "active"), ("flops_per_token", "FLOPs/tok"),
+           ("budget_value", "budget"),
            ("kv_bytes_per_token", "KV B/tok"), ("moe_maxvio", "MaxVio"),
            ("decode_tokens_per_s", "decode tok/s"), ("error", "error")]
 
@@ -112,7 +113,7 @@ def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
                "error": err, "curve": [(m["step"], m["val_loss"]) for m in hist if "val_loss" in m],
                "bpb_curve": [(m["step"], m["val_bpb"]) for m in hist if "val_bpb" in m]}
         for k in ("step", "train_loss", "tokens_per_s", "mfu", "params_total", "params_active",
-                  "kv_bytes_per_token", "moe_maxvio", "decode_tokens_per_s", "val_loss", "tokens",
+                  "flops_per_token", "kv_bytes_per_token", "moe_maxvio", "decode_tokens_per_s", "val_loss", "tokens",
                   "trial_time_s", "trial_started_at", "val_bpb", "train_bpb"):
             row.setdefault(k, latest.get(k))
         if row["decode_tokens_per_s"] is None and row["best_checkpoint"] and decode_missing:

@@ -50,7 +50,7 @@ BPB_METRICS = ("val_bpb", "train_bpb")    # bits per byte of text: comparable ac
 SEARCHERS = ("optuna", "evolution")       # suggest trials while the sweep runs (chimera.sweep.search)
 # what a searcher may optimise, besides METRICS: measured for every trial (the report's columns)
 OBJECTIVES = METRICS + ("kv_bytes_per_token", "decode_tokens_per_s", "params_active", "params_total",
-                        "tokens_per_s")
+                        "flops_per_token", "tokens_per_s")
 
 
 class SweepSpecError(ValueError):
