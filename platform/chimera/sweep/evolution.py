@@ -42,7 +42,19 @@ def _key(config: Mapping[str, Any]) -> str:
     return json.dumps(config, sort_keys=True, default=str)
 
 
-class EvolutionSearch(Searcher):
+class PickledSearcher(Searcher):
+    """Tune's save/restore of a searcher: its whole state, pickled (both searchers here)."""
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+class EvolutionSearch(PickledSearcher):
     """See the module docstring. `space`: name -> Tune Domain (constants are left to the
     caller); `groups`: the layer counts of the groups whose boundaries may move (None: none)."""
 
@@ -149,10 +161,3 @@ class EvolutionSearch(Searcher):
         if values is not None:                         # an objective missing: never a parent
             self._done.append((config, values))
 
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))

@@ -238,24 +238,7 @@ def plots(root: Path, rows: list[dict]) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = []
-    fig, ax = plt.subplots(figsize=(8, 5))
-    colors: dict[str, str] = {}                  # the seeds of a configuration share a colour
-    for r in rows:
-        if r["curve"]:
-            s, v = zip(*r["curve"])
-            color = colors.setdefault(r.get("config", r["trial"]), f"C{len(colors) % 10}")
-            ax.plot(s, v, marker="o", ms=3, label=f"{r['trial']} {r['arch']} {r['hparams']}"[:80],
-                    ls="-" if r["status"] == "finished" else "--", color=color)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("val loss")
-    ax.set_title("val loss of every trial (dashed: stopped early / failed)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(root / "val_loss_curves.png", dpi=110)
-    plt.close(fig)
-    out.append(str(root / "val_loss_curves.png"))
+    out = [_curves(root, rows, "curve", "val loss", "val_loss_curves.png")]
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, key, label, larger in ((axes[0], "kv_bytes_per_token", "KV-cache bytes / token", False),
@@ -458,22 +441,31 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
 
 def bpb_curves(root: Path, rows: list[dict]) -> str:
     """val_bpb_curves.png: val bits per byte against steps, every trial (with its tokenizer)."""
+    return _curves(root, rows, "bpb_curve", "val bits per byte", "val_bpb_curves.png", tokenizer=True)
+
+
+def _curves(root: Path, rows: list[dict], key: str, name: str, file: str, tokenizer: bool = False) -> str:
+    """One line per trial of its (step, value) curve `row[key]`, the seeds of a configuration in
+    one colour, dashed when the trial did not finish; saved as root/file."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    colors: dict[str, str] = {}
     for r in rows:
-        if r["bpb_curve"]:
-            s, v = zip(*r["bpb_curve"])
-            ax.plot(s, v, marker="o", ms=3, ls="-" if r["status"] == "finished" else "--",
-                    label=f"{r['trial']} {r['arch']} {r['hparams']} ({r['tokenizer']})"[:80])
+        if r.get(key):
+            s, v = zip(*r[key])
+            color = colors.setdefault(r.get("config", r["trial"]), f"C{len(colors) % 10}")
+            label = f"{r['trial']} {r['arch']} {r['hparams']}" + (f" ({r['tokenizer']})" if tokenizer else "")
+            ax.plot(s, v, marker="o", ms=3, label=label[:80], color=color,
+                    ls="-" if r["status"] == "finished" else "--")
     ax.set_xlabel("training step")
-    ax.set_ylabel("val bits per byte")
-    ax.set_title("val bits per byte of every trial (dashed: stopped early / failed)")
+    ax.set_ylabel(name)
+    ax.set_title(f"{name} of every trial (dashed: stopped early / failed)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(root / "val_bpb_curves.png", dpi=110)
+    fig.savefig(root / file, dpi=110)
     plt.close(fig)
-    return str(root / "val_bpb_curves.png")
+    return str(root / file)

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 from ray.tune.search import Searcher
 
+from chimera.sweep.evolution import PickledSearcher
 from chimera.sweep.pareto import result_key
 from chimera.sweep.spec import SweepSpec, SweepSpecError
 from chimera.sweep.trials import SweepPlan, Trial, resolve_trial, search_space
@@ -54,7 +55,7 @@ def make_searcher(plan: SweepPlan, root: Path) -> "TrialSearcher":
     return TrialSearcher(inner_searcher(plan.spec), plan.spec, Path(root), consts)
 
 
-class TrialSearcher(Searcher):
+class TrialSearcher(PickledSearcher):
     """A searcher whose suggestions become resolved, recorded trials (see the module
     docstring). Tune sees `{"trial": "t007", **choices}`; the inner searcher sees the Tune
     results of its own suggestions (only final ones: neither searcher uses intermediate
@@ -110,12 +111,3 @@ class TrialSearcher(Searcher):
             result = None
         self.inner.on_trial_complete(inner_id, result, error=error)
 
-    def save(self, checkpoint_path: str) -> None:
-        import pickle
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        import pickle
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
