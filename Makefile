@@ -15,7 +15,7 @@ $(PY):
 
 # reinstall only when the dependency declarations change (idempotent otherwise)
 $(STAMP): $(PY) pyproject.toml constraints.txt
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,eval]'
 	touch $(STAMP)
 
 test: $(STAMP)
