@@ -73,6 +73,20 @@ def check_server(base_url: str, names: list[str], timeout: float = 10.0) -> str:
     if missing:
         raise ValueError(f"--base_url {url} does not serve {', '.join(missing)} (it serves "
                          f"{', '.join(served)}): name the checkpoints as NAME=PATH")
+    # lm-eval's remote tokenizer asks GET /tokenizer_info and POST /tokenize without a model:
+    # the server's default model's tokenizer must be every evaluated model's
+    infos = {}
+    for q in [""] + [f"?model={n}" for n in names]:
+        r = httpx.get(f"{url}/tokenizer_info{q}", timeout=timeout)
+        if r.status_code != 200:
+            raise ValueError(f"--base_url {url}: GET /tokenizer_info{q} answered {r.status_code} "
+                             f"(lm-eval's remote tokenizer needs it: a newer Chimera server)")
+        infos[q] = {k: r.json().get(k) for k in ("tokenizer", "vocab_size")}
+    other = [n for n in names if infos[f"?model={n}"] != infos[""]]
+    if other:
+        raise ValueError(f"--base_url {url}: {', '.join(other)} use another tokenizer than the "
+                         f"server's default model, which lm-eval's remote tokenizer uses: serve "
+                         f"them separately, or let this job serve them (no --base_url)")
     return url
 
 
