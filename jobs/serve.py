@@ -6,8 +6,9 @@
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/serve.py --checkpoint ...
     serve run serve.app:build_app checkpoint=runs/my_run            # the same app, Serve's CLI
 
-Routes: POST /generate, POST /v1/completions, GET /v1/models, GET /health (see README).
-Binds 127.0.0.1 unless --host says otherwise; serves until interrupted (Ctrl-C / SIGTERM),
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /tokenizer_info, POST /tokenize,
+POST /detokenize, POST /generate, GET /v1/models, GET /health (see README).
+Binds 127.0.0.1 unless --host says otherwise; serves until interrupted (Ctrl-C, SIGINT, SIGTERM),
 then shuts Serve down. Every flag is checked before Ray starts (exit code 2).
 """
 from __future__ import annotations
@@ -32,19 +33,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     from _paths import setup
     setup()
     args = build_parser().parse_args(argv)
     from pydantic import ValidationError
 
-    from serve.app import AppArgs, build_app, resolve_models
+    from serve.app import AppArgs, build_app, resolve_models, resolve_templates
     try:
         if not 0 < args.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {args.port}")
         app_args = AppArgs(**{k: v for k, v in vars(args).items()
                               if k not in ("host", "port", "app_name")})
         models = resolve_models(app_args)
+        resolve_templates(app_args, [n for n, _ in models])
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
         loc = ".".join(str(x) for x in err["loc"])
@@ -58,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from chimera.runtime import init_ray
     init_ray()
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # SIGTERM and SIGINT both stop it cleanly; SIGINT explicitly, since a background job of a
+    # shell (`python jobs/serve.py ... &`) inherits SIGINT as ignored
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _interrupt)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(app_args), name=args.app_name, route_prefix="/")

@@ -128,9 +128,21 @@ class LLM(nn.Module):
         row b: a right-padded batch). With a cache, idx are the tokens at positions start..
         (an int, or per-row starts (B,), see models/attention/cache.py), written to the cache."""
         h, _ = self._trunk(idx, cache, start)
+        return self._last_logits(h, last)
+
+    def _last_logits(self, h: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
         if last is None:
-            return self.lm_head(h[:, -1, :])
+            return self.lm_head(h[:, -1, :])                        # (B, V)
         return self.lm_head(h[torch.arange(h.size(0), device=h.device), last.to(h.device)])
+
+    @torch.no_grad()
+    def prompt_logits(self, idx: torch.Tensor, cache: KVCache | None, start: int | torch.Tensor,
+                      last: torch.Tensor | None, rows: list[int]
+                      ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """next_logits' (B, V), and the logits of every position (T, V) of rows `rows` (prompt
+        scoring: one trunk pass, the LM head over those rows' positions only)."""
+        h, _ = self._trunk(idx, cache, start)                       # (B, T, C)
+        return self._last_logits(h, last), [self.lm_head(h[r]) for r in rows]
 
     # --- KV cache and generation ----------------------------------------------------------------
     def new_cache(self, batch: int, dtype: torch.dtype | None = None,

@@ -62,13 +62,14 @@ class EngineDriver:
                 self.on_step(self.engine, now - t0)
 
     async def stream(self, rid: str, prompt_ids: list[int], params: SamplingParams,
-                     first: bool = False) -> AsyncIterator[tuple[float, list[Output]]]:
+                     first: bool = False, **scoring) -> AsyncIterator[tuple[float, list[Output]]]:
         """Yield (time, outputs) with every output available for this request so far
-        (several per item when the consumer falls behind); ends after the final output."""
+        (several per item when the consumer falls behind); ends after the final output.
+        `scoring`: Engine.add's logprobs / prompt_logprobs / generate."""
         if rid in self._queues:
             raise ValueError(f"request id {rid!r} is already running")
         q: asyncio.Queue = asyncio.Queue()
-        self.engine.add(rid, prompt_ids, params, first)              # ValueError for bad prompts
+        self.engine.add(rid, prompt_ids, params, first, **scoring)   # ValueError for bad prompts
         self._queues[rid] = q
         finished = False
         try:

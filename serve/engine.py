@@ -35,6 +35,7 @@ import torch
 
 from models.sampling import SamplingParams
 from serve.detokenizer import Detokenizer
+from serve.logprobs import TokenLogprob, score
 from serve.model_runner import ModelRunner
 from serve.sampler import Sampler
 from serve.scheduler import Scheduler
@@ -51,6 +52,9 @@ class Output(NamedTuple):
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    logprobs: TokenLogprob | None = None        # the new token's score, when asked for
+    prompt_logprobs: list | None = None         # once, with the first output, when asked for
+    queue_s: float | None = None                # arrival -> a batch row (None: never admitted)
 
 
 class Completion(NamedTuple):
@@ -73,19 +77,29 @@ class Engine:
 
     # --- requests (thread-safe) -----------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-            first: bool = False) -> None:
+            first: bool = False, logprobs: int | None = None, prompt_logprobs: int | None = None,
+            generate: bool = True) -> None:
         """Queue a request; `first` puts it at the head of the queue (health checks). Prompt
         ids must be in [0, vocab); a prompt longer than block_size keeps its last block_size
-        tokens."""
+        tokens. `logprobs` k scores every generated token (serve/logprobs.py), `prompt_logprobs`
+        k every prompt token (the prompt must fit in block_size); `generate=False` only scores
+        the prompt (it finishes with 'length' after the prefill, no token generated)."""
         ids = [int(t) for t in prompt_ids]
         if not ids:
             raise ValueError("the prompt is empty")
         if min(ids) < 0 or max(ids) >= self.vocab:
             raise ValueError(f"prompt holds token ids outside [0, vocab_size={self.vocab})")
+        if prompt_logprobs is not None and len(ids) > self.runner.block:
+            raise ValueError(f"a scored prompt must fit in block_size={self.runner.block}, "
+                             f"got {len(ids)} tokens")
+        if not generate and prompt_logprobs is None:
+            raise ValueError("generate=False needs prompt_logprobs (there is nothing else to do)")
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little")
         gen = torch.Generator(device=self.runner.device).manual_seed(seed)
         self.scheduler.add(Sequence(request_id, params, ids, len(ids), gen,
-                                    Detokenizer(self.tok, params.stop), first=first))
+                                    Detokenizer(self.tok, params.stop), first=first,
+                                    logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                                    generate=generate))
 
     def cancel(self, request_id: str) -> None:
         """Stop a request; its row is free after the next step starts."""
@@ -111,12 +125,31 @@ class Engine:
         if plan.rows:
             logits = self.runner.run(plan.decode, plan.prefill)      # 2. run: (n, V)
             tokens = self.sampler(logits, plan.rows)
-            outs += [self._postprocess(s, t) for s, t in zip(plan.rows, tokens)]  # 3. postprocess
+            scores = self._scores(logits, plan.rows, tokens)
+            outs += [self._postprocess(s, t, lp)                        # 3. postprocess
+                     for s, t, lp in zip(plan.rows, tokens, scores)]
             self.runner.move_rows(self.scheduler.free_finished())
         return outs
 
-    def _postprocess(self, s: Sequence, tok: int) -> Output:
+    @staticmethod
+    def _scores(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]
+                ) -> list[TokenLogprob | None]:
+        """The raw model's log-probabilities of the drawn tokens, for rows that asked."""
+        asked = [i for i, s in enumerate(seqs) if s.logprobs is not None and s.generate]
+        out: list[TokenLogprob | None] = [None] * len(seqs)
+        if asked:
+            for i, lp in zip(asked, score(logits[asked], [tokens[i] for i in asked],
+                                          [seqs[i].logprobs for i in asked])):
+                out[i] = lp
+        return out
+
+    def _postprocess(self, s: Sequence, tok: int, lp: TokenLogprob | None = None) -> Output:
         """Append a token; text and stop conditions: end-of-text, a stop string, max tokens."""
+        prompt = s.prompt_scores
+        s.prompt_scores = None                  # sent once
+        if not s.generate:                      # scored at prefill: done, nothing generated
+            s.done = "length"
+            return self._output(s, [], "", prompt=prompt)
         s.tokens.append(tok)
         s.generated.append(tok)
         text, stopped = "", False
@@ -130,10 +163,13 @@ class Engine:
             s.done = "length"
         if s.done and not stopped:              # release text held back for stop strings
             text += s.detok.flush()
-        return self._output(s, [tok], text)
+        return self._output(s, [tok], text, lp, prompt)
 
-    def _output(self, s: Sequence, toks: list[int], text: str) -> Output:
-        return Output(s.rid, toks, text, s.done, s.prompt_tokens, len(s.generated))
+    def _output(self, s: Sequence, toks: list[int], text: str, lp: TokenLogprob | None = None,
+                prompt: list | None = None) -> Output:
+        queue = None if s.admitted is None else s.admitted - s.arrived
+        return Output(s.rid, toks, text, s.done, s.prompt_tokens, len(s.generated), lp, prompt,
+                      queue)
 
     def fail_all(self, reason: str = "error") -> list[Output]:
         """Finish every request (after an exception in step): the engine stays usable."""

@@ -1,20 +1,57 @@
-"""Serving metrics, exported through Ray's metrics (Prometheus, on each node's metrics port).
+"""Serving metrics, exported through Ray's metrics (Prometheus, on each node's metrics port;
+Ray prefixes every name with `ray_`).
 
+Chimera's own names (tag `model`):
     chimera_serve_ttft_seconds              histogram  time to first token (request arrival at
-                                                       the model replica -> first token)
+                                                       the model server -> first token)
     chimera_serve_inter_token_seconds       histogram  time between consecutive tokens
     chimera_serve_request_tokens_per_second histogram  per request: completion tokens / time
     chimera_serve_generated_tokens_total    counter    rate() of it = aggregate tokens/s
     chimera_serve_running_requests          gauge      rows in the running batch
-    chimera_serve_queued_requests           gauge      requests waiting for a row
+    chimera_serve_queued_requests           gauge      requests waiting for a batch row
     chimera_serve_step_seconds              histogram  one engine iteration
-Every metric carries a `model` tag (plus Serve's deployment/replica/application tags).
-Without a Ray replica context (unit tests) they are no-ops.
+
+The same facts under vLLM's names, which serving dashboards (vLLM's Grafana board, Ray Serve
+LLM's) query (tag `model_name`, as vLLM's). Ray refuses ':' in names, so vLLM's
+`vllm:num_requests_running` is exported as `ray_vllm_num_requests_running` — the name Ray
+Serve LLM exports vLLM's metrics under:
+    vllm_num_requests_running               gauge      = chimera_serve_running_requests
+    vllm_num_requests_waiting               gauge      = chimera_serve_queued_requests
+    vllm_prompt_tokens_total                counter    prompt tokens of accepted requests
+    vllm_generation_tokens_total            counter    = chimera_serve_generated_tokens_total
+    vllm_time_to_first_token_seconds        histogram  = chimera_serve_ttft_seconds
+    vllm_inter_token_latency_seconds        histogram  = chimera_serve_inter_token_seconds
+    vllm_e2e_request_latency_seconds        histogram  arrival -> last token
+    vllm_request_queue_time_seconds         histogram  arrival -> a batch row (admission)
+    vllm_request_success_total              counter    finished requests, tag finished_reason
+Without a Ray replica context (unit tests) they are no-ops (enabled=False).
 """
 from __future__ import annotations
 
 LATENCY = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 RATE = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000]
+
+# attribute: (kind, chimera name or None, vLLM name or None, description, buckets)
+METRICS = {
+    "ttft": ("hist", "chimera_serve_ttft_seconds", "vllm_time_to_first_token_seconds",
+             "time to first token", LATENCY),
+    "itl": ("hist", "chimera_serve_inter_token_seconds", "vllm_inter_token_latency_seconds",
+            "time between tokens", LATENCY),
+    "tps": ("hist", "chimera_serve_request_tokens_per_second", None,
+            "completion tokens / request time", RATE),
+    "step": ("hist", "chimera_serve_step_seconds", None, "one engine iteration", LATENCY),
+    "e2e": ("hist", None, "vllm_e2e_request_latency_seconds", "request arrival -> last token",
+            LATENCY),
+    "queue": ("hist", None, "vllm_request_queue_time_seconds",
+              "request arrival -> admitted to the running batch", LATENCY),
+    "tokens": ("counter", "chimera_serve_generated_tokens_total", "vllm_generation_tokens_total",
+               "generated tokens", None),
+    "prompt_tokens": ("counter", None, "vllm_prompt_tokens_total", "prompt tokens", None),
+    "running": ("gauge", "chimera_serve_running_requests", "vllm_num_requests_running",
+                "requests in the running batch", None),
+    "queued": ("gauge", "chimera_serve_queued_requests", "vllm_num_requests_waiting",
+               "requests waiting for a batch row", None),
+}
 
 
 class _Null:
@@ -23,37 +60,55 @@ class _Null:
     def set(self, *a, **k): ...
 
 
+class _Both:
+    """One fact recorded under each of its names."""
+    def __init__(self, metrics):
+        self.m = metrics
+
+    def observe(self, v):
+        for x in self.m:
+            x.observe(v)
+
+    def inc(self, v=1):
+        for x in self.m:
+            x.inc(v)
+
+    def set(self, v):
+        for x in self.m:
+            x.set(v)
+
+
 class ServeMetrics:
     def __init__(self, model: str, enabled: bool = True):
-        tags = {"model": model}
         if not enabled:
-            self.ttft = self.itl = self.tps = self.tokens = self.running = self.queued = \
-                self.step = _Null()
+            for attr in METRICS:
+                setattr(self, attr, _Null())
+            self.success = None
             return
         from ray.serve import metrics as m
 
-        def hist(name, desc, buckets):
-            h = m.Histogram(name, description=desc, boundaries=buckets, tag_keys=("model",))
-            h.set_default_tags(dict(tags))     # Serve adds its tags in place
-            return h
-
-        def gauge(name, desc):
-            g = m.Gauge(name, description=desc, tag_keys=("model",))
-            g.set_default_tags(dict(tags))
-            return g
-
-        self.ttft = hist("chimera_serve_ttft_seconds", "time to first token", LATENCY)
-        self.itl = hist("chimera_serve_inter_token_seconds", "time between tokens", LATENCY)
-        self.tps = hist("chimera_serve_request_tokens_per_second",
-                        "completion tokens / request time", RATE)
-        self.step = hist("chimera_serve_step_seconds", "one engine iteration", LATENCY)
-        self.tokens = m.Counter("chimera_serve_generated_tokens_total",
-                                description="generated tokens", tag_keys=("model",))
-        self.tokens.set_default_tags(dict(tags))
-        self.running = gauge("chimera_serve_running_requests", "requests in the running batch")
-        self.queued = gauge("chimera_serve_queued_requests", "requests waiting for a batch row")
+        def make(kind, name, desc, buckets, tag):
+            if kind == "hist":
+                x = m.Histogram(name, description=desc, boundaries=buckets, tag_keys=(tag,))
+            elif kind == "counter":
+                x = m.Counter(name, description=desc, tag_keys=(tag,))
+            else:
+                x = m.Gauge(name, description=desc, tag_keys=(tag,))
+            x.set_default_tags({tag: model})        # Serve adds its tags in place: a fresh dict
+            return x
+        for attr, (kind, ours, vllm, desc, buckets) in METRICS.items():
+            made = [make(kind, n, desc, buckets, tag)
+                    for n, tag in ((ours, "model"), (vllm, "model_name")) if n]
+            setattr(self, attr, _Both(made))
+        self.success = m.Counter("vllm_request_success_total", description="finished requests",
+                                 tag_keys=("model_name", "finished_reason"))
+        self.success.set_default_tags({"model_name": model})
 
     def on_step(self, engine, seconds: float) -> None:
         self.step.observe(seconds)
         self.running.set(engine.num_running)
         self.queued.set(engine.num_waiting)
+
+    def finished(self, reason: str) -> None:
+        if self.success is not None:
+            self.success.inc(1, tags={"finished_reason": reason})

@@ -8,13 +8,15 @@ One run is at most three passes: one decode pass for the running rows 0..d-1 (on
 per-row positions, so rows of different lengths share the batch), one prefill pass for the
 newcomers in rows d.. (right-padded, per-row positions; see models/attention/cache.py), and,
 for rows whose sequence no longer fits in block_size, one pass re-prefilling their windows in
-a scratch cache. Which tokens each row feeds is the context-window rule of models/context.py,
+a scratch cache. A newcomer that asked for its prompt to be scored (echo) also gets the
+log-probabilities of every prompt token from the same prefill pass. Which tokens each row feeds is the context-window rule of models/context.py,
 the rule model.generate follows.
 """
 from __future__ import annotations
 
 import torch
 
+from serve.logprobs import prompt_scores
 from serve.scheduler import RowMove
 from serve.sequence import Sequence
 
@@ -55,9 +57,17 @@ class ModelRunner:
         idx = idx.to(self.device)
         view = self.cache.rows(row0, row0 + len(seqs))
         if len(set(lens)) == 1:             # no padding: the plain path of models.generation
-            return self.model.next_logits(idx, view, 0)
-        lens_t = torch.tensor(lens, device=self.device)
-        return self.model.next_logits(idx, view, torch.zeros_like(lens_t), last=lens_t - 1)
+            start, last = 0, None
+        else:
+            lens_t = torch.tensor(lens, device=self.device)
+            start, last = torch.zeros_like(lens_t), lens_t - 1
+        scored = [i for i, s in enumerate(seqs) if s.prompt_logprobs is not None]
+        if not scored:
+            return self.model.next_logits(idx, view, start, last=last)
+        logits, full = self.model.prompt_logits(idx, view, start, last, scored)   # (m, V), [(T, V)]
+        for i, f in zip(scored, full):
+            seqs[i].prompt_scores = prompt_scores(f[:lens[i]], windows[i], seqs[i].prompt_logprobs)
+        return logits
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One token for each running row (rows 0..n-1) -> (n, V)."""

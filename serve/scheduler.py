@@ -22,6 +22,7 @@ wait for long ones.
 from __future__ import annotations
 
 import threading
+import time
 from typing import NamedTuple
 
 from serve.sequence import Sequence
@@ -102,6 +103,7 @@ class Scheduler:
             if new and n > budget:
                 break
             budget -= n
+            s.admitted = time.perf_counter()
             self.running.append(self.waiting.pop(0))
             new.append(s)
         return new

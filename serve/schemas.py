@@ -1,30 +1,38 @@
 """HTTP request bodies (pydantic, with bounds) and OpenAI-style error bodies.
 
-Types are strict (a string is not a number, a bool is not an int). The sampling bounds come
-from models/sampling.py (RULES, declared once), so a bad value is a 400 that names its field;
-`sampling()` then turns a body into the SamplingParams the engine runs (it cannot fail on a
-parsed body: tests/test_serve_schemas.py). Limits of this HTTP server only (temperature <= 100,
-seeds in [0, 2^63), at most 4 stop strings of 64 characters) sit here; limits that depend on
-the deployment (max new tokens cap, the model's block_size) are checked by the app after
-parsing. `/v1/completions` ignores OpenAI fields it does not implement (logprobs, echo, user,
-...); `/generate` refuses unknown fields.
+Types are strict (a string is not a number, a bool is not an int) and unknown fields are
+refused (400 naming the field: a field this server does not implement is never silently
+ignored). The sampling bounds come from models/sampling.py (RULES, declared once), so a bad
+value is a 400 that names its field; `sampling()` then turns a body into the SamplingParams
+the engine runs (it cannot fail on a parsed body: tests/test_serve_schemas.py). Limits of this
+HTTP server only (temperature <= 100, seeds in [0, 2^63), at most 4 stop strings of 64
+characters, 16 prompts, 8 choices, logprobs <= 5) sit here; limits that depend on the
+deployment (max new tokens cap, the model's block_size and vocabulary) are checked after
+parsing.
 """
 from __future__ import annotations
 
 import math
 from typing import Annotated, Any
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from models.sampling import RULES, SamplingParams
+from serve.logprobs import MAX_LOGPROBS
 
-MAX_STOP, MAX_STOP_LEN, MAX_PROMPTS, MAX_N = 4, 64, 16, 8
+MAX_STOP, MAX_STOP_LEN, MAX_PROMPTS, MAX_N, MAX_MESSAGES = 4, 64, 16, 8, 256
+STRICT = ConfigDict(strict=True, extra="forbid")
 MaxTokens = Annotated[int, Field(**RULES["max_new_tokens"].bounds)]
 Temperature = Annotated[float, Field(le=100.0, **RULES["temperature"].bounds)]
 TopP = Annotated[float, Field(**RULES["top_p"].bounds)]
 TopK = Annotated[int, Field(**RULES["top_k"].bounds)]
 Seed = Annotated[int, Field(ge=0, lt=2 ** 63)]
 Prompt = Annotated[str, Field(min_length=1)]
+TokenId = Annotated[int, Field(ge=0)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+Logprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
 
 
 def _stop_list(v: Any) -> tuple[str, ...]:
@@ -39,6 +47,7 @@ def _stop_list(v: Any) -> tuple[str, ...]:
 
 
 class _Common(BaseModel):
+    model_config = STRICT
     temperature: Temperature = 1.0
     top_p: TopP | None = None
     top_k: TopK | None = None
@@ -70,7 +79,6 @@ class _Common(BaseModel):
 
 class GenerateRequest(_Common):
     """POST /generate."""
-    model_config = ConfigDict(strict=True, extra="forbid")
     prompt: Prompt
     max_new_tokens: MaxTokens = 64
 
@@ -79,25 +87,105 @@ class GenerateRequest(_Common):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = STRICT
     include_usage: bool = False
 
 
-class CompletionRequest(_Common):
-    """POST /v1/completions (OpenAI): prompt is a string or a list of strings; n choices each."""
-    model_config = ConfigDict(strict=True, extra="ignore")
-    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS)]
-    max_tokens: MaxTokens = 16
+class _OpenAI(_Common):
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     top_p: TopP = 1.0
     stream_options: StreamOptions | None = None
 
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
-
     def sampling(self, choice: int) -> SamplingParams:
         """Choice j of a prompt samples with seed + j (n choices differ, each reproducible)."""
-        return self._sampling(self.max_tokens, choice)
+        return self._sampling(self.limit, choice)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_OpenAI):
+    """POST /v1/completions (OpenAI's legacy completions, as vLLM implements them): prompt is a
+    string, a list of strings, a list of token ids or a list of such lists; n choices each."""
+    prompt: (Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS)]
+             | TokenIds | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)])
+    max_tokens: Annotated[int, Field(ge=0)] = 16       # 0: with echo, score the prompt only
+    logprobs: Logprobs | None = None
+    echo: bool = False
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _shapes(cls, v, handler):
+        try:
+            return handler(v)
+        except ValidationError:             # a union's errors name its branches, not the fix
+            raise ValueError(f"must be a non-empty string, a list of 1..{MAX_PROMPTS} of them, "
+                             f"a non-empty list of token ids (integers >= 0) or a list of "
+                             f"1..{MAX_PROMPTS} such lists") from None
+
+    def prompts(self) -> list[str | tuple[int, ...]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if isinstance(p[0], int):
+            return [tuple(p)]
+        return [x if isinstance(x, str) else tuple(x) for x in p]
+
+    @property
+    def limit(self) -> int:
+        return max(1, self.max_tokens)      # 0 (echo only): nothing is generated, params stay valid
+
+
+class TextPart(BaseModel):
+    model_config = STRICT
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = STRICT
+    role: Literal["system", "user", "assistant"]
+    content: str | Annotated[list[TextPart], Field(min_length=1)]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(_OpenAI):
+    """POST /v1/chat/completions: messages rendered by the model's chat template
+    (serve/chat.py) into one prompt for these base models."""
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    logprobs: bool = False
+    top_logprobs: Logprobs | None = None
+
+    @property
+    def limit(self) -> int:
+        """max_completion_tokens (OpenAI's current name), else max_tokens, else 16."""
+        return self.max_completion_tokens or self.max_tokens or 16
+
+    @property
+    def k(self) -> int | None:
+        """The engine's logprobs k: None without logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (lm-eval's remote tokenizer, vLLM's route)."""
+    model_config = STRICT
+    prompt: str
+    add_special_tokens: bool = False        # no Chimera tokenizer adds BOS/EOS: no effect
+    model: str | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize."""
+    model_config = STRICT
+    tokens: list[TokenId]
+    model: str | None = None
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -110,6 +198,8 @@ def validation_error_body(e: ValidationError) -> dict:
     err = e.errors(include_url=False)[0]
     param = ".".join(str(x) for x in err["loc"]) or None
     msg = err["msg"]
+    if err["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        msg = "unknown field"
+        msg = "unknown field (this server does not implement it)"
     return error_body(f"{param}: {msg}" if param else msg, param=param, code=err["type"])

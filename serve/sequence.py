@@ -6,6 +6,7 @@ decides when they finish.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +14,7 @@ import torch
 import models.context as context
 from models.sampling import SamplingParams
 from serve.detokenizer import Detokenizer
+from serve.logprobs import TokenLogprob
 
 
 @dataclass(eq=False)
@@ -27,6 +29,12 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     done: str | None = None             # why it finished: 'stop', 'length', 'abort' or 'error'
     first: bool = False                 # jump the queue (health checks)
+    logprobs: int | None = None         # score each generated token, with the k most likely
+    prompt_logprobs: int | None = None  # score the prompt at prefill (echo), k most likely
+    generate: bool = True               # False: score the prompt only, generate nothing
+    prompt_scores: list[TokenLogprob | None] | None = None     # set by the prefill
+    arrived: float = field(default_factory=time.perf_counter)
+    admitted: float | None = None       # when it took a batch row (the scheduler)
 
     def feed(self, block_size: int) -> context.Feed:
         """What its next forward pass feeds, and where (the context-window rule)."""

@@ -11,8 +11,9 @@ import pytest
 from pydantic import ValidationError
 
 from models.sampling import RULES, SamplingParams
-from serve.messages import Done, Error, Generation
-from serve.schemas import CompletionRequest, GenerateRequest, validation_error_body
+from serve.messages import Done, Error, Generation, Piece, Prompt
+from serve.schemas import (ChatRequest, CompletionRequest, DetokenizeRequest, GenerateRequest,
+                           TokenizeRequest, validation_error_body)
 
 EDGES = [  # bodies at the edges of every bound the schemas accept
     {"prompt": "a", "max_new_tokens": 1, "temperature": 0.0, "top_k": 1, "top_p": 1e-9, "seed": 0},
@@ -70,9 +71,65 @@ def test_schema_bounds_are_the_rules_bounds():
 def test_messages_pickle_and_error_bodies():
     call = Generation("hi", SamplingParams(3, 0.0, stop=("x",)))
     assert pickle.loads(pickle.dumps(call)) == call                 # through a Serve handle
-    done = Done("t", 1, "length", 2, 3, 0.1, 0.2, 15.0)
-    assert pickle.loads(pickle.dumps(done)) == done
+    ids = Generation((1, 2), SamplingParams(1, 0.0), logprobs=2, echo=True, generate=False)
+    assert pickle.loads(pickle.dumps(ids)) == ids
+    p = Piece("t", 7, "t", b"t", -0.5, (("t", -0.5, b"t"),))
+    done = Done((p,), "length", 2, 3, 0.1, 0.2, 15.0, Prompt("hi", (Piece("hi", 3, "hi", b"hi"),)))
+    assert pickle.loads(pickle.dumps(done)) == done and done.text == "t" and done.tokens == 1
     e = Error(400, "prompt: encodes to no tokens", param="prompt", code="invalid_prompt")
     assert e.body() == {"error": {"message": "prompt: encodes to no tokens",
                                   "type": "invalid_request_error", "param": "prompt",
                                   "code": "invalid_prompt"}}
+
+
+BAD_FIELDS = [  # (schema, body, the param the 400 names)
+    (CompletionRequest, {"prompt": "a", "logprobs": 6}, "logprobs"),
+    (CompletionRequest, {"prompt": "a", "logprobs": -1}, "logprobs"),
+    (CompletionRequest, {"prompt": "a", "logprobs": True}, "logprobs"),
+    (CompletionRequest, {"prompt": "a", "echo": 1}, "echo"),
+    (CompletionRequest, {"prompt": "a", "max_tokens": -1}, "max_tokens"),
+    (CompletionRequest, {"prompt": [1, "a"]}, "prompt"),
+    (CompletionRequest, {"prompt": [-1]}, "prompt"),
+    (CompletionRequest, {"prompt": [[]]}, "prompt"),
+    (CompletionRequest, {"prompt": [True]}, "prompt"),
+    (CompletionRequest, {"prompt": [[1]] * 17}, "prompt"),
+    (CompletionRequest, {"prompt": "a", "best_of": 2}, "best_of"),
+    (CompletionRequest, {"prompt": "a", "user": "me"}, "user"),
+    (CompletionRequest, {"prompt": "a", "stream_options": {"continuous_usage_stats": True}},
+     "stream_options"),
+    (ChatRequest, {"messages": []}, "messages"),
+    (ChatRequest, {"messages": [{"role": "bot", "content": "x"}]}, "messages"),
+    (ChatRequest, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
+    (ChatRequest, {"messages": [{"role": "user", "content": "x"}], "tools": []}, "tools"),
+    (ChatRequest, {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 9}, "top_logprobs"),
+    (ChatRequest, {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
+     "max_completion_tokens"),
+    (TokenizeRequest, {"prompt": 3}, "prompt"),
+    (TokenizeRequest, {"prompt": "a", "messages": []}, "messages"),
+    (DetokenizeRequest, {"tokens": [1, -2]}, "tokens"),
+    (DetokenizeRequest, {"tokens": "ab"}, "tokens"),
+]
+
+
+@pytest.mark.parametrize("schema,body,param", BAD_FIELDS)
+def test_new_fields_refuse_bad_values_naming_the_field(schema, body, param):
+    with pytest.raises(ValidationError) as e:
+        schema.model_validate(body)
+    err = validation_error_body(e.value)["error"]
+    assert err["param"].split(".")[0] == param, err
+    assert err["message"].startswith(param)
+
+
+def test_prompt_shapes_and_chat_limits():
+    assert CompletionRequest.model_validate({"prompt": "a"}).prompts() == ["a"]
+    assert CompletionRequest.model_validate({"prompt": ["a", "b"]}).prompts() == ["a", "b"]
+    assert CompletionRequest.model_validate({"prompt": [1, 2]}).prompts() == [(1, 2)]
+    assert CompletionRequest.model_validate({"prompt": [[1], [2, 3]]}).prompts() == [(1,), (2, 3)]
+    c = CompletionRequest.model_validate({"prompt": "a", "max_tokens": 0, "echo": True})
+    assert c.sampling(0).max_new_tokens == 1                # scored only; the params stay valid
+    chat = {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}
+    r = ChatRequest.model_validate(chat)
+    assert r.limit == 16 and r.k is None and r.messages[0].text() == "x"
+    r = ChatRequest.model_validate({**chat, "max_tokens": 5, "max_completion_tokens": 7,
+                                    "logprobs": True})
+    assert r.limit == 7 and r.k == 0

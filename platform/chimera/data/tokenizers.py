@@ -10,7 +10,9 @@
 
 Common interface: `name`, `vocab_size`, `eot_id`, `encode(str) -> list[int]`,
 `encode_batch(list[str]) -> list[list[int]]`, `encode_to_numpy(str) -> np.ndarray (uint32)`,
-`decode(list[int]) -> str`, `to_dict()` / `Tokenizer.from_dict()`, `token_bytes()`.
+`decode(list[int]) -> str`, `to_dict()` / `Tokenizer.from_dict()`, `token_bytes()`,
+`id_bytes(id) -> bytes` (one token's bytes) and `encode_with_special(str)` (the server's
+encoding: special-token text becomes its id).
 
 Bytes per token (bits per byte, chimera.train.measure): `token_bytes(info)` is the (vocab,)
 table of how many UTF-8 bytes of text each id stands for, built once per process and tokenizer
@@ -65,6 +67,16 @@ class Tokenizer:
         """UTF-8 bytes of text each id stands for; 0 for ids that are no text."""
         raise NotImplementedError
 
+    def id_bytes(self, i: int) -> bytes:
+        """The bytes id i stands for (a special token: its text). Serving shows tokens with it."""
+        raise NotImplementedError
+
+    def encode_with_special(self, text: str) -> list[int]:
+        """Like encode, but special-token text (gpt2's "<|endoftext|>") becomes its id: what a
+        server's /tokenize and text prompts do, as HF tokenizers and vLLM do. Data preparation
+        keeps `encode` (special-token text in a corpus stays text)."""
+        return self.encode(text)
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "vocab_size": self.vocab_size, "eot_id": self.eot_id}
 
@@ -118,6 +130,12 @@ class GPT2Tokenizer(Tokenizer):
         for s in self._enc.special_tokens_set:           # {"<|endoftext|>"}: no text
             n[self._enc.encode_single_token(s)] = 0
         return n
+
+    def id_bytes(self, i: int) -> bytes:
+        return self._enc.decode_single_token_bytes(int(i))
+
+    def encode_with_special(self, text: str) -> list[int]:
+        return self._enc.encode(text, allowed_special="all")
 
     def __getstate__(self) -> dict:  # rebuilt from tiktoken's cache in the receiving process
         return {}
@@ -175,6 +193,9 @@ class CharTokenizer(Tokenizer):
     def token_bytes(self) -> np.ndarray:
         return np.array([len(c.encode("utf-8", "surrogatepass")) for c in self.chars], dtype=np.int64)
 
+    def id_bytes(self, i: int) -> bytes:
+        return self.chars[int(i)].encode("utf-8", "surrogatepass")
+
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "vocab": self.chars}
 
@@ -197,6 +218,9 @@ class ByteTokenizer(Tokenizer):
 
     def token_bytes(self) -> np.ndarray:
         return np.ones(self.vocab_size, dtype=np.int64)
+
+    def id_bytes(self, i: int) -> bytes:
+        return bytes([int(i)])
 
 
 TOKENIZERS: dict[str, type[Tokenizer]] = {"gpt2": GPT2Tokenizer, "char": CharTokenizer,

@@ -1,0 +1,352 @@
+"""The HTTP front end: OpenAI-compatible routes over one or more model servers.
+
+    api = make_api(get_front)       # FastAPI app; get_front() -> the replica's Frontend
+
+Routes (README "Serving"): POST /generate, POST /v1/completions, POST /v1/chat/completions,
+GET /v1/models, GET /health, GET /tokenizer_info, POST /tokenize, POST /detokenize. The
+request's `model` field (a query parameter for GET /tokenizer_info) picks the model (default:
+the first one). A Frontend talks to each model through a backend with one interface: Remote
+(a model deployment behind a DeploymentHandle: several models, one hop more) or Local (the
+ModelServer inside this very replica: one model, no hop). Response shapes are
+serve/openai.py's; request bodies serve/schemas.py's.
+
+Streams send one SSE event per generated token (`data: {...}`), then `data: [DONE]`; a token
+whose text is held back (a possible stop string, an incomplete character) sends an event with
+empty text, so events = tokens, the count chat benchmarks rely on.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+import serve.openai as oai
+from serve.chat import ChatTemplate
+from serve.messages import Delta, Done, Error, Generation, Prompt
+from serve.schemas import (ChatRequest, CompletionRequest, DetokenizeRequest, GenerateRequest,
+                           TokenizeRequest, error_body, validation_error_body)
+
+OVERLOADED = Error(503, "the server is overloaded; retry later", "overloaded_error", None, "overloaded")
+
+
+def unavailable(e: Exception) -> Error:
+    return Error(503, f"the model is unavailable ({type(e).__name__}); retry later",
+                 "server_error", None, "unavailable")
+
+
+class Remote:
+    """A model deployment behind a DeploymentHandle."""
+    def __init__(self, handle):
+        self.h = handle
+
+    async def call(self, method: str, *args):
+        return await getattr(self.h, method).remote(*args)
+
+    async def complete(self, call: Generation) -> Done | Error:
+        from ray.serve.exceptions import BackPressureError
+        try:
+            return await self.h.complete.remote(call)
+        except BackPressureError:
+            return OVERLOADED
+        except Exception as e:                                  # noqa: BLE001 - replica died
+            return unavailable(e)
+
+    async def open(self, call: Generation):
+        """(first message, stream): the first message is awaited so that errors and overload
+        become a proper status code before any byte of the stream is sent."""
+        from ray.serve.exceptions import BackPressureError
+        gen = self.h.options(stream=True).generate.remote(call)
+        try:
+            return await gen.__anext__(), gen
+        except BackPressureError:           # never assigned: nothing to cancel
+            return OVERLOADED, gen
+
+    @staticmethod
+    async def close(gen) -> None:
+        """Best-effort cancel (DeploymentResponseGenerator.cancel re-raises the call's own
+        error, e.g. BackPressureError; the call is over then anyway)."""
+        try:
+            gen.cancel()
+        except Exception:                                       # noqa: BLE001
+            pass
+
+
+class Local:
+    """The ModelServer inside this replica: plain calls, no hop."""
+    def __init__(self, server):
+        self.s = server
+
+    async def call(self, method: str, *args):
+        return getattr(self.s, method)(*args)
+
+    async def complete(self, call: Generation) -> Done | Error:
+        return await self.s.complete(call)
+
+    async def open(self, call: Generation):
+        gen = self.s.generate(call)
+        return await gen.__anext__(), gen
+
+    @staticmethod
+    async def close(gen) -> None:
+        await gen.aclose()                  # its finally: the engine frees the row
+
+
+def _err(status: int, message: str, param: str | None = None, code: str | None = None,
+         type_: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code), status_code=status)
+
+
+def _answer(msg: Error) -> JSONResponse:
+    return JSONResponse(msg.body(), status_code=msg.status)
+
+
+def _sse(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj) if not isinstance(obj, str) else obj}\n\n".encode()
+
+
+class Frontend:
+    def __init__(self, backends: dict[str, Any], max_new_tokens_cap: int, max_body_bytes: int,
+                 templates: dict[str, str] | None = None):
+        self.models, self.default = backends, next(iter(backends))
+        self.cap, self.max_body = max_new_tokens_cap, max_body_bytes
+        self.templates = {n: ChatTemplate((templates or {}).get(n) or ChatTemplate.default().source,
+                                          f"the chat template of {n}") for n in backends}
+        self.created = int(time.time())
+
+    # --- input ----------------------------------------------------------------------------------
+    async def _parse(self, request: Request, schema: type[BaseModel]) -> BaseModel | JSONResponse:
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > self.max_body):
+            return _err(413, f"request body over {self.max_body} bytes", code="body_too_large")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.max_body:
+                return _err(413, f"request body over {self.max_body} bytes", code="body_too_large")
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return _err(400, f"request body is not valid UTF-8 ({e.reason} at byte {e.start})",
+                        code="invalid_encoding")
+        try:
+            return schema.model_validate_json(text)
+        except ValidationError as e:
+            return JSONResponse(validation_error_body(e), status_code=400)
+
+    def _model(self, name: str | None) -> tuple[str, Any] | JSONResponse:
+        name = name or self.default
+        if name not in self.models:
+            return _err(404, f"model {name!r} does not exist; available: {', '.join(self.models)}",
+                        "model", "model_not_found")
+        return name, self.models[name]
+
+    def _route(self, req, param: str, limit: int) -> tuple[str, Any] | JSONResponse:
+        if limit > self.cap:
+            return _err(400, f"{param}: {limit} is over this server's cap of {self.cap}",
+                        param, "max_tokens_exceeded")
+        return self._model(req.model)
+
+    # --- routes ---------------------------------------------------------------------------------
+    async def health(self):
+        try:
+            info = await asyncio.wait_for(asyncio.gather(
+                *(b.call("describe") for b in self.models.values())), 10)
+        except Exception as e:                                  # noqa: BLE001 - report, not crash
+            return _err(503, f"a model is unavailable: {type(e).__name__}", code="unavailable",
+                        type_="server_error")
+        return {"status": "ok", "models": {i["id"]: {k: i[k] for k in ("running", "queued", "device")}
+                                           for i in info}}
+
+    async def list_models(self):
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": self.created,
+                                            "owned_by": "chimera"} for n in self.models]}
+
+    async def _tokenizer_call(self, name, method: str, *args):
+        routed = self._model(name)
+        if isinstance(routed, JSONResponse):
+            return routed
+        try:
+            return routed[0], await routed[1].call(method, *args)
+        except Exception as e:                                  # noqa: BLE001 - replica died
+            return _answer(unavailable(e))
+
+    async def tokenizer_info(self, request: Request):
+        extra = set(request.query_params) - {"model"}
+        if extra:
+            return _err(400, f"{sorted(extra)[0]}: unknown query parameter (only 'model')",
+                        sorted(extra)[0], "unknown_parameter")
+        got = await self._tokenizer_call(request.query_params.get("model"), "tokenizer_info")
+        if isinstance(got, JSONResponse):
+            return got
+        return {**got[1], "chat_template": self.templates[got[0]].source}
+
+    async def tokenize(self, request: Request):
+        req = await self._parse(request, TokenizeRequest)
+        if isinstance(req, JSONResponse):
+            return req
+        got = await self._tokenizer_call(req.model, "tokenize", req.prompt)
+        if isinstance(got, JSONResponse) or isinstance(got[1], Error):
+            return got if isinstance(got, JSONResponse) else _answer(got[1])
+        info = await self._tokenizer_call(got[0], "tokenizer_info")
+        limit = info[1]["max_model_len"] if not isinstance(info, JSONResponse) else None
+        return {"tokens": got[1], "count": len(got[1]), "max_model_len": limit}
+
+    async def detokenize(self, request: Request):
+        req = await self._parse(request, DetokenizeRequest)
+        if isinstance(req, JSONResponse):
+            return req
+        got = await self._tokenizer_call(req.model, "detokenize", req.tokens)
+        if isinstance(got, JSONResponse) or isinstance(got[1], Error):
+            return got if isinstance(got, JSONResponse) else _answer(got[1])
+        return {"prompt": got[1]}
+
+    async def generate(self, request: Request):
+        t0 = time.perf_counter()
+        req = await self._parse(request, GenerateRequest)
+        if isinstance(req, JSONResponse):
+            return req
+        routed = self._route(req, "max_new_tokens", req.max_new_tokens)
+        if isinstance(routed, JSONResponse):
+            return routed
+        name, backend = routed
+        call = Generation(req.prompt, req.sampling())
+
+        def summary(m: Done, text: str) -> dict:
+            return {"model": name, "text": text, "prompt_tokens": m.prompt_tokens,
+                    "completion_tokens": m.completion_tokens, "finish_reason": m.finish_reason,
+                    "timings": {"ttft_s": m.ttft_s, "tokens_per_s": m.tokens_per_s,
+                                "total_s": time.perf_counter() - t0}}
+        if not req.stream:
+            out = await backend.complete(call)
+            return _answer(out) if isinstance(out, Error) else summary(out, out.text)
+        first, gen = await backend.open(call)
+        if isinstance(first, Error):
+            return _answer(first)
+
+        async def events():
+            try:
+                async for m in gen:
+                    if isinstance(m, Error):
+                        yield _sse(m.body())
+                        break
+                    # every event: the new text; the last one also the summary (text = delta)
+                    yield _sse({"text": m.text, "tokens": m.tokens} if not isinstance(m, Done)
+                               else {**summary(m, ""), "text": m.text, "tokens": m.tokens})
+                yield _sse("[DONE]")
+            finally:
+                await backend.close(gen)
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def completions(self, request: Request):
+        req = await self._parse(request, CompletionRequest)
+        if isinstance(req, JSONResponse):
+            return req
+        if req.max_tokens == 0 and not req.echo:
+            return _err(400, "max_tokens: 0 needs echo=true (it scores the prompt only)",
+                        "max_tokens", "invalid_value")
+        routed = self._route(req, "max_tokens", req.max_tokens)
+        if isinstance(routed, JSONResponse):
+            return routed
+        calls = [Generation(p, req.sampling(j), req.logprobs, req.echo, req.max_tokens > 0)
+                 for p in req.prompts() for j in range(req.n)]
+        shape = oai.Completions(routed[0], req)
+        return await self._run(routed[1], calls, shape, req.stream, req.include_usage, req.n)
+
+    async def chat_completions(self, request: Request):
+        req = await self._parse(request, ChatRequest)
+        if isinstance(req, JSONResponse):
+            return req
+        if req.top_logprobs is not None and not req.logprobs:
+            return _err(400, "top_logprobs: needs logprobs=true", "top_logprobs", "invalid_value")
+        routed = self._route(req, "max_completion_tokens" if req.max_completion_tokens
+                             else "max_tokens", req.limit)
+        if isinstance(routed, JSONResponse):
+            return routed
+        try:
+            prompt = self.templates[routed[0]].render(
+                [{"role": m.role, "content": m.text(), "name": m.name} for m in req.messages])
+        except ValueError as e:
+            return _err(400, f"messages: {e}", "messages", "chat_template_error")
+        calls = [Generation(prompt, req.sampling(j), req.k) for j in range(req.n)]
+        shape = oai.Chat(routed[0], req)
+        return await self._run(routed[1], calls, shape, req.stream, req.include_usage, req.n)
+
+    # --- running OpenAI requests ----------------------------------------------------------------
+    async def _run(self, backend, calls: list[Generation], shape, stream: bool,
+                   include_usage: bool, n: int):
+        if not stream:
+            outs = await asyncio.gather(*(backend.complete(c) for c in calls))
+            bad = next((o for o in outs if isinstance(o, Error)), None)
+            return _answer(bad) if bad else shape.response(outs, oai.usage(outs, n))
+        opened = await asyncio.gather(*(backend.open(c) for c in calls))
+        bad = next((f for f, _ in opened if isinstance(f, Error)), None)
+        if bad:
+            for _, g in opened:
+                await backend.close(g)
+            return _answer(bad)
+        return StreamingResponse(self._merged(backend, opened, shape, include_usage, n),
+                                 media_type="text/event-stream")
+
+    async def _merged(self, backend, opened, shape, include_usage: bool, n: int):
+        """Interleave the choices' streams into SSE chunks (one per token), then [DONE]."""
+        q: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i, gen):
+            try:
+                async for m in gen:
+                    await q.put((i, m))
+            except Exception as e:                              # noqa: BLE001 - ends the stream
+                await q.put((i, Error(500, f"generation failed: {type(e).__name__}", "server_error")))
+        tasks = [asyncio.create_task(pump(i, g)) for i, (_, g) in enumerate(opened)]
+        finals: list[Done | None] = [None] * len(opened)
+        try:
+            while any(f is None for f in finals):
+                i, m = await q.get()
+                if isinstance(m, Error):
+                    yield _sse(m.body())
+                    break
+                if isinstance(m, Prompt):
+                    yield _sse(shape.prompt_chunk(i, m))
+                    continue
+                for chunk in shape.chunks(i, m):
+                    yield _sse(chunk)
+                if isinstance(m, Done):
+                    finals[i] = m
+            else:
+                if include_usage:
+                    yield _sse(shape.usage_chunk(oai.usage(finals, n)))
+                yield _sse("[DONE]")
+        finally:
+            for t in tasks:
+                t.cancel()
+            for _, g in opened:
+                await backend.close(g)
+
+
+def make_api(get_front: Callable[[], Frontend]) -> FastAPI:
+    """The FastAPI app; every route asks get_front() for this replica's Frontend."""
+    api = FastAPI(title="Chimera", description="KV-cached generation with continuous batching")
+    for method, path, name in (("get", "/health", "health"), ("get", "/v1/models", "list_models"),
+                               ("get", "/tokenizer_info", "tokenizer_info"),
+                               ("post", "/tokenize", "tokenize"), ("post", "/detokenize", "detokenize"),
+                               ("post", "/generate", "generate"),
+                               ("post", "/v1/completions", "completions"),
+                               ("post", "/v1/chat/completions", "chat_completions")):
+        takes_request = name not in ("health", "list_models")
+
+        def route(name=name, takes_request=takes_request):
+            if takes_request:
+                async def endpoint(request: Request):
+                    return await getattr(get_front(), name)(request)
+            else:
+                async def endpoint():
+                    return await getattr(get_front(), name)()
+            endpoint.__name__ = name
+            return endpoint
+        getattr(api, method)(path)(route())
+    return api
