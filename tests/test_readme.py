@@ -23,7 +23,7 @@ MUST_RUN = ["make demo SOURCE=", "source .venv/bin/activate", "jobs/prepare.py",
             "ray get-auth-token --generate", "ray start --head", "ray job submit", "jobs/train.py",
             "ray stop", "jobs/sweep.py --spec", "jobs/sweep.py --report", "jobs/serve.py",
             "curl -s localhost:8000/v1/completions", "from openai import OpenAI", "jobs/sample.py",
-            "kill %1"]
+            "kill %1", "jobs/eval.py --from_sweep"]
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from chimera.paths import REPO
 JOBS_DIR = REPO / "jobs"
 DOC_PATH = REPO / "docs" / "parameters.md"
 # the order; jobs not listed follow alphabetically
-ORDER = ("prepare", "train", "sweep", "serve", "sample", "bench")
+ORDER = ("prepare", "train", "sweep", "serve", "eval", "sample", "bench")
 REGENERATE = "python jobs/docs.py --write"
 
 

@@ -18,6 +18,8 @@ Writes into the sweep directory:
     val_bpb_curves.png        the same in bits per byte, when the metric is val_bpb / train_bpb
     pareto.png                best val loss against KV-cache bytes/token and decode tokens/s,
                               with the Pareto front
+    (eval.json, from jobs/eval.py --from_sweep, adds a column per dataset's bits per byte
+    `bpb:<dataset>` and per task's main metric `<task>:<metric>`, blank for trials not evaluated)
     pareto_front.png          with two or more `objectives` (searcher sweeps): every trial by its
                               Pareto rank over all of them, the front circled, and the search's
                               progress; results.md lists the front, results.json each trial's
@@ -63,7 +65,8 @@ def _fmt(key: str, v: Any) -> str:
         return ""
     if key == "mfu":
         return f"{100 * v:.1f}%"
-    if key in ("best_val_loss", "train_loss", "moe_maxvio", "best_val_bpb", "val_bpb", "train_bpb"):
+    if key in ("best_val_loss", "train_loss", "moe_maxvio", "best_val_bpb", "val_bpb", "train_bpb") \
+            or ":" in key:                                     # jobs/eval.py's columns
         return f"{v:.4f}"
     if key in ("tokens_per_s", "decode_tokens_per_s"):
         return f"{v:,.0f}"
@@ -76,14 +79,14 @@ def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
     """Rows for every trial of a sweep directory, best first (see the module docstring)."""
     from chimera.sweep.measure import measure_decode
     from chimera.sweep.spec import check_metric_tokenizers
-    from chimera.sweep.store import SUMMARY, history, read_plan
+    from chimera.sweep.store import SUMMARY, eval_columns, history, read_plan
 
     root = Path(root)
     plan = read_plan(root)
     spec = plan["spec"]
     metric, mode = spec["metric"], spec["mode"]
     check_metric_tokenizers(metric, {t["train"].get("tokenizer") for t in plan["trials"]})
-    rows = []
+    rows, evals = [], eval_columns(root)
     for t in plan["trials"]:
         run = root / "runs" / t["name"]
         hist = history(run)
@@ -111,7 +114,8 @@ def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
                "best_val_bpb": min(bpbs) if bpbs else None, "tokenizer": t["train"].get("tokenizer"),
                "best_checkpoint": str(best_ckpt) if (best_ckpt / "config.json").is_file() else None,
                "error": err, "curve": [(m["step"], m["val_loss"]) for m in hist if "val_loss" in m],
-               "bpb_curve": [(m["step"], m["val_bpb"]) for m in hist if "val_bpb" in m]}
+               "bpb_curve": [(m["step"], m["val_bpb"]) for m in hist if "val_bpb" in m],
+               **evals.get(t["name"], {})}
         for k in ("step", "train_loss", "tokens_per_s", "mfu", "params_total", "params_active",
                   "flops_per_token", "kv_bytes_per_token", "moe_maxvio", "decode_tokens_per_s", "val_loss", "tokens",
                   "trial_time_s", "trial_started_at", "val_bpb", "train_bpb"):
@@ -215,8 +219,15 @@ def _short(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
+def eval_keys(rows: list[dict]) -> list[str]:
+    """The columns jobs/eval.py added (store.eval_columns): bpb:<dataset>, <task>:<metric>."""
+    return sorted({k for r in rows for k in r if ":" in k})
+
+
 def markdown(rows: list[dict]) -> str:
     cols = [(k, h) for k, h in COLUMNS if any(r.get(k) not in (None, "") for r in rows)]
+    at = len(cols) - bool(cols and cols[-1][0] == "error")          # before the error column
+    cols[at:at] = [(k, k) for k in eval_keys(rows)]
     out = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(_fmt(k, r.get(k)) for k, _ in cols) + " |" for r in rows]
     return "\n".join(out) + "\n"
@@ -385,7 +396,7 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
                                                               c["spec"].get("seeds", 1) > 1 else "") + table
             + pareto_markdown(front))
     fields = [k for k, _ in COLUMNS] + ["config", "best_checkpoint", "val_loss", "tokens", "trial_time_s",
-                                        "tokenizer", "val_bpb", "train_bpb"]
+                                        "tokenizer", "val_bpb", "train_bpb"] + eval_keys(rows)
     with open(root / "results.csv.tmp", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()

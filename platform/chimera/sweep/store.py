@@ -11,6 +11,9 @@ Layout of <storage_path>/<name>/:
                               llm_model_best/, summary.json (written when the trial completed)
     <trial>/ , *.pkl, ...     Tune's own experiment state (what --resume restores from)
     results.{md,csv,json}, best_layers.jsonl, best_train.yaml, *.png    the report
+    eval.json                 jobs/eval.py --from_sweep: {"models": {name: {"trial", "bpb":
+                              {dataset: {"bpb", ...}}, "tasks": {task: {"metric", "value",
+                              "stderr", ...}}}}}; the report adds its columns (eval_columns)
 
 Both the Tune run (sweep/run.py) and the report (sweep/report.py) read it through here, so
 neither imports the other's internals.
@@ -28,6 +31,7 @@ from chimera.sweep.trials import SweepPlan
 
 PLAN = "sweep.json"
 SUMMARY = "summary.json"          # runs/<trial>/summary.json: the trial's final report
+EVAL = "eval.json"                # jobs/eval.py's results (chimera.eval.run)
 
 
 def sweep_dir(spec: SweepSpec) -> Path:
@@ -90,3 +94,22 @@ def history(run_dir: Path) -> list[dict]:
             continue
         by_step.setdefault(int(m.get("step", 0)), {}).update(m)
     return [by_step[k] for k in sorted(by_step)]
+
+
+def eval_columns(root: Path) -> dict[str, dict[str, float]]:
+    """{trial: {"bpb:<dataset>": bits per byte, "<task>:<metric>": value}} from <root>/eval.json
+    (models evaluated as a trial of this sweep); {} without one."""
+    f = Path(root) / EVAL
+    if not f.is_file():
+        return {}
+    try:
+        models = json.loads(f.read_text())["models"]
+        out: dict[str, dict[str, float]] = {}
+        for m in models.values():
+            if m.get("trial"):
+                cols = out.setdefault(m["trial"], {})
+                cols.update({f"bpb:{d}": v["bpb"] for d, v in m.get("bpb", {}).items()})
+                cols.update({f"{t}:{v['metric']}": v["value"] for t, v in m.get("tasks", {}).items()})
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SweepSpecError(f"{f}: not an eval result jobs/eval.py wrote ({type(e).__name__}: {e})") from None
+    return out
