@@ -93,7 +93,10 @@ class Local:
 
     @staticmethod
     async def close(gen) -> None:
-        await gen.aclose()                  # its finally: the engine frees the row
+        try:
+            await gen.aclose()              # its finally: the engine frees the row
+        except RuntimeError:                # still running in a task being cancelled
+            pass
 
 
 def _err(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -117,6 +120,7 @@ class Frontend:
         self.templates = {n: ChatTemplate((templates or {}).get(n) or ChatTemplate.default().source,
                                           f"the chat template of {n}") for n in backends}
         self.created = int(time.time())
+        self._limits: dict[str, int] = {}                       # model -> block_size (/tokenize)
 
     # --- input ----------------------------------------------------------------------------------
     async def _parse(self, request: Request, schema: type[BaseModel]) -> BaseModel | JSONResponse:
@@ -192,9 +196,12 @@ class Frontend:
         got = await self._tokenizer_call(req.model, "tokenize", req.prompt)
         if isinstance(got, JSONResponse) or isinstance(got[1], Error):
             return got if isinstance(got, JSONResponse) else _answer(got[1])
-        info = await self._tokenizer_call(got[0], "tokenizer_info")
-        limit = info[1]["max_model_len"] if not isinstance(info, JSONResponse) else None
-        return {"tokens": got[1], "count": len(got[1]), "max_model_len": limit}
+        if got[0] not in self._limits:
+            info = await self._tokenizer_call(got[0], "tokenizer_info")
+            if isinstance(info, JSONResponse):
+                return info
+            self._limits[got[0]] = info[1]["max_model_len"]
+        return {"tokens": got[1], "count": len(got[1]), "max_model_len": self._limits[got[0]]}
 
     async def detokenize(self, request: Request):
         req = await self._parse(request, DetokenizeRequest)
@@ -324,6 +331,7 @@ class Frontend:
         finally:
             for t in tasks:
                 t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)   # stopped: the streams are free
             for _, g in opened:
                 await backend.close(g)
 

@@ -253,3 +253,25 @@ def test_bad_input_gets_4xx_naming_the_field(url, method, path, body, status, pa
     err = r.json()["error"]
     assert err["param"] is not None and err["param"].split(".")[0] == param, err
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
+
+
+def _running(url, name="tiny") -> int:
+    return httpx.get(url + "/health", timeout=30).json()["models"][name]["running"]
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Go on."}]}),
+    ("/v1/completions", {"prompt": "ROMEO:", "n": 2}),
+    ("/generate", {"prompt": "ROMEO:"})])
+def test_a_client_that_leaves_a_stream_frees_its_rows(url, path, body):
+    key = "max_new_tokens" if path == "/generate" else "max_tokens"
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", url + path, json={**body, key: 4000, "stream": True}) as r:
+            lines = r.iter_lines()              # (leaving a loop over it closes the response)
+            while not next(lines).startswith("data: {"):
+                pass
+            assert _running(url) >= 1
+    deadline = time.time() + 20
+    while _running(url) and time.time() < deadline:
+        time.sleep(0.1)
+    assert _running(url) == 0
