@@ -8,7 +8,9 @@ heads) + MLP, n_embd 128, block 1024, batch 2, `--train_iters` steps, in-process
     in-process (serve/engine.py, same torch threads), same prompt. Target <= 5 ms. One model
     is served, so the HTTP app runs in the model's replica (serve/app.py ModelIngress). Two
     more rows split it: outside the replica (the client's TTFT minus the TTFT the replica
-    measured from the request's arrival) and inside it (that minus the in-process TTFT).
+    measured from the request's arrival) and inside it (that minus the in-process TTFT); two
+    floors show what Serve's HTTP path costs without the engine (GET /v1/models, POST
+    /tokenize: the proxy -> replica call, and for a POST fetching its body).
   * Continuous batching: aggregate generated tokens/s at concurrency 8 ÷ at concurrency 1
     (non-streamed /generate, `--tokens` new tokens each). Target >= 3.
   * Short-behind-long: a 16-token request sent while seven 512-token requests run ÷ the same
@@ -123,6 +125,16 @@ def _post(client, url: str, body: dict, timings: list | None = None) -> tuple[fl
     return ttft, time.perf_counter() - t0, n
 
 
+def _roundtrip(call, reps: int) -> float:
+    """Median milliseconds of `call()` (the first two calls warm up)."""
+    times = []
+    for _ in range(reps + 2):
+        t0 = time.perf_counter()
+        call().raise_for_status()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:]) * 1e3
+
+
 def _throughput(url: str, conc: int, n_req: int, tokens: int) -> float:
     import httpx
     local = threading.local()
@@ -187,7 +199,15 @@ def run(args: argparse.Namespace) -> int:
                          f"{(statistics.median(http) - rep) * 1e3:.1f} ms", "", None))
             rows.append(("  of which: in the replica (its TTFT - in-process engine TTFT)",
                          f"{(rep - engine_ttft) * 1e3:.1f} ms", "", None))
-            print(rows[-2:], flush=True)
+            # the floor of Serve's HTTP path on this machine: routes that never touch the engine
+            with httpx.Client(timeout=600) as c:
+                models = _roundtrip(lambda: c.get(url + "/v1/models"), reps)
+                tokenize = _roundtrip(lambda: c.post(url + "/tokenize", json={"prompt": PROMPT}), reps)
+            rows.append(("  floor: GET /v1/models round trip (no engine, no body)",
+                         f"{models:.1f} ms", "", None))
+            rows.append(("  floor: POST /tokenize round trip (no engine, a small body)",
+                         f"{tokenize:.1f} ms", "", None))
+            print(rows[-4:], flush=True)
             tok = 32 if q else args.tokens
             t1 = _throughput(url, 1, 2 if q else 4, tok)
             t8 = _throughput(url, 8, 8 if q else 32, tok)
