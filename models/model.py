@@ -136,13 +136,15 @@ class LLM(nn.Module):
         return self.lm_head(h[torch.arange(h.size(0), device=h.device), last.to(h.device)])
 
     @torch.no_grad()
-    def prompt_logits(self, idx: torch.Tensor, cache: KVCache | None, start: int | torch.Tensor,
-                      last: torch.Tensor | None, rows: list[int]
-                      ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """next_logits' (B, V), and the logits of every position (T, V) of rows `rows` (prompt
-        scoring: one trunk pass, the LM head over those rows' positions only)."""
+    def next_logits_and_hidden(self, idx: torch.Tensor, cache: KVCache | None,
+                               start: int | torch.Tensor, last: torch.Tensor | None,
+                               rows: list[int], lens: list[int]
+                               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """next_logits' (B, V), and the final hidden states (lens[i], C) of rows `rows` (prompt
+        scoring: one trunk pass; the caller applies lm_head to them in chunks, so that a
+        batch of long prompts never holds all (T, V) logits at once)."""
         h, _ = self._trunk(idx, cache, start)                       # (B, T, C)
-        return self._last_logits(h, last), [self.lm_head(h[r]) for r in rows]
+        return self._last_logits(h, last), [h[r, :n] for r, n in zip(rows, lens)]
 
     # --- KV cache and generation ----------------------------------------------------------------
     def new_cache(self, batch: int, dtype: torch.dtype | None = None,

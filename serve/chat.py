@@ -4,8 +4,10 @@
     t.render([{"role": "user", "content": "Hi"}])   # "User: Hi\nAssistant:"
 
 A template is Jinja2 (the format Hugging Face tokenizers and vLLM use), rendered in a sandbox
-with `messages` (dicts with `role`, `content` as text, `name`) and `add_generation_prompt`
-(always true here). The default, for models trained on plain text:
+with `messages` (dicts with `role`, `content` as text, `name` — the default template does not
+show names), `add_generation_prompt` (always true here) and `raise_exception(message)` (a
+template's way to refuse a conversation: the client gets a 400 with the message). The
+default, for models trained on plain text:
 
     <system content>\n\n            (each system message, then a blank line)
     User: <content>\n               (each user message)
@@ -54,8 +56,14 @@ class ChatTemplate:
         return t
 
     def render(self, messages: list[dict]) -> str:
-        from jinja2 import TemplateError
+        """The prompt; ValueError when the template refuses or fails (the client gets 400)."""
         try:
-            return self._t.render(messages=messages, add_generation_prompt=True)
-        except TemplateError as e:
-            raise ValueError(f"{self.origin} failed to render ({e})") from None
+            return self._t.render(messages=messages, add_generation_prompt=True,
+                                  raise_exception=_raise)
+        except Exception as e:                                  # noqa: BLE001 - template code
+            raise ValueError(f"{self.origin} failed to render ({type(e).__name__}: {e})") from None
+
+
+def _raise(message: str):
+    from jinja2 import TemplateError
+    raise TemplateError(message)

@@ -65,6 +65,8 @@ class Remote:
             return await gen.__anext__(), gen
         except BackPressureError:           # never assigned: nothing to cancel
             return OVERLOADED, gen
+        except Exception as e:                                  # noqa: BLE001 - replica died
+            return unavailable(e), gen
 
     @staticmethod
     async def close(gen) -> None:
@@ -120,7 +122,7 @@ class Frontend:
         self.templates = {n: ChatTemplate((templates or {}).get(n) or ChatTemplate.default().source,
                                           f"the chat template of {n}") for n in backends}
         self.created = int(time.time())
-        self._limits: dict[str, int] = {}                       # model -> block_size (/tokenize)
+        self._limits: dict[str, int] = {}                       # model -> block_size
 
     # --- input ----------------------------------------------------------------------------------
     async def _parse(self, request: Request, schema: type[BaseModel]) -> BaseModel | JSONResponse:
@@ -196,12 +198,19 @@ class Frontend:
         got = await self._tokenizer_call(req.model, "tokenize", req.prompt)
         if isinstance(got, JSONResponse) or isinstance(got[1], Error):
             return got if isinstance(got, JSONResponse) else _answer(got[1])
-        if got[0] not in self._limits:
-            info = await self._tokenizer_call(got[0], "tokenizer_info")
+        block = await self._block(got[0])
+        if isinstance(block, JSONResponse):
+            return block
+        return {"tokens": got[1], "count": len(got[1]), "max_model_len": block}
+
+    async def _block(self, name: str) -> int | JSONResponse:
+        """The model's block_size (asked once)."""
+        if name not in self._limits:
+            info = await self._tokenizer_call(name, "tokenizer_info")
             if isinstance(info, JSONResponse):
                 return info
-            self._limits[got[0]] = info[1]["max_model_len"]
-        return {"tokens": got[1], "count": len(got[1]), "max_model_len": self._limits[got[0]]}
+            self._limits[name] = info[1]["max_model_len"]
+        return self._limits[name]
 
     async def detokenize(self, request: Request):
         req = await self._parse(request, DetokenizeRequest)
@@ -253,6 +262,8 @@ class Frontend:
         req = await self._parse(request, CompletionRequest)
         if isinstance(req, JSONResponse):
             return req
+        if req.stream_options is not None and not req.stream:
+            return _err(400, "stream_options: only with stream=true", "stream_options", "invalid_value")
         if req.max_tokens == 0 and not req.echo:
             return _err(400, "max_tokens: 0 needs echo=true (it scores the prompt only)",
                         "max_tokens", "invalid_value")
@@ -268,12 +279,23 @@ class Frontend:
         req = await self._parse(request, ChatRequest)
         if isinstance(req, JSONResponse):
             return req
+        if req.stream_options is not None and not req.stream:
+            return _err(400, "stream_options: only with stream=true", "stream_options", "invalid_value")
         if req.top_logprobs is not None and not req.logprobs:
             return _err(400, "top_logprobs: needs logprobs=true", "top_logprobs", "invalid_value")
+        if None not in (req.max_tokens, req.max_completion_tokens) \
+                and req.max_tokens != req.max_completion_tokens:
+            return _err(400, "max_completion_tokens: differs from max_tokens (give one of them)",
+                        "max_completion_tokens", "invalid_value")
         routed = self._route(req, "max_completion_tokens" if req.max_completion_tokens
-                             else "max_tokens", req.limit)
+                             else "max_tokens", req.limit or 0)
         if isinstance(routed, JSONResponse):
             return routed
+        if req.limit is None:                   # OpenAI's default: no limit but the context
+            block = await self._block(routed[0])
+            if isinstance(block, JSONResponse):
+                return block
+            req = req.model_copy(update={"max_completion_tokens": min(self.cap, block)})
         try:
             prompt = self.templates[routed[0]].render(
                 [{"role": m.role, "content": m.text(), "name": m.name} for m in req.messages])

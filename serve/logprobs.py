@@ -1,7 +1,7 @@
 """Log-probabilities for the OpenAI `logprobs` and `echo` fields, and how a token is shown.
 
     scores = score(logits, tokens, k)          # (n, V), n ids -> n TokenLogprob (chosen + top k)
-    prompt = prompt_scores(logits, ids, k)     # (T, V) of a prompt -> [None, TokenLogprob, ...]
+    prompt = prompt_scores(hidden, head, ids, k)   # (T, C) of a prompt -> [None, TokenLogprob, ...]
     token_string(tok, id)                      # "ing", "bytes:\\xe2\\x80", "<|id_50300|>"
 
 What is scored: the raw model's log-softmax over its full output row, in fp32 — the
@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 MAX_LOGPROBS = 5                # the largest `logprobs` / `top_logprobs` a request may ask for
-CHUNK = 256                     # prompt positions scored at once (bounds the (T, V) fp32 copy)
+CHUNK = 256                     # prompt positions scored at once (bounds the (T, V) logits)
 
 
 class TokenLogprob(NamedTuple):
@@ -49,13 +49,14 @@ def score(logits: torch.Tensor, tokens: list[int], ks: list[int]) -> list[TokenL
     return out
 
 
-def prompt_scores(logits: torch.Tensor, ids: list[int], k: int) -> list[TokenLogprob | None]:
-    """logits (T, V) of a prompt's positions -> one entry per prompt token: None for the first
-    (nothing predicts it), then position t's score of ids[t + 1]."""
+def prompt_scores(hidden: torch.Tensor, head, ids: list[int], k: int) -> list[TokenLogprob | None]:
+    """hidden (T, C) of a prompt's positions and the LM head -> one entry per prompt token:
+    None for the first (nothing predicts it), then position t's score of ids[t + 1]. The head
+    runs on CHUNK positions at a time: (CHUNK, V) logits at most, whatever the prompt."""
     out: list[TokenLogprob | None] = [None]
     for a in range(0, len(ids) - 1, CHUNK):
         b = min(a + CHUNK, len(ids) - 1)
-        out += score(logits[a:b], ids[a + 1:b + 1], [k] * (b - a))
+        out += score(head(hidden[a:b]), ids[a + 1:b + 1], [k] * (b - a))    # (b - a, V)
     return out
 
 

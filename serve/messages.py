@@ -34,12 +34,15 @@ class Generation:
 
 @dataclass(frozen=True)
 class Piece:
-    """One token: its text, id, shown string (serve/logprobs.py token_string) and raw bytes;
-    with logprobs, its log-probability and the top (string, logprob, bytes) entries."""
+    """One token: its text, id, shown string (serve/logprobs.py token_string), raw bytes and
+    offset (where its own text starts in the generated text — or, echoed, in the prompt —
+    decoded token by token, whatever is held back for stop strings); with logprobs, its
+    log-probability and the top (string, logprob, bytes) entries."""
     text: str
     token: int
     string: str
     raw: bytes
+    offset: int = 0
     logprob: float | None = None
     top: tuple[tuple[str, float, bytes], ...] | None = None
 

@@ -64,9 +64,11 @@ class ModelRunner:
         scored = [i for i, s in enumerate(seqs) if s.prompt_logprobs is not None]
         if not scored:
             return self.model.next_logits(idx, view, start, last=last)
-        logits, full = self.model.prompt_logits(idx, view, start, last, scored)   # (m, V), [(T, V)]
-        for i, f in zip(scored, full):
-            seqs[i].prompt_scores = prompt_scores(f[:lens[i]], windows[i], seqs[i].prompt_logprobs)
+        logits, hidden = self.model.next_logits_and_hidden(idx, view, start, last, scored,
+                                                           [lens[i] for i in scored])  # (m, V), [(T, C)]
+        for i, h in zip(scored, hidden):
+            seqs[i].prompt_scores = prompt_scores(h, self.model.lm_head, windows[i],
+                                                  seqs[i].prompt_logprobs)
         return logits
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:

@@ -58,39 +58,40 @@ class Completions(_Shape):
     def __init__(self, model: str, req):
         super().__init__(model)
         self.k, self.echo = req.logprobs, req.echo
-        self.offset: dict[int, int] = {}                        # streams: text sent per choice
+        self.base: dict[int, int] = {}                          # streams: echoed prompt's length
 
-    def _logprobs(self, pieces, start: int) -> dict | None:
+    def _logprobs(self, pieces, base: int) -> dict | None:
+        """text_offset: each token's offset in the choice's text (`base`: the echoed prompt's
+        length before generated tokens)."""
         if self.k is None:
             return None
-        offsets, o = [], start
-        for p in pieces:
-            offsets.append(o)
-            o += len(p.text)
         return {"tokens": [p.string for p in pieces],
                 "token_logprobs": [p.logprob for p in pieces],
                 "top_logprobs": [None if p.top is None else {s: v for s, v, _ in p.top} for p in pieces],
-                "text_offset": offsets}
+                "text_offset": [base + p.offset for p in pieces]}
 
     def response(self, outs: list[Done], u: dict) -> dict:
         choices = []
         for i, o in enumerate(outs):
-            pieces = (o.prompt.pieces if self.echo and o.prompt else ()) + o.pieces
-            choices.append({"index": i, "text": _text(pieces), "logprobs": self._logprobs(pieces, 0),
-                            "finish_reason": o.finish_reason})
+            prompt = o.prompt if self.echo and o.prompt else None
+            lp = None
+            if self.k is not None:
+                lp = self._logprobs(o.pieces, len(prompt.text) if prompt else 0)
+                if prompt:
+                    lp = {k: v + lp[k] for k, v in self._logprobs(prompt.pieces, 0).items()}
+            choices.append({"index": i, "text": (prompt.text if prompt else "") + _text(o.pieces),
+                            "logprobs": lp, "finish_reason": o.finish_reason})
         return {**self.head, "choices": choices, "usage": u}
 
     def prompt_chunk(self, i: int, m: Prompt) -> dict:
-        self.offset[i] = len(m.text)
+        self.base[i] = len(m.text)
         return {**self.chunk_head, "choices": [{"index": i, "text": m.text, "finish_reason": None,
                                                 "logprobs": self._logprobs(m.pieces, 0)}]}
 
     def _chunk(self, i: int, p: Piece | None, finish: str | None) -> dict:
-        o = self.offset.get(i, 0)
         pieces = (p,) if p is not None else ()
-        self.offset[i] = o + len(_text(pieces))
         return {**self.chunk_head, "choices": [{"index": i, "text": _text(pieces), "finish_reason": finish,
-                                                "logprobs": self._logprobs(pieces, o) if p else None}]}
+                                                "logprobs": self._logprobs(pieces, self.base.get(i, 0))}]}
 
 
 class Chat(_Shape):

@@ -5,7 +5,7 @@ refused (400 naming the field: a field this server does not implement is never s
 ignored). The sampling bounds come from models/sampling.py (RULES, declared once), so a bad
 value is a 400 that names its field; `sampling()` then turns a body into the SamplingParams
 the engine runs (it cannot fail on a parsed body: tests/test_serve_schemas.py). Limits of this
-HTTP server only (temperature <= 100, seeds in [0, 2^63), at most 4 stop strings of 64
+HTTP server only (temperature <= 100, seeds in [0, 2^63), at most 16 stop strings of 64
 characters, 16 prompts, 8 choices, logprobs <= 5) sit here; limits that depend on the
 deployment (max new tokens cap, the model's block_size and vocabulary) are checked after
 parsing.
@@ -13,16 +13,17 @@ parsing.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from models.sampling import RULES, SamplingParams
 from serve.logprobs import MAX_LOGPROBS
 
-MAX_STOP, MAX_STOP_LEN, MAX_PROMPTS, MAX_N, MAX_MESSAGES = 4, 64, 16, 8, 256
+# 16 stop strings, not OpenAI's 4: lm-eval's generate_until sends a task's `until` list (up to
+# 6 strings in its own tasks) plus the end-of-text token's text; vLLM has no limit
+MAX_STOP, MAX_STOP_LEN, MAX_PROMPTS, MAX_N, MAX_MESSAGES = 16, 64, 16, 8, 256
 STRICT = ConfigDict(strict=True, extra="forbid")
 MaxTokens = Annotated[int, Field(**RULES["max_new_tokens"].bounds)]
 Temperature = Annotated[float, Field(le=100.0, **RULES["temperature"].bounds)]
@@ -48,6 +49,13 @@ def _stop_list(v: Any) -> tuple[str, ...]:
 
 class _Common(BaseModel):
     model_config = STRICT
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        """An explicit null means the default (OpenAI clients send `"n": null` for n=None)."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
     temperature: Temperature = 1.0
     top_p: TopP | None = None
     top_k: TopK | None = None
@@ -163,9 +171,10 @@ class ChatRequest(_OpenAI):
     top_logprobs: Logprobs | None = None
 
     @property
-    def limit(self) -> int:
-        """max_completion_tokens (OpenAI's current name), else max_tokens, else 16."""
-        return self.max_completion_tokens or self.max_tokens or 16
+    def limit(self) -> int | None:
+        """max_completion_tokens (OpenAI's current name), else max_tokens; None: neither given
+        (the front end then allows the model's block_size, within its cap)."""
+        return self.max_completion_tokens or self.max_tokens
 
     @property
     def k(self) -> int | None:

@@ -20,6 +20,7 @@ vocabulary. The model runs on the GPU when the replica has one.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import time
 import uuid
 from typing import AsyncIterator
@@ -28,7 +29,7 @@ from ray import serve
 
 from models.sampling import SamplingParams
 from serve.driver import EngineDriver
-from serve.engine import Engine
+from serve.engine import Engine, Output
 from serve.logprobs import pieces, token_raw, token_string
 from serve.messages import Delta, Done, Error, Generation, Piece, Prompt, Start
 from serve.metrics import ServeMetrics
@@ -98,16 +99,21 @@ class ModelServer:
                               f"{self.block} tokens", param="prompt", code="context_length_exceeded")
         return ids
 
-    def _piece(self, text: str, t: int, lp) -> Piece:
+    def _piece(self, text: str, t: int, lp, offset: int) -> Piece:
+        s, raw = token_string(self.tok, t), token_raw(self.tok, t)
         if lp is None:
-            return Piece(text, t, token_string(self.tok, t), token_raw(self.tok, t))
-        return Piece(text, t, token_string(self.tok, t), token_raw(self.tok, t), lp.logprob,
+            return Piece(text, t, s, raw, offset)
+        return Piece(text, t, s, raw, offset, lp.logprob,
                      tuple((token_string(self.tok, j), v, token_raw(self.tok, j)) for j, v in lp.top))
 
     def _prompt(self, ids: list[int], scores: list | None) -> Prompt:
         texts = pieces(self.tok, ids)
         scores = scores or [None] * len(ids)
-        return Prompt("".join(texts), tuple(self._piece(x, t, lp) for x, t, lp in zip(texts, ids, scores)))
+        offsets = [0]
+        for x in texts[:-1]:
+            offsets.append(offsets[-1] + len(x))
+        return Prompt("".join(texts), tuple(self._piece(x, t, lp, o) for x, t, lp, o
+                                            in zip(texts, ids, scores, offsets)))
 
     # --- generation -------------------------------------------------------------------------------
     async def generate(self, req: Generation) -> AsyncIterator[Start | Prompt | Delta | Done | Error]:
@@ -125,6 +131,13 @@ class ModelServer:
             yield Done((), "length", len(ids), 0, None, time.perf_counter() - t0, 0.0)
             return
         first = last = None
+        dec, pos = codecs.getincrementaldecoder("utf-8")("replace"), 0    # generated text offsets
+
+        def piece(o: Output) -> Piece:
+            nonlocal pos
+            p = self._piece(o.text, o.token_ids[0], o.logprobs, pos)
+            pos += len(dec.decode(p.raw))
+            return p
         async for t, outs in self.driver.stream(
                 uuid.uuid4().hex, ids, req.params, logprobs=req.logprobs,
                 prompt_logprobs=req.logprobs if scored else None, generate=req.generate):
@@ -133,7 +146,7 @@ class ModelServer:
             for o in outs:
                 if o.prompt_logprobs is not None:
                     yield self._prompt(ids, o.prompt_logprobs)
-            new = tuple(self._piece(o.text, o.token_ids[0], o.logprobs) for o in outs if o.token_ids)
+            new = tuple(piece(o) for o in outs if o.token_ids)
             n = len(new)
             if n:
                 self.metrics.tokens.inc(n)

@@ -126,7 +126,7 @@ def test_workers_can_write_to_s3(cluster):
 
 def test_pinned_install_on_the_pinned_ray_image_and_repo_sync(cluster):
     setup = " ".join(cluster["setup_commands"])
-    assert "pip install --quiet -c ~/chimera/constraints.txt -e ~/chimera" in setup
+    assert 'pip install --quiet -c ~/chimera/constraints.txt -e "$HOME/chimera[eval]"' in setup
     pins = dict(l.split("==", 1) for l in (ROOT / "constraints.txt").read_text().splitlines()
                 if "==" in l and not l.startswith("#"))
     assert pins["torch"] == "2.13.0"

@@ -133,12 +133,19 @@ def byte_data(tmp_path_factory):
     (["--checkpoint", "CKPT", "--checkpoint", "b=CKPT", "--data_dir", "CHARS"], "say where with --out"),
 ])
 def test_bad_flags_exit_2_before_ray(eval_job, capsys, tiny_checkpoint, train_char_data, byte_data,
-                                     case, msg):
+                                     case, msg, monkeypatch):
+    import ray
+
+    import chimera.runtime
+
+    def no_ray(*a, **k):                        # (the suite's own cluster may be up already)
+        raise AssertionError("the job started Ray before refusing its flags")
+    monkeypatch.setattr(chimera.runtime, "init_ray", no_ray)
+    monkeypatch.setattr(ray, "init", no_ray)
     subst = {"CKPT": str(tiny_checkpoint), "b=CKPT": f"b={tiny_checkpoint}", "BYTES": str(byte_data),
              "CHARS": str(train_char_data)}
     assert eval_job.main([subst.get(a, a) for a in case]) == 2
     assert msg in capsys.readouterr().err
-    assert "ray" not in sys.modules or not __import__("ray").is_initialized()
 
 
 def test_unknown_task_and_bad_server_exit_2(eval_job, capsys, tiny_checkpoint, tmp_path):

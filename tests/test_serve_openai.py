@@ -73,7 +73,8 @@ def url(checkpoints, tmp_path_factory):
     from serve.frontend import Frontend, Local, make_api
     from serve.server import ModelServer
     template = tmp_path_factory.mktemp("tpl") / "t.jinja"
-    template.write_text("{% for m in messages %}{{ m.role | upper }}; {{ m.content }}\n{% endfor %}")
+    template.write_text("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system turns') }}"
+                        "{% endif %}{{ m.role | upper }}; {{ m.content }}\n{% endfor %}")
     from serve.chat import ChatTemplate
     front = Frontend({n: Local(ModelServer(n, str(p), max_batch=4, metrics=False))
                       for n, p in checkpoints.items()}, 5000, 1 << 16,
@@ -236,6 +237,13 @@ BAD = [  # (method, path, body or query, status, the param the error names)
                                       "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("post", "/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]},
      404, "model"),
+    ("post", "/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}},
+     400, "stream_options"),                                                      # without stream
+    ("post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                      "max_tokens": 3, "max_completion_tokens": 4}, 400,
+     "max_completion_tokens"),
+    ("post", "/v1/chat/completions", {"model": "mha", "messages": [{"role": "system", "content": "x"}]},
+     400, "messages"),                                       # its template refuses (raise_exception)
     ("post", "/tokenize", {"prompt": "€"}, 400, "prompt"),
     ("post", "/tokenize", {"prompt": "hi", "model": "nope"}, 404, "model"),
     ("post", "/tokenize", {"text": "hi"}, 400, "prompt"),                        # missing
@@ -275,3 +283,22 @@ def test_a_client_that_leaves_a_stream_frees_its_rows(url, path, body):
     while _running(url) and time.time() < deadline:
         time.sleep(0.1)
     assert _running(url) == 0
+
+
+def test_text_offsets_do_not_depend_on_held_back_text(url):
+    """A stop string that starts to match holds a token's text back (released with the next
+    token); each token's text_offset is still where its own text starts."""
+    body = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "logprobs": 0}
+    plain = post(url, "/v1/completions", body).json()["choices"][0]
+    text = plain["text"]
+    held = post(url, "/v1/completions", {**body, "stop": [text[1:3] + "#"]}).json()["choices"][0]
+    assert held["text"] == text and held["logprobs"] == plain["logprobs"]
+    assert plain["logprobs"]["text_offset"] == list(range(6))          # char: one char per token
+    echo = post(url, "/v1/completions", {**body, "echo": True, "stop": [text[1:3] + "#"]}).json()
+    assert echo["choices"][0]["logprobs"]["text_offset"] == list(range(len(PROMPT) + 6))
+
+
+def test_chat_without_max_tokens_may_use_the_whole_context(url):
+    r = post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Go."}],
+                                           "temperature": 0}).json()
+    assert r["usage"]["completion_tokens"] == 64 and r["choices"][0]["finish_reason"] == "length"

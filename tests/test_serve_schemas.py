@@ -18,7 +18,7 @@ from serve.schemas import (ChatRequest, CompletionRequest, DetokenizeRequest, Ge
 EDGES = [  # bodies at the edges of every bound the schemas accept
     {"prompt": "a", "max_new_tokens": 1, "temperature": 0.0, "top_k": 1, "top_p": 1e-9, "seed": 0},
     {"prompt": "a", "max_new_tokens": 5000, "temperature": 100, "top_p": 1.0, "seed": 2 ** 63 - 1,
-     "stop": ["x" * 64] * 4},
+     "stop": ["x" * 64] * 16},
     {"prompt": "a", "temperature": 0, "stop": "\n"},
     {"prompt": "a"},
 ]
@@ -97,6 +97,8 @@ BAD_FIELDS = [  # (schema, body, the param the 400 names)
     (CompletionRequest, {"prompt": "a", "user": "me"}, "user"),
     (CompletionRequest, {"prompt": "a", "stream_options": {"continuous_usage_stats": True}},
      "stream_options"),
+    (CompletionRequest, {"prompt": "a", "stop": ["x"] * 17}, "stop"),
+    (CompletionRequest, {"prompt": None}, "prompt"),                      # null: the default, none
     (ChatRequest, {"messages": []}, "messages"),
     (ChatRequest, {"messages": [{"role": "bot", "content": "x"}]}, "messages"),
     (ChatRequest, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
@@ -129,7 +131,18 @@ def test_prompt_shapes_and_chat_limits():
     assert c.sampling(0).max_new_tokens == 1                # scored only; the params stay valid
     chat = {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}
     r = ChatRequest.model_validate(chat)
-    assert r.limit == 16 and r.k is None and r.messages[0].text() == "x"
+    assert r.limit is None and r.k is None and r.messages[0].text() == "x"     # no limit given
     r = ChatRequest.model_validate({**chat, "max_tokens": 5, "max_completion_tokens": 7,
                                     "logprobs": True})
     assert r.limit == 7 and r.k == 0
+
+
+def test_explicit_null_means_the_default():
+    """OpenAI clients send `"n": null` for n=None: the server uses its default, as OpenAI does."""
+    c = CompletionRequest.model_validate({"prompt": "a", "n": None, "temperature": None,
+                                          "top_p": None, "echo": None, "stream": None,
+                                          "logprobs": None, "stop": None})
+    assert (c.n, c.temperature, c.top_p, c.echo, c.stream, c.logprobs) == (1, 1.0, 1.0, False, False, None)
+    chat = ChatRequest.model_validate({"messages": [{"role": "user", "content": "x"}],
+                                       "logprobs": None, "max_tokens": None})
+    assert chat.logprobs is False and chat.limit is None

@@ -26,7 +26,11 @@ from chimera.eval.tasks import TASK_DIR
 def task_manager(include_path: list[str | Path] = ()):
     """lm-eval's TaskManager over its own tasks, the shipped local ones and `include_path`
     folders (indexing every task YAML takes some seconds: build it once)."""
-    from lm_eval.tasks import TaskManager
+    try:
+        from lm_eval.tasks import TaskManager
+    except ModuleNotFoundError as e:
+        raise ValueError(f"--tasks needs lm-evaluation-harness ({e}): pip install -c constraints.txt "
+                         f"-e '.[eval]' (make test / make demo install it)") from None
     for p in include_path:
         if not Path(p).exists():
             raise ValueError(f"--include_path {p}: no such file or folder")

@@ -95,6 +95,7 @@ def plan_eval(*, checkpoint: list[str] = (), from_sweep: str | None = None, top_
               out: str | None = None, **opts) -> tuple[EvalJob, Any]:
     """The checked job and the TaskManager (None without tasks); ValueError naming the flag."""
     from chimera.eval.bpb import check_data_dir
+    from serve.schemas import MAX_PROMPTS
     from serve.loading import parse_models, sweep_models
 
     models = parse_models(list(checkpoint))
@@ -124,6 +125,9 @@ def plan_eval(*, checkpoint: list[str] = (), from_sweep: str | None = None, top_
         v = opts.get(key)
         if v is not None and (v < lo or (key == "limit" and v == 0)):
             raise ValueError(f"--{key} must be {'> 0' if key == 'limit' else f'>= {lo}'}, got {v}")
+    if (opts.get("batch_size") or 1) > MAX_PROMPTS:
+        raise ValueError(f"--batch_size must be <= {MAX_PROMPTS}: a Chimera server takes at most "
+                         f"{MAX_PROMPTS} prompts per request, got {opts['batch_size']}")
     if opts.get("limit") is not None and opts["limit"] >= 1:
         opts["limit"] = int(opts["limit"])                   # lm-eval: < 1 is a fraction of the items
     tm = None
