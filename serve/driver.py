@@ -63,17 +63,38 @@ class EngineDriver:
 
     async def stream(self, rid: str, prompt_ids: list[int], params: SamplingParams,
                      first: bool = False, **scoring) -> AsyncIterator[tuple[float, list[Output]]]:
-        """Yield (time, outputs) with every output available for this request so far
-        (several per item when the consumer falls behind); ends after the final output.
-        `scoring`: Engine.add's logprobs / prompt_logprobs / generate."""
+        """submit() then results(): the request's outputs until its final one."""
+        self.submit(rid, prompt_ids, params, first, **scoring)
+        async for item in self.results(rid):
+            yield item
+
+    def submit(self, rid: str, prompt_ids: list[int], params: SamplingParams,
+               first: bool = False, **scoring) -> None:
+        """Hand a request to the engine now (ValueError for bad prompts); read its outputs with
+        results(rid), or give it up with cancel(rid). `scoring`: Engine.add's logprobs /
+        prompt_logprobs / generate. (The server submits before it answers the HTTP headers, so
+        the prefill runs while they travel.)"""
         if rid in self._queues:
             raise ValueError(f"request id {rid!r} is already running")
-        q: asyncio.Queue = asyncio.Queue()
-        self.engine.add(rid, prompt_ids, params, first, **scoring)   # ValueError for bad prompts
-        self._queues[rid] = q
+        self.engine.add(rid, prompt_ids, params, first, **scoring)
+        self._queues[rid] = asyncio.Queue()
+        self._ensure_loop()
+
+    def cancel(self, rid: str) -> None:
+        """Give up a submitted request that is still running (its row is freed next step)."""
+        if self._queues.pop(rid, None) is not None:
+            self.engine.cancel(rid)
+            try:
+                self._ensure_loop()
+            except RuntimeError:                                # closed outside a loop
+                pass
+
+    async def results(self, rid: str) -> AsyncIterator[tuple[float, list[Output]]]:
+        """Yield (time, outputs) with every output available for this request so far
+        (several per item when the consumer falls behind); ends after the final output."""
+        q = self._queues[rid]
         finished = False
         try:
-            self._ensure_loop()
             while not finished:
                 t, o = await q.get()
                 items = [o]
@@ -83,13 +104,10 @@ class EngineDriver:
                 finished = items[-1].finish_reason is not None
                 yield t, items
         finally:
-            self._queues.pop(rid, None)
-            if not finished:                                    # consumer left: free the row
-                self.engine.cancel(rid)
-                try:
-                    self._ensure_loop()
-                except RuntimeError:                            # closed outside a loop
-                    pass
+            if finished:
+                self._queues.pop(rid, None)
+            else:                                               # consumer left: free the row
+                self.cancel(rid)
 
     def load(self) -> tuple[int, int]:
         """(running, queued) requests."""

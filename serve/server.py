@@ -122,14 +122,27 @@ class ModelServer:
         if isinstance(ids, Error):
             yield ids
             return
-        yield Start(len(ids))
-        self.metrics.prompt_tokens.inc(len(ids))
         scored = req.echo and req.logprobs is not None
-        if req.echo and not scored:
-            yield self._prompt(ids, None)
         if not req.generate and not scored:                     # echo of the text, nothing to run
+            yield Start(len(ids))
+            yield self._prompt(ids, None)
             yield Done((), "length", len(ids), 0, None, time.perf_counter() - t0, 0.0)
             return
+        rid = uuid.uuid4().hex
+        self.driver.submit(rid, ids, req.params, logprobs=req.logprobs,       # the engine starts now
+                           prompt_logprobs=req.logprobs if scored else None, generate=req.generate)
+        try:
+            self.metrics.prompt_tokens.inc(len(ids))
+            yield Start(len(ids))
+            if req.echo and not scored:
+                yield self._prompt(ids, None)
+            async for msg in self._results(rid, ids, t0):
+                yield msg
+        finally:
+            self.driver.cancel(rid)                             # a no-op once it finished
+
+    async def _results(self, rid: str, ids: list[int], t0: float
+                       ) -> AsyncIterator[Prompt | Delta | Done | Error]:
         first = last = None
         dec, pos = codecs.getincrementaldecoder("utf-8")("replace"), 0    # generated text offsets
 
@@ -138,9 +151,7 @@ class ModelServer:
             p = self._piece(o.text, o.token_ids[0], o.logprobs, pos)
             pos += len(dec.decode(p.raw))
             return p
-        async for t, outs in self.driver.stream(
-                uuid.uuid4().hex, ids, req.params, logprobs=req.logprobs,
-                prompt_logprobs=req.logprobs if scored else None, generate=req.generate):
+        async for t, outs in self.driver.results(rid):
             if first is None and last is None and outs[0].queue_s is not None:
                 self.metrics.queue.observe(outs[0].queue_s)
             for o in outs:
