@@ -78,3 +78,32 @@ def test_generate_until_is_greedy_generate(served, tm, model):
         assert s["resps"][0][0] == want
         hits += want == s["target"]
     assert summarize(res)["shakespeare_complete"]["value"] == hits / 4
+
+
+def test_lm_eval_cli_against_the_server(served, model, tmp_path):
+    """lm-eval's own command line, as the README shows it for a server of jobs/serve.py: its
+    logged loglikelihoods are the model's own."""
+    import glob
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    m, tok = model
+    T = m.cfg.block_size
+    root = Path(__file__).resolve().parents[1]
+    args = (f"model=tiny,base_url={served}/v1/completions,tokenizer_backend=remote,"
+            f"tokenized_requests=True,max_length={T}")
+    out = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "local-completions",
+                          "--tasks", "shakespeare_nextline", "--include_path", str(root / "configs/eval"),
+                          "--model_args", args, "--limit", "3", "--log_samples",
+                          "--output_path", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "shakespeare_nextline" in out.stdout and "acc" in out.stdout
+    files = glob.glob(str(tmp_path / "**" / "samples_shakespeare_nextline_*.jsonl"), recursive=True)
+    samples = [json.loads(line) for f in files for line in open(f)]
+    assert len(samples) == 3
+    for s in samples:
+        pairs = [(a["arg_0"], a["arg_1"]) for a in s["arguments"].values()] \
+            if isinstance(s["arguments"], dict) else [tuple(a) for a in s["arguments"]]
+        for (ctx, cont), r in zip(pairs, s["resps"]):
+            assert float(r[0][0]) == pytest.approx(_loglikelihood(m, tok, ctx, cont, T), abs=1e-4)
