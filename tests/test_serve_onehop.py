@@ -40,7 +40,7 @@ def url(ray_cluster, tiny_checkpoint):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name="chimera-one", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
-    serve.delete("chimera-one")
+    serve.shutdown()
 
 
 def test_one_model_is_one_deployment(url):
