@@ -17,6 +17,7 @@ for generation, the last max_length - 1 - max_gen_toks tokens of the prompt.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +26,22 @@ from chimera.eval.tasks import TASK_DIR
 
 def task_manager(include_path: list[str | Path] = ()):
     """lm-eval's TaskManager over its own tasks, the shipped local ones and `include_path`
-    folders (indexing every task YAML takes some seconds: build it once)."""
+    folders. Indexing every task YAML takes ~8 s, so one is built per process and set of
+    folders (a job builds it once; the tests reuse it)."""
+    for p in include_path:
+        if not Path(p).exists():
+            raise ValueError(f"--include_path {p}: no such file or folder")
+    return _task_manager(tuple(str(Path(p).resolve()) for p in include_path))
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_path: tuple[str, ...]):
     try:
         from lm_eval.tasks import TaskManager
     except ModuleNotFoundError as e:
         raise ValueError(f"--tasks needs lm-evaluation-harness ({e}): pip install -c constraints.txt "
                          f"-e '.[eval]' (make test / make demo install it)") from None
-    for p in include_path:
-        if not Path(p).exists():
-            raise ValueError(f"--include_path {p}: no such file or folder")
-    return TaskManager(include_path=[str(TASK_DIR), *map(str, include_path)])
+    return TaskManager(include_path=[str(TASK_DIR), *include_path])
 
 
 def check_tasks(tm, names: list[str]) -> list[str]:
