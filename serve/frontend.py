@@ -172,14 +172,16 @@ class Frontend:
         return {"object": "list", "data": [{"id": n, "object": "model", "created": self.created,
                                             "owned_by": "chimera"} for n in self.models]}
 
-    async def _tokenizer_call(self, name, method: str, *args):
+    async def _tokenizer_call(self, name, method: str, *args) -> tuple[str, Any] | JSONResponse:
+        """(model name, what the model server's `method` returned), or the error response."""
         routed = self._model(name)
         if isinstance(routed, JSONResponse):
             return routed
         try:
-            return routed[0], await routed[1].call(method, *args)
+            out = await routed[1].call(method, *args)
         except Exception as e:                                  # noqa: BLE001 - replica died
             return _answer(unavailable(e))
+        return _answer(out) if isinstance(out, Error) else (routed[0], out)
 
     async def tokenizer_info(self, request: Request):
         extra = set(request.query_params) - {"model"}
@@ -196,8 +198,8 @@ class Frontend:
         if isinstance(req, JSONResponse):
             return req
         got = await self._tokenizer_call(req.model, "tokenize", req.prompt)
-        if isinstance(got, JSONResponse) or isinstance(got[1], Error):
-            return got if isinstance(got, JSONResponse) else _answer(got[1])
+        if isinstance(got, JSONResponse):
+            return got
         block = await self._block(got[0])
         if isinstance(block, JSONResponse):
             return block
@@ -217,9 +219,7 @@ class Frontend:
         if isinstance(req, JSONResponse):
             return req
         got = await self._tokenizer_call(req.model, "detokenize", req.tokens)
-        if isinstance(got, JSONResponse) or isinstance(got[1], Error):
-            return got if isinstance(got, JSONResponse) else _answer(got[1])
-        return {"prompt": got[1]}
+        return got if isinstance(got, JSONResponse) else {"prompt": got[1]}
 
     async def generate(self, request: Request):
         t0 = time.perf_counter()

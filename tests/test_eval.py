@@ -149,7 +149,7 @@ def test_bad_flags_exit_2_before_ray(eval_job, capsys, tiny_checkpoint, train_ch
 
 
 def test_unknown_task_and_bad_server_exit_2(eval_job, capsys, tiny_checkpoint, tmp_path):
-    from chimera.eval.run import free_port
+    from chimera.localcluster import free_port
     ck = ["--checkpoint", str(tiny_checkpoint)]
     assert eval_job.main([*ck, "--tasks", "shakespeare_nextline,no_such_task"]) == 2
     err = capsys.readouterr().err

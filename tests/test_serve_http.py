@@ -6,7 +6,6 @@ OpenAI error body (and the server still answers), client disconnect frees the ro
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -17,15 +16,11 @@ import httpx
 import pytest
 import torch
 
+from chimera.localcluster import free_port
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "ROMEO:\nWhat"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +42,7 @@ def url(ray_cluster, tiny_checkpoint, second_checkpoint):
     from ray import serve
 
     from serve.app import AppArgs, build_app
-    port = _free_port()
+    port = free_port()
     args = AppArgs(checkpoint=[f"tiny={tiny_checkpoint.parent}", f"other={second_checkpoint}"],
                    max_batch=4, max_ongoing_requests=4, max_queued_requests=4, num_cpus=0.5,
                    max_new_tokens_cap=5000, max_body_bytes=4096, health_check_period_s=2)

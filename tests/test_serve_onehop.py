@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,15 +17,11 @@ import httpx
 import pytest
 import torch
 
+from chimera.localcluster import free_port
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "ROMEO:\nWhat say"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +29,7 @@ def url(ray_cluster, tiny_checkpoint):
     from ray import serve
 
     from serve.app import AppArgs, build_app
-    port = _free_port()
+    port = free_port()
     args = AppArgs(checkpoint=[f"tiny={tiny_checkpoint.parent}"], max_batch=4, num_cpus=0.5,
                    health_check_period_s=2)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -101,7 +96,7 @@ def test_serve_job_stops_cleanly_on_sigint_started_in_the_background(tiny_checkp
     takes the same handler, jobs/serve.py `_interrupt`; one Ray start-up per test is enough.)"""
     sig = signal.SIGINT
     import psutil
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "jobs/serve.py", "--checkpoint", str(tiny_checkpoint), "--port", str(port),
          "--num_cpus", "0.5"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -19,17 +18,12 @@ import pytest
 import torch
 
 from chimera.checkpoint import load_model, read_config, save_checkpoint
+from chimera.localcluster import free_port
 from models import LLM, ModelConfig
 
 pytestmark = pytest.mark.slow
 PROMPT = "ROMEO:\nWhat say"
 ATTN = ["mha", "mqa", "gqa", "mla", "hetero"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _random_checkpoint(out: Path, cfg: dict, tokenizer: dict, seed: int) -> Path:
@@ -79,7 +73,7 @@ def url(checkpoints, tmp_path_factory):
     front = Frontend({n: Local(ModelServer(n, str(p), max_batch=4, metrics=False))
                       for n, p in checkpoints.items()}, 5000, 1 << 16,
                      {"mha": ChatTemplate.from_file(template).source})
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(make_api(lambda: front), host="127.0.0.1", port=port,
                                            log_level="warning"))
     t = threading.Thread(target=server.run, daemon=True)

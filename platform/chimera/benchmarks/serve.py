@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -158,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
     import httpx
     from ray import serve
 
+    from chimera.localcluster import free_port
     from chimera.runtime import init_ray
     from serve.app import AppArgs, build_app
     from chimera.checkpoint import resolve_checkpoint
@@ -172,9 +172,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"checkpoint {ckpt}", flush=True)
         reps = 5 if q else 20
         engine_ttft = _engine_ttft(ckpt, args.threads, reps)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         init_ray(num_cpus=args.threads + 1)
         rows = []
         try:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,12 +153,6 @@ def plan_eval(*, checkpoint: list[str] = (), from_sweep: str | None = None, top_
     return job, tm
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serving(num_cpus: float = 1.0):
     """A Chimera server on 127.0.0.1:<free port> (Ray Serve; a private local Ray instance unless
@@ -168,6 +161,7 @@ def serving(num_cpus: float = 1.0):
     import ray
     from ray import serve
 
+    from chimera.localcluster import free_port
     from chimera.runtime import init_ray
     from serve.app import AppArgs, build_app
     started = not ray.is_initialized()
