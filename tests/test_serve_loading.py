@@ -94,3 +94,28 @@ def test_serve_bench_rejects_bad_flags(args, msg):
     r = subprocess.run([sys.executable, "jobs/bench.py", "serve", *args], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and msg in r.stderr, r.stdout + r.stderr
+
+
+def test_chat_template_flag_is_checked_before_serving(tiny_checkpoint, tmp_path):
+    """--chat_template [NAME=]FILE: unreadable, not Jinja2, failing to render, or naming no
+    served model -> ValueError naming the flag (jobs/serve.py: exit 2 before Ray)."""
+    from serve.app import AppArgs, resolve_templates
+    good, broken, failing = tmp_path / "t.jinja", tmp_path / "b.jinja", tmp_path / "f.jinja"
+    good.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    broken.write_text("{% for m in messages %}")
+    failing.write_text("{{ messages[0].content + 1 }}")
+    args = lambda *t: AppArgs(checkpoint=[str(tiny_checkpoint)], chat_template=list(t))
+    src = good.read_text()
+    assert resolve_templates(args(str(good)), ["a", "b"]) == {"a": src, "b": src}
+    assert resolve_templates(args(f"b={good}"), ["a", "b"]) == {"b": src}
+    for spec, msg in ((str(tmp_path / "none.jinja"), "cannot read it"),
+                      (str(broken), "not a valid Jinja2 template"),
+                      (str(failing), "failed to render"),
+                      (f"c={good}", "no model named 'c'")):
+        with pytest.raises(ValueError, match=msg):
+            resolve_templates(args(spec), ["a", "b"])
+    r = subprocess.run([sys.executable, "jobs/serve.py", "--checkpoint", str(tiny_checkpoint),
+                        "--chat_template", str(broken)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "not a valid Jinja2 template" in r.stderr, r.stderr
+    assert "Started a local Ray instance" not in r.stderr + r.stdout
