@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 # what a developer's environment may hold that a new user's does not
-LEAKY_ENV_PREFIXES = ("RAY_", "WANDB_", "HF_", "CHIMERA_")
+LEAKY_ENV_PREFIXES = ("RAY_", "WANDB_", "HF_", "CHIMERA_", "AWS_")
 TEST_KNOBS = ("CHIMERA_README_TEST",)          # settings of the test run itself (.ci/run)
 LEAKY_ENV = ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR", "TRANSFORMERS_CACHE", "TORCH_HOME",
              "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "PYTHONSTARTUP")
@@ -102,9 +102,38 @@ def train_char_data(tmp_path_factory, shakespeare_path) -> Path:
     return out
 
 
+# --- object storage (issue 16) -----------------------------------------------------------------
+TEST_BUCKET = "chimera-test"
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """ONE local Ray cluster for every `ray` test of the session (start/stop costs seconds)."""
+def object_store():
+    """ONE SeaweedFS S3 server for the session (chimera.localstore), started on free loopback
+    ports with signed requests, its AWS_* settings in os.environ for the whole session (so
+    the Ray cluster's workers, started after it, inherit them) and bucket `chimera-test`."""
+    from chimera.localstore import ObjectStore
+
+    store = ObjectStore().start()
+    store.make_bucket(TEST_BUCKET)
+    os.environ.update(store.env)
+    yield store
+    for k in store.env:
+        os.environ.pop(k, None)
+    store.stop()
+
+
+@pytest.fixture
+def s3_prefix(object_store, request) -> str:
+    """s3://chimera-test/<unique>: a fresh prefix for one test."""
+    import uuid
+    name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:40]
+    return f"s3://{TEST_BUCKET}/{name}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(object_store):
+    """ONE local Ray cluster for every `ray` test of the session (start/stop costs seconds);
+    after the object store, so that its workers reach s3:// with the store's settings."""
     import os
 
     import ray
