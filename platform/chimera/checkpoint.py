@@ -15,6 +15,8 @@ Layout:
                               best val loss, train config: tensors and plain containers only
     <dir>/meta.json           step, losses, time: for people and listings
 A run directory holds checkpoint_NNNNNN/ folders and <file_name>_best/ (default llm_model_best).
+Reading (resolve_checkpoint, load_model, read_config, list_checkpoints) takes local paths and
+object-store URIs alike; a URI's checkpoint is fetched once into a local cache.
 Sampling, serving, the sweep's decode measurement and the benchmarks all load through
 load_model, so a checkpoint means the same model everywhere.
 """
@@ -22,12 +24,15 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_model as load_safetensors, save_model
+
+from chimera import storage
 
 WEIGHTS, CONFIG, TOKENIZER, STATE, META = ("model.safetensors", "config.json", "tokenizer.json",
                                            "train_state.pt", "meta.json")
@@ -57,21 +62,32 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
 
 
 def read_config(path: str | Path) -> dict:
-    return json.loads((Path(path) / CONFIG).read_text())
+    return json.loads(storage.read_text(storage.join(path, CONFIG)))
 
 
 def read_meta(path: str | Path) -> dict:
-    f = Path(path) / META
-    return json.loads(f.read_text()) if f.is_file() else {}
+    try:
+        return json.loads(storage.read_text(storage.join(path, META)))
+    except FileNotFoundError:
+        return {}
 
 
-def is_checkpoint(p: Path) -> bool:
-    return (p / CONFIG).is_file() and (p / WEIGHTS).is_file()
+def is_checkpoint(p: str | Path) -> bool:
+    return storage.is_file(storage.join(p, CONFIG)) and storage.is_file(storage.join(p, WEIGHTS))
+
+
+SERVED = (WEIGHTS, CONFIG, TOKENIZER, META)   # what loading a model needs (not the train state)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint dir as is; a run dir -> its *_best checkpoint (llm_model_best first), else
-    its latest checkpoint_*. ValueError naming the path when neither, or without a tokenizer."""
+    its latest checkpoint_*. ValueError naming the path when neither, or without a tokenizer.
+    A URI (s3://...) is resolved in the store, then its SERVED files are fetched into the local
+    cache (chimera.storage.cached_dir; reused while the store's listing is unchanged): the
+    returned path is always a local folder."""
+    if storage.is_uri(path):
+        uri = _resolve_remote(str(path))
+        return storage.cached_dir(uri, "checkpoints", only=SERVED)
     p = Path(path).expanduser().resolve()
     if is_checkpoint(p):
         if not (p / TOKENIZER).is_file():
@@ -88,10 +104,29 @@ def resolve_checkpoint(path: str | Path) -> Path:
                      f"directory holding *_best/ or checkpoint_*/ checkpoints")
 
 
+def _resolve_remote(uri: str) -> str:
+    """resolve_checkpoint's rule, applied to a URI's listing."""
+    uri = storage.resolve(uri).rstrip("/")
+    names = storage.listdir(uri)
+    if CONFIG in names and WEIGHTS in names:
+        if TOKENIZER not in names:
+            raise ValueError(f"{uri}: checkpoint has no {TOKENIZER} (needed to serve text)")
+        return uri
+    best = sorted(n for n in names if n.endswith("_best") and is_checkpoint(storage.join(uri, n)))
+    if best:
+        return _resolve_remote(storage.join(uri, "llm_model_best" if "llm_model_best" in best else best[0]))
+    latest = [c for c in list_checkpoints(uri) if is_checkpoint(c)]
+    if latest:
+        return _resolve_remote(str(latest[-1]))
+    raise ValueError(f"{uri}: neither a checkpoint ({CONFIG} + {WEIGHTS}) nor a run holding "
+                     f"*_best/ or checkpoint_*/ checkpoints" + ("" if names else " (nothing is stored there)"))
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode on `device`, tokenizer, meta) from a checkpoint or run directory:
-    the model rebuilt from config.json only, weights from model.safetensors (strict), the
-    tokenizer from tokenizer.json. ValueError (ConfigError, TokenizerError) when unusable."""
+    """(model in eval mode on `device`, tokenizer, meta) from a checkpoint or run directory
+    (local, or a URI: see resolve_checkpoint): the model rebuilt from config.json only,
+    weights from model.safetensors (strict), the tokenizer from tokenizer.json. ValueError
+    (ConfigError, TokenizerError, StorageError) when unusable."""
     from chimera.data.tokenizers import Tokenizer
     from models import LLM, ModelConfig
 
@@ -101,7 +136,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     tok = Tokenizer.from_dict(json.loads((p / TOKENIZER).read_text()))
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"{p}: tokenizer vocab {tok.vocab_size} > model vocab {model.cfg.vocab_size}")
-    return model.to(device).eval(), tok, {**read_meta(p), "path": str(p)}
+    meta = {**read_meta(p), "path": str(p)}
+    if storage.is_uri(path):
+        meta["source"] = str(path)
+    return model.to(device).eval(), tok, meta
 
 
 # --- RNG states as tensors / plain lists (weights_only-loadable) ------------------------------
@@ -131,13 +169,18 @@ def _to_tuples(x):
     return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """checkpoint_NNNNNN directories of a local run, oldest first."""
+def list_checkpoints(run_dir: str | Path) -> list:
+    """checkpoint_NNNNNN directories of a run (each with its config), oldest first: Paths for a
+    local run, URIs for one in object storage."""
+    if storage.is_uri(run_dir):
+        base = str(run_dir).rstrip("/")
+        names = [n for n in storage.listdir(base) if re.fullmatch(r"checkpoint_\d+", n)]
+        return [u for u in (storage.join(base, n) for n in sorted(names))
+                if storage.is_file(storage.join(u, CONFIG))]
     d = Path(run_dir)
     return sorted(p for p in d.glob("checkpoint_*") if (p / CONFIG).is_file()) if d.is_dir() else []
 
 
 def prune(run_dir: str | Path, keep: int) -> None:
-    import shutil
     for p in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
+        storage.remove_dir(p)

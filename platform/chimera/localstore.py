@@ -86,6 +86,7 @@ class ObjectStore:
         cmd = [weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                f"-dir={self.dir / 'data'}", "-master.telemetry=false",
                "-master.volumeSizeLimitMB=64", "-volume.max=32", "-filer", "-s3",
+               "-s3.autoCreateBucket=false",          # as AWS: a PUT never makes a bucket
                f"-s3.port={self.s3_port}", f"-s3.config={config}",
                *(f"-{k}={v}" for k, v in ports.items())]
         self._logf = open(self.dir / "weed.log", "wb")

@@ -56,13 +56,13 @@ def job_copy_hint(what: str = "--data_dir") -> str:
 
 def resolve_storage_path(path: str | None) -> str:
     """Absolute local path or URI (s3://, gs://, ...). Default $CHIMERA_STORAGE when set, else
-    <repo>/runs; inside a Ray job's unpacked working dir (deleted with the job) ~/chimera_runs."""
+    <repo>/runs; inside a Ray job's unpacked working dir (deleted with the job) ~/chimera_runs.
+    StorageError for a scheme pyarrow cannot open or a mistyped URI ("s3:/bucket")."""
     if path is None:
         path = os.environ.get(STORAGE_ENV) or None
     if path is None:
         if in_job_copy():
             return str(Path.home() / "chimera_runs")
         return str(REPO / "runs")
-    if "://" in path:
-        return path
-    return str(Path(path).expanduser().resolve())
+    from chimera.storage import resolve
+    return resolve(path)              # a URI as it is (scheme checked); "s3:/x" is refused

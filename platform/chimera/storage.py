@@ -294,6 +294,12 @@ def download_dir(uri: str, local: str | os.PathLike) -> Path:
     return dst
 
 
+def _download_file(uri: str, local: Path, chunk: int = 1 << 24) -> None:
+    with open(local, "wb") as f:
+        for block in _stream(uri, chunk):
+            f.write(block)
+
+
 def sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
     """hex sha256 of a file's bytes, streamed."""
     h = hashlib.sha256()
@@ -331,26 +337,52 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "chimera")
 
 
-def cached_dir(uri: str, what: str = "objects") -> Path:
-    """A local copy of the folder at `uri`, kept under <cache_root>/<what>/<sha of uri>/ and
-    reused while every file there has the size the store lists (a re-written checkpoint, whose
-    listing differs, is downloaded again). The copy appears whole or not at all (a temp
+def cached_dir(uri: str, what: str = "objects", only: tuple[str, ...] | None = None) -> Path:
+    """A local copy of the folder at `uri` (only the files named in `only`, when given), kept
+    under <cache_root>/<what>/<sha of uri>/ and reused while every file there has the size the
+    store lists (a re-written checkpoint, whose listing differs, is downloaded again). The copy appears whole or not at all (a temp
     folder, then a rename). Local paths are returned as they are."""
     if not is_uri(uri):
         return _local(uri).resolve()
     listing = walk_files(uri)
+    if only is not None:
+        listing = {k: v for k, v in listing.items() if k in only}
     if not listing:
         raise StorageError(f"{uri}: no such folder (nothing stored under it)")
-    key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{uri.rstrip('/')}|{only}".encode()).hexdigest()[:16]
     dst = cache_root() / what / key
     stamp = dst / ".chimera_listing.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == listing and \
-            all((dst / k).is_file() and (dst / k).stat().st_size == v for k, v in listing.items()):
+
+    def valid() -> bool:
+        return (stamp.is_file() and json.loads(stamp.read_text()) == listing and
+                all((dst / k).is_file() and (dst / k).stat().st_size == v for k, v in listing.items()))
+    if valid():
         return dst
     tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    download_dir(uri, tmp)                   # sizes checked against the listing
+    if only is None:
+        download_dir(uri, tmp)               # sizes checked against the listing
+    else:
+        tmp.mkdir(parents=True)
+        for rel in listing:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            _download_file(join(uri, rel), tmp / rel)
+            if (tmp / rel).stat().st_size != listing[rel]:
+                raise StorageError(f"{join(uri, rel)}: download incomplete")
     (tmp / stamp.name).write_text(json.dumps(listing))
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
+    # another process (a second replica on this node) may have finished first: keep its copy
+    # when it is current; a stale copy is moved aside before the new one takes its name
+    if dst.exists():
+        if valid():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return dst
+        old = dst.with_name(dst.name + f".old{os.getpid()}")
+        os.replace(dst, old)
+        shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.replace(tmp, dst)
+    except OSError:                          # lost a race to another process's rename
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not valid():
+            raise StorageError(f"{uri}: the local copy in {dst} is being replaced; retry") from None
     return dst

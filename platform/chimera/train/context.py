@@ -17,12 +17,14 @@ the newest `keep_checkpoints`); in-process it is copied there and older ones are
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
+import time
 from typing import Any
 
 import torch
 
-from chimera import checkpoint as ckpt
+from chimera import checkpoint as ckpt, storage
 
 
 def worker_context(run_dir: str, keep_checkpoints: int) -> UnderRayTrain | InProcess:
@@ -95,12 +97,26 @@ class LocalCheckpoint:
         yield self.path
 
 
+class RemoteCheckpoint:
+    """A checkpoint in object storage, used like a ray.train.Checkpoint: as_directory()
+    downloads it into a temporary local folder (removed afterwards)."""
+
+    def __init__(self, uri: str):
+        self.path = uri
+
+    @contextlib.contextmanager
+    def as_directory(self):
+        import tempfile
+        tmp = tempfile.mkdtemp(prefix="chimera_restore_")
+        try:
+            yield str(storage.download_dir(self.path, tmp))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def checkpoint_at(path: str):
-    """A checkpoint to restore from: local directories without Ray, URIs through Ray's."""
-    if "://" in path:
-        from ray.train import Checkpoint
-        return Checkpoint(path)
-    return LocalCheckpoint(path)
+    """A checkpoint to restore from, local or a URI, without Ray."""
+    return RemoteCheckpoint(path) if storage.is_uri(path) else LocalCheckpoint(path)
 
 
 class InProcess:
@@ -119,18 +135,20 @@ class InProcess:
         return model
 
     def latest_checkpoint(self) -> LocalCheckpoint | None:
-        """The newest checkpoint_NNNNNN/ of the run dir holding weights and a train state."""
+        """The newest checkpoint_NNNNNN/ of the run dir (local or a URI) holding weights and a
+        train state."""
         done = [p for p in ckpt.list_checkpoints(self.run_dir)
-                if (p / ckpt.WEIGHTS).is_file() and (p / ckpt.STATE).is_file()]
-        return LocalCheckpoint(str(done[-1])) if done else None
+                if storage.is_file(storage.join(p, ckpt.WEIGHTS))
+                and storage.is_file(storage.join(p, ckpt.STATE))]
+        return checkpoint_at(str(done[-1])) if done else None
 
     def report(self, metrics: dict[str, Any], checkpoint: str | None = None,
                name: str | None = None) -> None:
         """Metrics go nowhere (the run's metrics.jsonl and summary have them); a checkpoint is
         copied to <run_dir>/<name>, then the run keeps its newest `keep_checkpoints`."""
         if name is not None:
-            if "://" in self.run_dir:
-                copy_dir(checkpoint, f"{self.run_dir}/{name}")
+            if storage.is_uri(self.run_dir):
+                copy_dir(checkpoint, storage.join(self.run_dir, name))
             else:                             # whole or not at all: a kill cannot leave half
                 import os
                 tmp = f"{self.run_dir}/.{name}.tmp"
@@ -157,46 +175,60 @@ def quiet_report_log() -> None:
 
 
 RESULT = "result.json"            # <run>/result.json: the run's summary, written at its end
+METRICS = "metrics.jsonl"         # <run>/metrics.jsonl: one row per logged step (rank 0)
 
 
 def write_run_file(run_dir: str, name: str, text: str) -> None:
-    """Write <run_dir>/<name> (local path or pyarrow URI), replacing it whole."""
-    if "://" in run_dir:
-        import pyarrow.fs as pafs
-        fs, path = pafs.FileSystem.from_uri(f"{run_dir.rstrip('/')}/{name}")
-        with fs.open_output_stream(path) as f:
-            f.write(text.encode())
-        return
-    import os
-    from pathlib import Path
-    tmp = Path(run_dir) / f".{name}.tmp"
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(text)
-    os.replace(tmp, Path(run_dir) / name)
+    """Write <run_dir>/<name> (local path or URI), replacing it whole."""
+    storage.write_text(storage.join(run_dir, name), text)
 
 
 def read_run_file(run_dir: str, name: str) -> str | None:
     """<run_dir>/<name>'s text, or None when it is not there."""
     try:
-        if "://" in run_dir:
-            import pyarrow.fs as pafs
-            fs, path = pafs.FileSystem.from_uri(f"{run_dir.rstrip('/')}/{name}")
-            with fs.open_input_stream(path) as f:
-                return f.read().decode()
-        from pathlib import Path
-        return (Path(run_dir) / name).read_text()
-    except (FileNotFoundError, OSError):
+        return storage.read_text(storage.join(run_dir, name))
+    except (FileNotFoundError, OSError, storage.StorageError):
         return None
 
 
 def copy_dir(src: str, dst: str) -> None:
-    """Replace dst (local path or pyarrow URI) by a copy of local dir src."""
-    if "://" in dst:
-        import pyarrow.fs as pafs
-        fs, path = pafs.FileSystem.from_uri(dst)
-        with contextlib.suppress(Exception):
-            fs.delete_dir(path)
-        pafs.copy_files(src, dst)
+    """Replace dst (local path or URI) by a copy of local dir src."""
+    if storage.is_uri(dst):
+        storage.upload_dir(src, dst, replace=True)
     else:
         shutil.rmtree(dst, ignore_errors=True)
         shutil.copytree(src, dst)
+
+
+class MetricsLog:
+    """<run>/metrics.jsonl, written by rank 0. Local: appended line by line. On object storage
+    (no appends) the rows since the run began (including a resumed run's earlier ones, read
+    once) are kept and the object is rewritten whole by flush(): the Trainer flushes at evals,
+    checkpoints and the end, and append() flushes when FLUSH_S has passed, so a long run costs
+    one PUT per eval, not per step."""
+    FLUSH_S = 10.0
+
+    def __init__(self, run_dir: str):
+        self.path = storage.join(run_dir, METRICS)
+        self.remote = storage.is_uri(run_dir)
+        self.lines: list[str] = []
+        self.dirty, self.flushed_at = False, time.monotonic()
+        if self.remote:
+            old = read_run_file(run_dir, METRICS)
+            self.lines = old.splitlines(keepends=True) if old else []
+
+    def append(self, row: dict[str, Any]) -> None:
+        line = json.dumps(row) + "\n"
+        if not self.remote:
+            with open(self.path, "a") as f:
+                f.write(line)
+            return
+        self.lines.append(line)
+        self.dirty = True
+        if time.monotonic() - self.flushed_at >= self.FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.remote and self.dirty:
+            storage.write_text(self.path, "".join(self.lines))
+            self.dirty, self.flushed_at = False, time.monotonic()

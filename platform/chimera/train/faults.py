@@ -4,14 +4,15 @@
 
 The last rank calls os._exit(1) (no cleanup, like a lost process) when step N is about to run.
 A marker file <run_dir>/.crashed_at_N remembers that it happened, so the run restarted by Ray
-Train's FailureConfig (or by the same command again) passes step N. Needs local storage for the
-marker (a run on s3://... never crashes). tests/test_train_ray.py and a sweep test use it.
+Train's FailureConfig (or by the same command again) passes step N. The marker lives in the run
+dir, local or in object storage (chimera.storage). tests/test_train_ray.py,
+tests/test_storage_ray.py and a sweep test use it.
 """
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
+from chimera import storage
 from chimera.train.hooks import Hook
 
 
@@ -20,11 +21,11 @@ class CrashAtStep(Hook):
         self.step = step
 
     def before_step(self, trainer, step: int) -> None:
-        if step != self.step or trainer.rank != trainer.world - 1 or not trainer.local_run:
+        if step != self.step or trainer.rank != trainer.world - 1:
             return
-        marker = Path(trainer.run_dir) / f".crashed_at_{step}"
-        if marker.exists():                               # crashed here before: once per run
+        marker = storage.join(trainer.run_dir, f".crashed_at_{step}")
+        if storage.exists(marker):                        # crashed here before: once per run
             return
-        marker.touch()
+        storage.write_text(marker, "")
         print(f"rank {trainer.rank}: injected crash at step {step}", flush=True)
         os._exit(1)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from chimera import storage
 from chimera.paths import job_copy_hint, older_default_data_dir, resolve_data_dir, resolve_storage_path
 from chimera.train.config import TrainConfig, TrainConfigError
 
@@ -41,7 +42,7 @@ class RunPlan:
 
 
 def _join(base: str, name: str) -> str:
-    return f"{base.rstrip('/')}/{name}" if "://" in base else str(Path(base) / name)
+    return storage.join(base, name)
 
 
 def default_run_name(tc: TrainConfig, model_config: dict) -> str:
@@ -124,21 +125,28 @@ def plan_run(tc: TrainConfig, world_size: int | None = None,
         if (tokens - 1) // mc.block_size < world:
             raise TrainConfigError(f"data_dir {data_dir}: the {split} split ({tokens} tokens) has "
                                    f"fewer than num_workers={world} windows of block_size+1")
-    if tc.resume_from is not None and "://" not in tc.resume_from:
-        rp = Path(tc.resume_from).expanduser().resolve()
-        if not (rp / "config.json").is_file():
-            raise TrainConfigError(f"resume_from {rp} is not a checkpoint directory (no config.json)")
-        tc = dataclasses.replace(tc, resume_from=str(rp))
     if tc.resume_from is not None:
-        from chimera.checkpoint import read_config
+        from chimera.checkpoint import CONFIG, STATE, WEIGHTS, read_config
+        try:
+            rp = storage.resolve(tc.resume_from)
+            missing = [f for f in (CONFIG, WEIGHTS, STATE) if not storage.is_file(storage.join(rp, f))]
+        except storage.StorageError as e:
+            raise TrainConfigError(f"resume_from: {e}") from None
+        if missing:
+            raise TrainConfigError(f"resume_from {rp} is not a checkpoint directory (no "
+                                   f"{' or '.join(missing)})")
+        tc = dataclasses.replace(tc, resume_from=rp)
         old = read_config(tc.resume_from)
         if old != mc.to_dict():
             raise TrainConfigError(f"resume_from {tc.resume_from}: its model config differs from "
                                    f"this run's model config")
-    storage = resolve_storage_path(tc.storage_path)
+    try:
+        storage_path = resolve_storage_path(tc.storage_path)
+    except storage.StorageError as e:
+        raise TrainConfigError(f"storage_path: {e}") from None
     name = tc.run_name or default_run_name(tc, mc.to_dict())
     if "/" in name or name in (".", ".."):
         raise TrainConfigError(f"run_name={name!r} must be a plain name (no '/')")
-    tc = dataclasses.replace(tc, data_dir=str(data_dir), storage_path=storage, run_name=name)
+    tc = dataclasses.replace(tc, data_dir=str(data_dir), storage_path=storage_path, run_name=name)
     return RunPlan(train=tc, model_config=mc.to_dict(), tokenizer=tokenizer, data_dir=str(data_dir),
-                   storage_path=storage, run_name=name, grad_accum=total // per_step)
+                   storage_path=storage_path, run_name=name, grad_accum=total // per_step)

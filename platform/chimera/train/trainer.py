@@ -13,7 +13,7 @@ log_interval, eval every eval_interval (cross-entropy without the MoE terms, whi
 apart with MaxVio per MoE layer, and the same losses in bits per byte of text: val_bpb,
 train_bpb), checkpoints every ckpt_interval, at a new best val loss (also copied to
 <run>/<file_name>_best) and at the end. Rank 0 prints, writes <run>/metrics.jsonl
-(local storage) and logs to W&B.
+(appended locally; rewritten at evals on object storage: context.MetricsLog) and logs to W&B.
 
 What costs time besides compute (look for `# sync:` and `# report:`): log_metrics() waits for
 the device and reads loss and grad norm (all-reduced over workers); evaluate() reads its sums;
@@ -43,7 +43,7 @@ from chimera import checkpoint as ckpt
 from chimera.data.loader import ShardLoader
 from chimera.data.tokenizers import TokenizerError, token_bytes
 from chimera.train.config import TrainConfig
-from chimera.train.context import RESULT, checkpoint_at, copy_dir, write_run_file
+from chimera.train.context import RESULT, MetricsLog, checkpoint_at, copy_dir, write_run_file
 from chimera.train.hooks import Hook
 from chimera.train.measure import all_mean, eval_losses, peak_flops, state_hash
 from chimera.train.schedule import lr_at
@@ -203,6 +203,7 @@ class Trainer:
                                  config={**tc.to_dict(), "model": mc.to_dict()}, dir=wb_dir)
         if self.local_run and self.rank == 0:
             Path(self.run_dir).mkdir(parents=True, exist_ok=True)
+        self.metrics_log = MetricsLog(self.run_dir) if self.rank == 0 else None
         self.print0(f"model {mc.summary()}  params {raw.num_params().total:,}  "
                     f"world {self.world}  grad_accum {self.accum}  "
                     f"tokens/step {tc.total_batch_size:,}  device {self.device}")
@@ -291,15 +292,16 @@ class Trainer:
 
     # --- recording ------------------------------------------------------------------------------
     def record(self, metrics: dict[str, Any], best: bool = False, periodic: bool = False) -> dict:
-        """The row: history, <run>/metrics.jsonl (rank 0, local storage), W&B, then one report
+        """The row: history, <run>/metrics.jsonl (rank 0), W&B, then one report
         (with a checkpoint when one is due) and, at evals, the in-process `report`."""
         tc = self.tc
         row = {**metrics, "tokens": metrics["step"] * tc.total_batch_size, **self.facts}
         self.history.append(row)
         self.last.update(row)
-        if self.rank == 0 and self.local_run:
-            with open(Path(self.run_dir) / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+        if self.metrics_log is not None:
+            self.metrics_log.append(row)
+            if "val_loss" in row or best or periodic or row.get("done"):
+                self.metrics_log.flush()             # object storage: one PUT per eval
         if self.wb is not None:
             self.wb.log({k: v for k, v in row.items() if isinstance(v, (int, float))},
                         step=self.iter_num)
