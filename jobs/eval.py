@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         for f in write_task_files(args.build_tasks):
             print(f"wrote {f}")
         return 0
+    from chimera import storage
     from chimera.eval.run import plan_eval, run_eval, table
     try:
         job, tm = plan_eval(
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(job.data_dirs)} dataset(s), tasks {', '.join(job.tasks) or '-'}", flush=True)
     doc = run_eval(job, tm)
     print(table(doc))
-    print(f"results: {job.out}" + (f"  (sweep report re-rendered: {job.sweep / 'results.md'})"
+    print(f"results: {job.out}" + (f"  (sweep report re-rendered: {storage.join(job.sweep, 'results.md')})"
                                    if job.sweep else ""))
     return 0
 

@@ -4,22 +4,27 @@
     sweep_models("sweeps/s1", top_k=2)             # the 2 best trials of a sweep
 
 A run directory serves its best checkpoint, else its latest (chimera.checkpoint
-.resolve_checkpoint); replicas load it with chimera.checkpoint.load_model.
+.resolve_checkpoint); replicas load it with chimera.checkpoint.load_model. A checkpoint in
+object storage (s3://...) stays a URI here, resolved to the concrete checkpoint and fetched
+once into this node's cache (so a bad one fails before any replica starts); each replica then
+loads the URI into its own node's cache.
 """
 from __future__ import annotations
 
 import json
 import math
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from chimera.checkpoint import resolve_checkpoint
+from chimera import storage
+from chimera.checkpoint import remote_checkpoint, resolve_checkpoint
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-def default_name(ckpt: Path) -> str:
+def default_name(ckpt: Path | str) -> str:
     """runs/<run>/llm_model_best -> <run>; runs/<run>/checkpoint_000300 -> <run>-000300."""
+    ckpt = PurePosixPath(str(ckpt).rstrip("/")) if storage.is_uri(ckpt) else Path(ckpt)
     name = ckpt.name
     if name.endswith("_best"):
         name = ckpt.parent.name
@@ -29,14 +34,25 @@ def default_name(ckpt: Path) -> str:
     return name or "model"
 
 
-def parse_models(specs: list[str]) -> list[tuple[str, Path]]:
-    """--checkpoint values, each PATH or NAME=PATH -> [(name, checkpoint dir)]; names unique."""
+def checkpoint_of(path: str | Path) -> Path | str:
+    """The concrete checkpoint of a checkpoint or run dir: a local Path, or for a URI the
+    checkpoint's URI (fetched into this node's cache on the way, which checks it)."""
+    if storage.is_uri(path):
+        uri = remote_checkpoint(str(path))
+        resolve_checkpoint(uri)
+        return uri
+    return resolve_checkpoint(path)
+
+
+def parse_models(specs: list[str]) -> list[tuple[str, Path | str]]:
+    """--checkpoint values, each PATH or NAME=PATH -> [(name, checkpoint dir or URI)]; names
+    unique."""
     out: list[tuple[str, Path]] = []
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep:
             name, path = "", spec
-        ckpt = resolve_checkpoint(path)
+        ckpt = checkpoint_of(path)
         name = name or default_name(ckpt)
         if not NAME.match(name):
             raise ValueError(f"model name {name!r}: use letters, digits, '.', '_', '-' (max 64)")
@@ -48,17 +64,18 @@ def parse_models(specs: list[str]) -> list[tuple[str, Path]]:
     return out
 
 
-def sweep_models(sweep_dir: str | Path, top_k: int) -> list[tuple[str, Path]]:
+def sweep_models(sweep_dir: str | Path, top_k: int) -> list[tuple[str, Path | str]]:
     """The top_k best trials of a sweep: <sweep_dir>/results.json holds
     {"metric": ..., "mode": "min"|"max", "trials": [{"trial_id", "<metric>", "best_checkpoint",
     ...}]}. Trials without a checkpoint or a finite metric are skipped. Names are trial ids.
     A sweep with seed replicas ("seeds" > 1) also lists "configurations" (best first) and each
     trial's "config": then the best trial of each of the top_k best configurations is served."""
-    f = Path(sweep_dir).expanduser() / "results.json"
+    f = storage.join(sweep_dir if storage.is_uri(sweep_dir) else Path(sweep_dir).expanduser(),
+                     "results.json")
     if top_k < 1:
         raise ValueError(f"--top_k must be >= 1, got {top_k}")
     try:
-        data = json.loads(f.read_text())
+        data = json.loads(storage.read_text(f))
         metric, mode, trials = data["metric"], data.get("mode", "min"), data["trials"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{f}: not a readable sweep result ({type(e).__name__}: {e})") from None

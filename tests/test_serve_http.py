@@ -38,12 +38,24 @@ def second_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def url(ray_cluster, tiny_checkpoint, second_checkpoint):
+def s3_run(object_store, tiny_checkpoint) -> str:
+    """The tiny checkpoint's run dir uploaded to the object store (conftest.object_store)."""
+    from chimera import storage
+    uri = "s3://chimera-test/serve-http/tiny"
+    storage.upload_dir(tiny_checkpoint.parent, uri)
+    for rel in storage.walk_files(tiny_checkpoint.parent):
+        assert storage.sha256(tiny_checkpoint.parent / rel) == storage.sha256(f"{uri}/{rel}")
+    return uri
+
+
+@pytest.fixture(scope="module")
+def url(ray_cluster, tiny_checkpoint, second_checkpoint, s3_run):
     from ray import serve
 
     from serve.app import AppArgs, build_app
     port = free_port()
-    args = AppArgs(checkpoint=[f"tiny={tiny_checkpoint.parent}", f"other={second_checkpoint}"],
+    args = AppArgs(checkpoint=[f"tiny={tiny_checkpoint.parent}", f"other={second_checkpoint}",
+                               f"s3tiny={s3_run}"],
                    max_batch=4, max_ongoing_requests=4, max_queued_requests=4, num_cpus=0.5,
                    max_new_tokens_cap=5000, max_body_bytes=4096, health_check_period_s=2)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -71,9 +83,24 @@ def sample_cli(ckpt, *args) -> str:
 
 def test_health_and_models(url):
     h = httpx.get(url + "/health", timeout=30).json()
-    assert h["status"] == "ok" and set(h["models"]) == {"tiny", "other"}
+    assert h["status"] == "ok" and set(h["models"]) == {"tiny", "other", "s3tiny"}
     ids = [m["id"] for m in httpx.get(url + "/v1/models", timeout=30).json()["data"]]
-    assert ids == ["tiny", "other"]
+    assert ids == ["tiny", "other", "s3tiny"]
+
+
+def test_a_checkpoint_served_from_s3_answers_as_the_local_one(url, s3_run):
+    """--checkpoint s3://<run dir>: its best checkpoint, fetched by the replica into its
+    node's cache; the same weights give the same tokens, greedy and seeded."""
+    for body in ({"prompt": PROMPT, "max_new_tokens": 40, "temperature": 0},
+                 {"prompt": PROMPT, "max_new_tokens": 40, "temperature": 0.9, "seed": 7}):
+        a = post(url, "/generate", {**body, "model": "tiny"}).json()
+        b = post(url, "/generate", {**body, "model": "s3tiny"}).json()
+        assert b["model"] == "s3tiny" and b["text"] == a["text"] and b["completion_tokens"] == 40
+    # jobs/sample.py --model_path s3://... (its own process and cache) prints the same text
+    assert sample_cli(s3_run, "--prompt", PROMPT, "--max_new_tokens", "40", "--temperature", "0.9",
+                      "--seed", "7") == PROMPT + b["text"]
+    from serve.loading import parse_models
+    assert parse_models([s3_run]) == [("tiny", f"{s3_run}/llm_model_best")]   # the URI travels
 
 
 @pytest.mark.parametrize("opts", [["--temperature", "0"], ["--temperature", "0.9", "--top_k", "20", "--seed", "5"]])
@@ -118,7 +145,7 @@ def test_completions_plain_and_streamed(url):
 def test_openai_client(url):
     import openai
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
-    assert [m.id for m in client.models.list()] == ["tiny", "other"]
+    assert [m.id for m in client.models.list()] == ["tiny", "other", "s3tiny"]
     c = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0.5, seed=1)
     assert c.usage.completion_tokens == 10 and c.choices[0].finish_reason == "length"
     stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0.5,

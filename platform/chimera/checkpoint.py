@@ -86,7 +86,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     cache (chimera.storage.cached_dir; reused while the store's listing is unchanged): the
     returned path is always a local folder."""
     if storage.is_uri(path):
-        uri = _resolve_remote(str(path))
+        uri = remote_checkpoint(str(path))
         return storage.cached_dir(uri, "checkpoints", only=SERVED)
     p = Path(path).expanduser().resolve()
     if is_checkpoint(p):
@@ -104,8 +104,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
                      f"directory holding *_best/ or checkpoint_*/ checkpoints")
 
 
-def _resolve_remote(uri: str) -> str:
-    """resolve_checkpoint's rule, applied to a URI's listing."""
+def remote_checkpoint(uri: str) -> str:
+    """resolve_checkpoint's rule applied to a URI's listing: the checkpoint's URI."""
     uri = storage.resolve(uri).rstrip("/")
     names = storage.listdir(uri)
     if CONFIG in names and WEIGHTS in names:
@@ -114,10 +114,10 @@ def _resolve_remote(uri: str) -> str:
         return uri
     best = sorted(n for n in names if n.endswith("_best") and is_checkpoint(storage.join(uri, n)))
     if best:
-        return _resolve_remote(storage.join(uri, "llm_model_best" if "llm_model_best" in best else best[0]))
+        return remote_checkpoint(storage.join(uri, "llm_model_best" if "llm_model_best" in best else best[0]))
     latest = [c for c in list_checkpoints(uri) if is_checkpoint(c)]
     if latest:
-        return _resolve_remote(str(latest[-1]))
+        return remote_checkpoint(str(latest[-1]))
     raise ValueError(f"{uri}: neither a checkpoint ({CONFIG} + {WEIGHTS}) nor a run holding "
                      f"*_best/ or checkpoint_*/ checkpoints" + ("" if names else " (nothing is stored there)"))
 

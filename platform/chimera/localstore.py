@@ -30,6 +30,10 @@ from pathlib import Path
 from chimera.localcluster import free_port
 
 
+class _PortTaken(RuntimeError):
+    """weed exited because another process bound one of its ports first."""
+
+
 def weed_binary() -> str:
     """The `weed` next to this Python (the venv's), else on PATH; RuntimeError naming the fix."""
     here = Path(sys.executable).with_name("weed")
@@ -72,13 +76,26 @@ class ObjectStore:
                                  region=self.REGION, allow_bucket_creation=True,
                                  allow_bucket_deletion=True)
 
-    def start(self, timeout: float = 60.0) -> "ObjectStore":
+    def start(self, timeout: float = 120.0, attempts: int = 3) -> "ObjectStore":
+        """Start the server; a start that fails because a port was taken between choosing it
+        and binding it (free ports are only free when chosen) is retried on new ports."""
+        for attempt in range(attempts):
+            try:
+                return self._start(timeout)
+            except _PortTaken:
+                self._cleanup_proc()
+                self.s3_port = free_port()
+        raise RuntimeError(f"weed server could not bind its ports in {attempts} attempts: "
+                           f"{self.log_tail()}")
+
+    def _start(self, timeout: float) -> "ObjectStore":
         config = self.dir / "s3.json"
         config.write_text(json.dumps({"identities": [{
             "name": "chimera", "credentials": [{"accessKey": self.access_key,
                                                 "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
         config.chmod(0o600)
+        shutil.rmtree(self.dir / "data", ignore_errors=True)
         (self.dir / "data").mkdir()
         ports = {name: free_port() for name in (
             "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
@@ -104,8 +121,10 @@ class ObjectStore:
         probe = f"ready-{secrets.token_hex(3)}"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"weed server exited with {self.proc.returncode}: "
-                                   f"{self.log_tail()}")
+                tail = self.log_tail()
+                if "address already in use" in tail:
+                    raise _PortTaken(tail)
+                raise RuntimeError(f"weed server exited with {self.proc.returncode}: {tail}")
             try:
                 fs = self.filesystem()
                 fs.create_dir(probe)
@@ -119,9 +138,9 @@ class ObjectStore:
             except OSError as e:
                 err = e
             time.sleep(0.3)
+        tail = self.log_tail()
         self.stop()
-        raise RuntimeError(f"SeaweedFS did not become ready in {timeout:.0f} s ({err}): "
-                           f"{self.log_tail()}")
+        raise RuntimeError(f"SeaweedFS did not become ready in {timeout:.0f} s ({err}): {tail}")
 
     def make_bucket(self, name: str) -> str:
         """Create bucket `name` (no error if it exists); its s3:// URI."""
@@ -135,6 +154,10 @@ class ObjectStore:
     def stop(self) -> None:
         """Kill the server's process group (weed runs its servers as goroutines of one
         process), wait for it, remove the temp dir."""
+        self._cleanup_proc()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _cleanup_proc(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
@@ -147,7 +170,7 @@ class ObjectStore:
                 self.proc.wait(10)
         if getattr(self, "_logf", None):
             self._logf.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+            self._logf = None
 
     def __enter__(self) -> "ObjectStore":
         return self.start()

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
+from chimera import storage
+
 APP_NAME = "chimera-eval"
 
 
@@ -36,8 +38,8 @@ class EvalJob:
     trials: frozenset[str]                        # the names that are trials of `sweep`
     data_dirs: tuple[Path, ...]
     tasks: tuple[str, ...]
-    out: Path
-    sweep: Path | None = None
+    out: str                                      # eval.json: a local path or a URI
+    sweep: Path | str | None = None
     limit: int | float | None = None
     num_fewshot: int | None = None
     batch_size: int = 1
@@ -46,8 +48,8 @@ class EvalJob:
     bpb_batch_size: int = 32
 
 
-def _tokenizer(ckpt: Path) -> dict:
-    return json.loads((ckpt / "tokenizer.json").read_text())
+def _tokenizer(ckpt: Path | str) -> dict:
+    return json.loads(storage.read_text(storage.join(ckpt, "tokenizer.json")))
 
 
 def _block_size(ckpt: Path) -> int:
@@ -101,7 +103,8 @@ def plan_eval(*, checkpoint: list[str] = (), from_sweep: str | None = None, top_
     trials: set[str] = set()
     sweep = None
     if from_sweep:
-        sweep = Path(from_sweep).expanduser().resolve()
+        sweep = storage.resolve(from_sweep)
+        sweep = sweep if storage.is_uri(sweep) else Path(sweep)
         picked = sweep_models(sweep, top_k)
         trials = {n for n, _ in picked}
         models += picked
@@ -141,13 +144,13 @@ def plan_eval(*, checkpoint: list[str] = (), from_sweep: str | None = None, top_
     if out is None:
         if sweep is not None:
             from chimera.sweep.store import EVAL
-            target = sweep / EVAL
+            target = storage.join(sweep, EVAL)
         elif len(models) == 1:
-            target = models[0][1].parent / "eval.json"       # the run directory
+            target = storage.join(storage.parent(str(models[0][1])), "eval.json")   # the run dir
         else:
             raise ValueError("several --checkpoint without --from_sweep: say where with --out FILE")
     else:
-        target = Path(out).expanduser().resolve()
+        target = storage.resolve(out)
     job = EvalJob(models=tuple(models), trials=frozenset(trials), data_dirs=dirs, tasks=tuple(tasks),
                   out=target, sweep=sweep, **{k: v for k, v in opts.items() if v is not None})
     return job, tm
@@ -208,10 +211,7 @@ def run_eval(job: EvalJob, tm, log: Callable[[str], None] = print) -> dict[str, 
     doc = {"version": 1, "tasks": list(job.tasks), "data_dirs": [str(d) for d in job.data_dirs],
            "limit": job.limit, "num_fewshot": job.num_fewshot, "models": results}
     doc = _merge(job.out, doc)
-    job.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = job.out.with_name(job.out.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(job.out)
+    storage.write_text(job.out, json.dumps(doc, indent=2) + "\n")     # whole or not at all
     if job.sweep is not None:
         from chimera.sweep.report import write_report
         write_report(job.sweep)
@@ -244,10 +244,10 @@ def _run_tasks(job: EvalJob, tm, results: dict, log) -> None:
                 one(url, name)
 
 
-def _merge(path: Path, doc: dict) -> dict:
+def _merge(path: str, doc: dict) -> dict:
     """`doc` over what `path` already holds: per model, new datasets and tasks replace old ones."""
     try:
-        old = json.loads(path.read_text())
+        old = json.loads(storage.read_text(path))
         models = old["models"]
     except (OSError, ValueError, KeyError, TypeError):
         return doc

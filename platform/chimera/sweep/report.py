@@ -3,7 +3,8 @@
     rep = write_report("runs/exp1-tiny")      # also `python jobs/sweep.py --report DIR`
     print(rep["table"])
 
-Writes into the sweep directory:
+Writes into the sweep directory (a local folder, or an s3:// URI: read there, made in a
+temporary folder and uploaded, each file whole):
     results.md, results.csv   every trial (and every rejected combination) with its architecture
                               summary and metrics, sorted by the spec's metric; results.md first
                               groups the trials by configuration (all but the seed, spec `seeds`):
@@ -41,6 +42,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from chimera import storage
+
 COLUMNS = [("rank", "#"), ("trial", "trial"), ("seed", "seed"), ("status", "status"), ("arch", "architecture"),
            ("hparams", "hyperparameters"), ("step", "steps"), ("best_val_loss", "best val"),
            ("best_val_bpb", "best val bpb"),
@@ -51,11 +54,12 @@ COLUMNS = [("rank", "#"), ("trial", "trial"), ("seed", "seed"), ("status", "stat
            ("decode_tokens_per_s", "decode tok/s"), ("error", "error")]
 
 
-def _error(root: Path, name: str) -> str | None:
-    f = root / name / "error.txt"
-    if not f.is_file():
+def _error(root: Path | str, name: str) -> str | None:
+    try:
+        text = storage.read_bytes(storage.join(root, name, "error.txt")).decode(errors="replace")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
-    lines = [ln.strip() for ln in f.read_text(errors="replace").splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     pick = [ln for ln in lines if "Error" in ln or "error" in ln or "died" in ln]
     return (pick[-1] if pick else lines[-1] if lines else "failed")[:300]
 
@@ -81,22 +85,22 @@ def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
     from chimera.sweep.spec import check_metric_tokenizers
     from chimera.sweep.store import SUMMARY, eval_columns, history, read_plan
 
-    root = Path(root)
+    root = root if storage.is_uri(root) else Path(root)
     plan = read_plan(root)
     spec = plan["spec"]
     metric, mode = spec["metric"], spec["mode"]
     check_metric_tokenizers(metric, {t["train"].get("tokenizer") for t in plan["trials"]})
     rows, evals = [], eval_columns(root)
     for t in plan["trials"]:
-        run = root / "runs" / t["name"]
+        run = storage.join(root, "runs", t["name"])
         hist = history(run)
         latest: dict = {}
         for m in hist:
             latest.update(m)
-        summary = run / SUMMARY
+        summary = _read_json(storage.join(run, SUMMARY))
         err = _error(root, t["name"])
-        if summary.is_file():
-            latest.update(json.loads(summary.read_text()))
+        if summary is not None:
+            latest.update(summary)
             status = "finished"
         elif err:
             status = "failed"
@@ -104,7 +108,7 @@ def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
             status = "stopped" if hist else "not run"
         vals = [m["val_loss"] for m in hist if isinstance(m.get("val_loss"), (int, float))]
         bpbs = [m["val_bpb"] for m in hist if isinstance(m.get("val_bpb"), (int, float))]
-        best_ckpt = run / f"{t['train'].get('file_name', 'llm_model')}_best"
+        best_ckpt = storage.join(run, f"{t['train'].get('file_name', 'llm_model')}_best")
         row = {"trial": t["name"], "config": t.get("config") or t["name"], "seed": t.get("seed"),
                "status": status, "arch": t["arch"],
                "hparams": ", ".join(f"{k}={_short(v)}" for k, v in t["choices"].items()
@@ -112,7 +116,7 @@ def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
                "choices": t["choices"], "budget_value": t.get("budget_value"),
                "best_val_loss": min(vals) if vals else None,
                "best_val_bpb": min(bpbs) if bpbs else None, "tokenizer": t["train"].get("tokenizer"),
-               "best_checkpoint": str(best_ckpt) if (best_ckpt / "config.json").is_file() else None,
+               "best_checkpoint": best_ckpt if storage.is_file(storage.join(best_ckpt, "config.json")) else None,
                "error": err, "curve": [(m["step"], m["val_loss"]) for m in hist if "val_loss" in m],
                "bpb_curve": [(m["step"], m["val_bpb"]) for m in hist if "val_bpb" in m],
                **evals.get(t["name"], {})}
@@ -121,16 +125,17 @@ def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
                   "trial_time_s", "trial_started_at", "val_bpb", "train_bpb"):
             row.setdefault(k, latest.get(k))
         if row["decode_tokens_per_s"] is None and row["best_checkpoint"] and decode_missing:
-            cache = run / "decode.json"          # stopped trials: measured here, once
-            if cache.is_file():
-                row["decode_tokens_per_s"] = json.loads(cache.read_text())["decode_tokens_per_s"]
+            cache = storage.join(run, "decode.json")     # stopped trials: measured here, once
+            cached = _read_json(cache)
+            if cached is not None:
+                row["decode_tokens_per_s"] = cached["decode_tokens_per_s"]
             elif spec.get("decode_tokens"):
                 try:
                     v = measure_decode(row["best_checkpoint"], spec["decode_tokens"])
                 except Exception:             # e.g. a best checkpoint cut by a kill: no number
                     v = None
                 if v is not None:
-                    cache.write_text(json.dumps({"decode_tokens_per_s": v}) + "\n")
+                    storage.write_text(cache, json.dumps({"decode_tokens_per_s": v}) + "\n")
                 row["decode_tokens_per_s"] = v
         rows.append(row)
 
@@ -148,6 +153,14 @@ def collect(root: str | Path, decode_missing: bool = False) -> dict[str, Any]:
                  "error": x["error"]} for x in plan["rejected"]]
     return {"metric": metric, "mode": mode, "rows": rows, "rejected": rejected, "spec": spec,
             "trials": plan["trials"]}
+
+
+def _read_json(path: str) -> Any:
+    """A small JSON file's content, None when it is not there."""
+    try:
+        return json.loads(storage.read_text(path))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
 
 
 def metric_value(row: dict, metric: str) -> Any:
@@ -373,8 +386,21 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
     from models.config import ModelConfig
     from chimera import checkpoint as ckpt
 
-    root = Path(root).expanduser().resolve()      # results.json carries absolute paths
+    from chimera.sweep.spec import SweepSpecError
+    try:
+        root = storage.resolve(root)                  # results.json carries absolute paths
+    except storage.StorageError as e:
+        raise SweepSpecError(str(e)) from None
+    remote = storage.is_uri(root)
+    root = root.rstrip("/") if remote else Path(root)
     c = collect(root, decode_missing=decode_missing)
+    # the files are made in `out`: the sweep folder, or (object storage) a temporary folder
+    # uploaded to the sweep's URI at the end; the paths the report names are the final ones
+    import tempfile
+    out_dir = Path(tempfile.mkdtemp(prefix="chimera_report_")) if remote else root
+
+    def final(p) -> str:
+        return storage.join(root, Path(p).name) if remote else str(p)
     rows, rejected = c["rows"], c["rejected"]
     front = pareto_front(rows, c["spec"])          # sets each row's pareto_rank (results.json)
     table = markdown(rows + rejected)
@@ -388,27 +414,27 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
     ladder = None
     if c["spec"].get("ladder"):             # scaling fits and scaling.png (chimera.sweep.scaling)
         from chimera.sweep.scaling import write_ladder
-        ladder = write_ladder(root, rows, c["trials"], c["spec"])
+        ladder = write_ladder(out_dir, rows, c["trials"], c["spec"])
         table += "\n" + ladder["markdown"]
     confs = configurations(c)
     conf_table = configurations_markdown(confs, c)
-    _atomic(root / "results.md", head + conf_table + "\n" + ("## Trials\n\n" if confs and
+    _atomic(out_dir / "results.md", head + conf_table + "\n" + ("## Trials\n\n" if confs and
                                                               c["spec"].get("seeds", 1) > 1 else "") + table
             + pareto_markdown(front))
     fields = [k for k, _ in COLUMNS] + ["config", "best_checkpoint", "val_loss", "tokens", "trial_time_s",
                                         "tokenizer", "val_bpb", "train_bpb"] + eval_keys(rows)
-    with open(root / "results.csv.tmp", "w", newline="") as f:
+    with open(out_dir / "results.csv.tmp", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in rows + rejected:
             w.writerow(r)
-    os.replace(root / "results.csv.tmp", root / "results.csv")
+    os.replace(out_dir / "results.csv.tmp", out_dir / "results.csv")
     trials_json = [{"trial_id": r["trial"], **{k: v for k, v in r.items()
                                                if k not in ("curve", "bpb_curve", "trial")},
                     c["metric"]: metric_value(r, c["metric"])}
                    for r in rows]
     from chimera.sweep.stats import CONFIDENCE, TEST
-    _atomic(root / "results.json", json.dumps({"metric": c["metric"], "mode": c["mode"],
+    _atomic(out_dir / "results.json", json.dumps({"metric": c["metric"], "mode": c["mode"],
                                                "trials": trials_json, "rejected": rejected,
                                                "seeds": c["spec"].get("seeds", 1),
                                                "significance": c["spec"].get("significance", 0.05),
@@ -423,30 +449,39 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
         by_name = {r["trial"]: r for r in rows}
         best = next((by_name[k["best_trial"]] for k in confs if k["best_trial"]), None)
     out = {"table": table, "config_table": conf_table, "configurations": confs, "counts": counts,
-           "best": None, "files": [str(root / "results.md"),
-           str(root / "results.csv"), str(root / "results.json")]}
+           "best": None, "files": [str(out_dir / "results.md"),
+           str(out_dir / "results.csv"), str(out_dir / "results.json")]}
     if best is not None:
         cfg = ModelConfig.from_dict(ckpt.read_config(best["best_checkpoint"]))
-        _atomic(root / "best_layers.jsonl", cfg.layers_jsonl())
+        _atomic(out_dir / "best_layers.jsonl", cfg.layers_jsonl())
         trial = next(t for t in c["trials"] if t["name"] == best["trial"])
         glob = {k: v for k, v in cfg.to_dict().items() if k not in ("layers", "n_layer")}
-        flags = {**trial["train"], **glob, "layer_configs_jsonl": str(root / "best_layers.jsonl")}
-        _atomic(root / "best_train.yaml", f"# best trial {best['trial']}: {best['arch']}\n"
+        flags = {**trial["train"], **glob, "layer_configs_jsonl": final("best_layers.jsonl")}
+        _atomic(out_dir / "best_train.yaml", f"# best trial {best['trial']}: {best['arch']}\n"
                 + yaml.safe_dump(flags, sort_keys=True))
         out["best"] = {"trial": best["trial"], "config": best["config"], "arch": best["arch"],
                        "best_val_loss": best["best_val_loss"], "best_val_bpb": best["best_val_bpb"],
-                       "checkpoint": best["best_checkpoint"], "layers_jsonl": str(root / "best_layers.jsonl"),
-                       "train_config": str(root / "best_train.yaml")}
-        out["files"] += [str(root / "best_layers.jsonl"), str(root / "best_train.yaml")]
-    out["files"] += plots(root, rows)
+                       "checkpoint": best["best_checkpoint"], "layers_jsonl": final("best_layers.jsonl"),
+                       "train_config": final("best_train.yaml")}
+        out["files"] += [str(out_dir / "best_layers.jsonl"), str(out_dir / "best_train.yaml")]
+    out["files"] += plots(out_dir, rows)
     from chimera.sweep.spec import BPB_METRICS
     if c["metric"] in BPB_METRICS:
-        out["files"].append(bpb_curves(root, rows))
+        out["files"].append(bpb_curves(out_dir, rows))
     if ladder:
         out["ladder"] = ladder
         out["files"].append(ladder["plot"])
-    out["files"] += pareto_front_plot(root, rows, front)
+    out["files"] += pareto_front_plot(out_dir, rows, front)
     out["pareto"] = pareto_markdown(front)
+    if remote:                     # each file one PUT: whole or absent; results.json last
+        import shutil
+        files = sorted(out["files"], key=lambda f: Path(f).name == "results.json")
+        for f in files:
+            storage.upload_file(f, final(f))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        out["files"] = [final(f) for f in out["files"]]
+        if out.get("ladder"):
+            out["ladder"]["plot"] = final(out["ladder"]["plot"])
     return out
 
 

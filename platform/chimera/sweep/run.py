@@ -18,11 +18,11 @@ MoE MaxVio, step, tokens), and after training the measured decode speed.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from chimera import storage
 from chimera.sweep.measure import measure_decode
 from chimera.sweep.spec import SEARCHERS, SweepSpec, SweepSpecError
 from chimera.sweep.trials import SweepPlan, Trial
@@ -33,7 +33,7 @@ def _trial_train_config(trial: dict, ctx: dict):
     from chimera import checkpoint as ckpt
     from chimera.train.config import TrainConfig
 
-    run_dir = Path(ctx["runs"]) / trial["name"]
+    run_dir = storage.join(ctx["runs"], trial["name"])
     d = {**trial["train"], "storage_path": ctx["runs"], "run_name": trial["name"], "eval": True,
          "save_model": True, "num_workers": ctx["num_workers"], "use_gpu": ctx["gpus"] > 0}
     d.setdefault("num_threads", max(1, int(ctx["cpus"])))
@@ -73,7 +73,7 @@ def _forwarder(static: dict):
 def _recorded_trial(ctx: dict, name: str) -> dict:
     """A trial a searcher chose after the sweep started: resolved and written into sweep.json
     by chimera.sweep.search before Tune launched it."""
-    return next(t for t in read_plan(Path(ctx["runs"]).parent, log=lambda *_: None)["trials"]
+    return next(t for t in read_plan(storage.parent(ctx["runs"]), log=lambda *_: None)["trials"]
                 if t["name"] == name)
 
 
@@ -89,9 +89,9 @@ def run_trial(config: dict, trials: dict, ctx: dict) -> None:
     if trial.get("budget_value") is not None:
         static["budget_value"] = trial["budget_value"]
     tc, run_dir = _trial_train_config(trial, ctx)
-    done = run_dir / SUMMARY
-    if done.is_file():                      # finished before an interruption: report, no rerun
-        tune.report(json.loads(done.read_text()))
+    done = storage.join(run_dir, SUMMARY)
+    if storage.is_file(done):               # finished before an interruption: report, no rerun
+        tune.report(json.loads(storage.read_text(done)))
         return
     t0 = time.time()
     plan = plan_run(tc, model_config=trial["model_config"])
@@ -109,9 +109,7 @@ def run_trial(config: dict, trials: dict, ctx: dict) -> None:
             final["decode_tokens_per_s"] = measure_decode(s["best_checkpoint"], ctx["decode_tokens"])
     final["trial_time_s"] = time.time() - t0
     final["trial_started_at"] = t0          # epoch seconds: when Tune's start-up ended for it
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(final, indent=2, default=str) + "\n")
-    os.replace(tmp, done)
+    storage.write_text(done, json.dumps(final, indent=2, default=str) + "\n")   # whole or absent
     tune.report(final)
 
 
@@ -137,12 +135,18 @@ def _trial_source(plan: SweepPlan) -> dict[str, Any]:
     return {"param_space": {"trial": tune.grid_search([t.name for t in plan.trials])}}
 
 
-def _search_args(plan: SweepPlan, root: Path) -> dict[str, Any]:
+def _search_args(plan: SweepPlan, root: Path | str) -> dict[str, Any]:
     """TuneConfig's search_alg and num_samples for a searcher sweep (chimera.sweep.search)."""
     if plan.spec.search not in SEARCHERS:
         return {}
     from chimera.sweep.search import make_searcher
     return {"search_alg": make_searcher(plan, root), "num_samples": plan.spec.num_samples}
+
+
+def _can_restore(root) -> bool:
+    """Tune's experiment state is at root (a local folder or a URI: Tune reads both)."""
+    from ray import tune
+    return tune.Tuner.can_restore(str(root))
 
 
 def run_sweep(plan: SweepPlan, resume: bool = False, verbose: int = 1) -> dict[str, Any]:
@@ -160,18 +164,18 @@ def run_sweep(plan: SweepPlan, resume: bool = False, verbose: int = 1) -> dict[s
                              f"searcher's state is not restored); its finished trials are in {root}: "
                              f"start a new sweep (another name) or `--report {root}`")
     if resume:
-        if not tune.Tuner.can_restore(str(root)):
+        if not _can_restore(root):
             raise SweepSpecError(f"--resume: nothing to resume in {root} (no Tune experiment state)")
         saved = read_plan(root)
         trials = [Trial(**t) for t in saved["trials"]]
     else:
-        if (root / "sweep.json").exists() and tune.Tuner.can_restore(str(root)):
+        if storage.exists(storage.join(root, "sweep.json")) and _can_restore(root):
             again = "" if spec.search in SEARCHERS else "pass --resume to continue it, or "
             raise SweepSpecError(f"{root} already holds a sweep: {again}choose another name / storage_path")
         # (a sweep.json without Tune state: the driver died before any trial started; start over)
         write_plan(plan, root)
         trials = plan.trials
-    ctx = {"runs": str(root / "runs"), "num_workers": spec.num_workers, "cpus": spec.cpus_per_worker,
+    ctx = {"runs": storage.join(root, "runs"), "num_workers": spec.num_workers, "cpus": spec.cpus_per_worker,
            "gpus": spec.gpus_per_worker, "decode_tokens": spec.decode_tokens}
     in_process = spec.num_workers == 1 and spec.gpus_per_worker == 0
     # in-process trials hold their worker's resources; Train trials only drive their workers
@@ -196,7 +200,7 @@ def run_sweep(plan: SweepPlan, resume: bool = False, verbose: int = 1) -> dict[s
                 scheduler=_scheduler(spec, base.max_iters, parse_batch_expr(base.total_batch_size_str)),
                 trial_name_creator=lambda t: t.config["trial"],
                 trial_dirname_creator=lambda t: t.config["trial"]),
-            run_config=RunConfig(name=spec.name, storage_path=str(root.parent), verbose=verbose,
+            run_config=RunConfig(name=spec.name, storage_path=storage.parent(str(root)), verbose=verbose,
                                  checkpoint_config=CheckpointConfig(num_to_keep=1)))
     grid = tuner.fit()
     wall = time.time() - t0

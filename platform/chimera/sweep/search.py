@@ -52,7 +52,7 @@ def inner_searcher(spec: SweepSpec) -> Searcher:
 
 def make_searcher(plan: SweepPlan, root: Path) -> "TrialSearcher":
     _, consts = search_space(plan.spec)
-    return TrialSearcher(inner_searcher(plan.spec), plan.spec, Path(root), consts)
+    return TrialSearcher(inner_searcher(plan.spec), plan.spec, root, consts)
 
 
 class TrialSearcher(PickledSearcher):

@@ -1,6 +1,6 @@
 """The sweep directory, as files: where it is, the plan it runs, and what each trial left.
 
-    root = sweep_dir(spec)                 # <storage_path>/<name> (local or mounted storage)
+    root = sweep_dir(spec)                 # <storage_path>/<name>: a Path, or an s3:// URI
     write_plan(plan, root); doc = read_plan(root)      # sweep.json
     rows = history(root / "runs" / "t000")             # a trial's metrics.jsonl, one dict per step
 
@@ -16,7 +16,9 @@ Layout of <storage_path>/<name>/:
                               "stderr", ...}}}}}; the report adds its columns (eval_columns)
 
 Both the Tune run (sweep/run.py) and the report (sweep/report.py) read it through here, so
-neither imports the other's internals.
+neither imports the other's internals. Every function takes a local folder or an object-store
+URI (chimera.storage): a sweep on s3:// keeps all of the above in the bucket, and trials on
+any node read their plan from there.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from chimera import storage
 from chimera.paths import resolve_storage_path
 from chimera.sweep.spec import SweepSpec, SweepSpecError
 from chimera.sweep.trials import SweepPlan
@@ -34,31 +37,33 @@ SUMMARY = "summary.json"          # runs/<trial>/summary.json: the trial's final
 EVAL = "eval.json"                # jobs/eval.py's results (chimera.eval.run)
 
 
-def sweep_dir(spec: SweepSpec) -> Path:
-    storage = resolve_storage_path(spec.storage_path)
-    if "://" in storage:
-        raise SweepSpecError(f"storage_path={storage}: sweeps write their report locally; use a "
-                             f"local or mounted shared path (multi-node: a shared file system)")
-    return Path(storage) / spec.name
+def sweep_dir(spec: SweepSpec) -> Path | str:
+    """<storage_path>/<name>: a local Path, or a URI string (s3://...) for object storage."""
+    try:
+        base = resolve_storage_path(spec.storage_path)
+    except storage.StorageError as e:
+        raise SweepSpecError(f"storage_path: {e}") from None
+    return storage.join(base, spec.name) if storage.is_uri(base) else Path(base) / spec.name
 
 
-def write_plan(plan: SweepPlan, root: Path) -> None:
-    root.mkdir(parents=True, exist_ok=True)
+def write_plan(plan: SweepPlan, root: Path | str) -> None:
     doc = {"spec": plan.spec.to_dict(),
            "trials": [t.__dict__ for t in plan.trials],
            "rejected": [{"choices": c, "error": m} for c, m in plan.rejected]}
-    tmp = root / (PLAN + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    os.replace(tmp, root / PLAN)
+    storage.write_text(storage.join(root, PLAN), json.dumps(doc, indent=2, default=str) + "\n")
 
 
-def read_plan(root: Path, log=print) -> dict:
+def read_plan(root: Path | str, log=print) -> dict:
     """sweep.json as written by write_plan; trials of older versions are upgraded here."""
-    f = Path(root) / PLAN
-    if not f.is_file():
-        raise SweepSpecError(f"{root} is not a sweep directory (no {PLAN})")
+    f = storage.join(root, PLAN)
     try:
-        doc = json.loads(f.read_text())
+        text = storage.read_text(f)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise SweepSpecError(f"{root} is not a sweep directory (no {PLAN})") from None
+    except storage.StorageError as e:
+        raise SweepSpecError(f"{root}: {e}") from None
+    try:
+        doc = json.loads(text)
         doc["spec"], doc["trials"], doc["rejected"]
         doc["trials"] = [_upgrade_trial(t, log) for t in doc["trials"]]
     except (ValueError, KeyError, TypeError) as e:
@@ -83,11 +88,12 @@ def _upgrade_trial(t: dict[str, Any], log) -> dict[str, Any]:
 def history(run_dir: Path) -> list[dict]:
     """A trial run's metrics.jsonl, one merged dict per step (a resumed run repeats steps;
     a line cut by a kill is skipped)."""
-    f = Path(run_dir) / "metrics.jsonl"
-    if not f.is_file():
+    try:
+        text = storage.read_text(storage.join(run_dir, "metrics.jsonl"))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return []
     by_step: dict[int, dict] = {}
-    for line in f.read_text().splitlines():
+    for line in text.splitlines():
         try:
             m = json.loads(line)
         except json.JSONDecodeError:
@@ -99,11 +105,13 @@ def history(run_dir: Path) -> list[dict]:
 def eval_columns(root: Path) -> dict[str, dict[str, float]]:
     """{trial: {"bpb:<dataset>": bits per byte, "<task>:<metric>": value}} from <root>/eval.json
     (models evaluated as a trial of this sweep); {} without one."""
-    f = Path(root) / EVAL
-    if not f.is_file():
+    f = storage.join(root, EVAL)
+    try:
+        text = storage.read_text(f)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return {}
     try:
-        models = json.loads(f.read_text())["models"]
+        models = json.loads(text)["models"]
         out: dict[str, dict[str, float]] = {}
         for m in models.values():
             if m.get("trial"):

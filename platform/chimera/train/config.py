@@ -184,9 +184,17 @@ class TrainConfig:
     def layer_list(self) -> list | None:
         """The layer stack of layer_configs (JSON list) or layer_configs_jsonl (file), if any;
         ConfigError (naming the file and line) when it does not parse."""
-        from models.config import parse_layer_list, read_layer_file
+        from models.config import ConfigError, parse_layer_list, read_layer_file
         if self.layer_configs_jsonl is not None:
-            return read_layer_file(Path(self.layer_configs_jsonl).expanduser().resolve())
+            from chimera import storage
+            f = self.layer_configs_jsonl
+            if storage.is_uri(f):                    # s3://.../best_layers.jsonl: a local copy
+                try:
+                    local = storage.cached_dir(storage.parent(f), "configs", only=(storage.basename(f),))
+                except storage.StorageError as e:
+                    raise ConfigError(f"layer file not found: {f} ({e})") from None
+                return read_layer_file(local / storage.basename(f))
+            return read_layer_file(Path(f).expanduser().resolve())
         return None if self.layer_configs is None else parse_layer_list(self.layer_configs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -218,11 +226,14 @@ def _unknown(key: str, valid) -> TrainConfigError:
 
 def read_config_file(path: str | Path, flag: str = "--config", error=TrainConfigError) -> dict[str, Any]:
     """A YAML (.yaml/.yml) or JSON file holding a mapping; `error(message)` naming `flag` if not."""
-    p = Path(path)
+    from chimera import storage
+    p = Path(path) if not storage.is_uri(path) else None
     try:
-        text = p.read_text()
-    except OSError as e:
-        raise error(f"{flag} {p}: {e.strerror or e}") from None
+        text = storage.read_text(path) if p is None else p.read_text()
+    except (OSError, storage.StorageError) as e:
+        raise error(f"{flag} {path}: {getattr(e, 'strerror', None) or e}") from None
+    if p is None:
+        p = Path(storage.basename(str(path)))      # its suffix says how to parse it
     try:
         if p.suffix in (".yaml", ".yml"):
             import yaml
