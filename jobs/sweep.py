@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     from _paths import setup
     setup()
     args = build_parser().parse_args(argv)
+    from chimera import storage
+    from chimera.storage import StorageError
     from chimera.sweep.spec import SweepSpecError, load_spec
     from chimera.sweep.trials import expand
 
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         from chimera.sweep.report import write_report
         try:
             rep = write_report(args.report)
-        except (SweepSpecError, OSError) as e:
+        except (SweepSpecError, OSError, StorageError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         _print_report(rep)
@@ -50,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = expand(load_spec(args.spec, storage_path=args.storage_path, name=args.name))
         from chimera.sweep.store import sweep_dir
         root = sweep_dir(plan.spec)
-    except SweepSpecError as e:
+        storage.check_writable(root)                  # the storage takes writes, before Ray
+    except (SweepSpecError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not plan.trials:                  # a searcher picks the trials as the sweep runs

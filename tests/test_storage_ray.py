@@ -113,8 +113,9 @@ def test_bad_resume_from_uris_are_refused(s3_run, train_char_data, train_main, c
 @pytest.mark.parametrize("bad,match", [
     ("s3:/chimera-test/x", "looks like a URI without '//'"),
     ("nosuch://b/x", "cannot open nosuch:// storage"),
+    ("s3://no-such-bucket-chimera/runs", "storage_path: s3://no-such-bucket-chimera/runs/"),
 ])
-def test_bad_storage_paths_are_refused(train_char_data, train_main, capsys, tmp_path,
+def test_bad_storage_paths_are_refused(object_store, train_char_data, train_main, capsys, tmp_path,
                                        monkeypatch, bad, match):
     monkeypatch.chdir(tmp_path)
     args = ["--data_dir", str(train_char_data), *TINY, "--storage_path", bad, "--run_name", "x"]

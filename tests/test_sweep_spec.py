@@ -199,8 +199,12 @@ def test_cli_refuses_bad_input_with_exit_code_2(tmp_path, sweep_job, train_char_
     rc, out = sweep_job(["--spec", str(f)])
     assert rc == 2 and "prepare it with jobs/prepare.py" in out.err
     f.write_text(yaml.safe_dump({"base": {**BASE, "data_dir": str(train_char_data)}}))
-    rc, out = sweep_job(["--spec", str(f), "--storage_path", "s3://bucket/x"])
-    assert rc == 2 and "sweeps write their report locally" in out.err
+    rc, out = sweep_job(["--spec", str(f), "--storage_path", "s3:/bucket/x"])   # a typo, not a folder
+    assert rc == 2 and "looks like a URI without '//'" in out.err
+    rc, out = sweep_job(["--spec", str(f), "--storage_path", "nosuch://bucket/x"])
+    assert rc == 2 and "cannot open nosuch:// storage" in out.err
+    rc, out = sweep_job(["--spec", str(f), "--storage_path", "s3://no-such-bucket-chimera/x"])
+    assert rc == 2 and "s3://no-such-bucket-chimera" in out.err      # no such bucket / no network
     with pytest.raises(SystemExit):                    # argparse: --spec or --report is required
         sweep_job([])
 

@@ -257,14 +257,14 @@ def test_crash_at_step_exits_once_per_run(train_char_data, tmp_path, monkeypatch
     assert train_fn_per_worker(p.worker_config)["step"] == 5          # the same run again: passes 3
 
 
-def test_crash_hook_fires_on_the_last_rank_of_a_local_run_only(tmp_path, monkeypatch):
+def test_crash_hook_fires_on_the_last_rank_only(tmp_path, monkeypatch):
+    """(its marker goes through chimera.storage: tests/test_storage_ray.py crashes a run on s3)"""
     monkeypatch.setattr(os, "_exit", _fake_exit)
     hook = CrashAtStep(4)
-    for rank, world, local, step in [(0, 2, True, 4), (1, 2, False, 4), (1, 2, True, 3)]:
-        hook.before_step(SimpleNamespace(rank=rank, world=world, local_run=local,
-                                         run_dir=str(tmp_path)), step)      # no crash
+    for rank, world, step in [(0, 2, 4), (1, 2, 3), (0, 1, 3)]:
+        hook.before_step(SimpleNamespace(rank=rank, world=world, run_dir=str(tmp_path)), step)  # no crash
     assert not list(tmp_path.iterdir())
-    last = SimpleNamespace(rank=1, world=2, local_run=True, run_dir=str(tmp_path))
+    last = SimpleNamespace(rank=1, world=2, run_dir=str(tmp_path))
     with pytest.raises(_Exit):
         hook.before_step(last, 4)
     hook.before_step(last, 4)                                          # once: the marker is there

@@ -24,6 +24,7 @@ weights before its config).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -50,7 +51,7 @@ def resolve(path: str | os.PathLike) -> str:
     like a mistyped URI ("s3:/bucket", "s3:bucket/x") is a StorageError, not a folder "s3:"."""
     text = str(path)
     if is_uri(text):
-        fs_path(text)
+        check_uri(text)
         return text
     m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]+):", text)
     if m:
@@ -58,19 +59,50 @@ def resolve(path: str | os.PathLike) -> str:
     return str(_local(text).resolve())
 
 
-def fs_path(uri: str):
-    """(pyarrow FileSystem, path inside it) for a URI; StorageError when pyarrow cannot open it."""
-    import pyarrow.fs as pafs
+# the schemes pyarrow.fs.FileSystem.from_uri opens (S3 and GCS need pyarrow built with them)
+SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
+BUCKET_SCHEMES = ("s3", "gs", "gcs")
+
+
+def check_uri(uri: str) -> None:
+    """A URI this module can open, checked without touching the network: a known scheme and,
+    for bucket stores, a bucket. StorageError naming the problem otherwise."""
     m = _SCHEME.match(uri)
     if not m:
         raise StorageError(f"{uri!r} is not a URI (scheme://...)")
+    scheme = m.group(1).lower()
+    if scheme not in SCHEMES:
+        raise StorageError(f"{uri}: cannot open {m.group(1)}:// storage (pyarrow's filesystems "
+                           f"know {', '.join(s + '://' for s in SCHEMES)})")
+    if scheme in ("s3", "gs", "gcs", "abfs", "abfss") and not uri[m.end():].strip("/"):
+        raise StorageError(f"{uri}: a URI needs a bucket, e.g. {scheme}://BUCKET/chimera")
+
+
+def fs_path(uri: str):
+    """(pyarrow FileSystem, path inside it) for a URI; StorageError when pyarrow cannot open it.
+    Bucket stores get one FileSystem per bucket and credentials (opening one asks the store
+    for the bucket's region: a request per call otherwise)."""
+    check_uri(uri)
+    m = _SCHEME.match(uri)
+    if m.group(1).lower() not in BUCKET_SCHEMES:
+        return _open(uri)
+    bucket, _, key = uri[m.end():].partition("/")
+    settings = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(("AWS_", "GOOGLE_"))))
+    fs = _bucket_fs(f"{m.group(0)}{bucket}", settings)
+    return fs, f"{bucket}/{key.strip('/')}" if key.strip("/") else bucket
+
+
+@functools.lru_cache(maxsize=32)
+def _bucket_fs(root: str, settings: tuple):
+    return _open(root)[0]
+
+
+def _open(uri: str):
+    import pyarrow.fs as pafs
     try:
-        fs, path = pafs.FileSystem.from_uri(uri)
+        return pafs.FileSystem.from_uri(uri)
     except (ValueError, OSError) as e:             # pyarrow.ArrowInvalid is a ValueError
-        raise StorageError(f"{uri}: cannot open {m.group(1)}:// storage ({e})") from None
-    if m.group(1) in ("s3", "gs", "gcs") and not path.strip("/"):
-        raise StorageError(f"{uri}: a URI needs a bucket, e.g. {m.group(1)}://BUCKET/chimera")
-    return fs, path
+        raise StorageError(f"{uri}: cannot open its storage ({e})") from None
 
 
 def _local(path) -> Path:
@@ -245,6 +277,17 @@ def remove_dir(path: str | os.PathLike) -> None:
     except OSError as e:
         if "not found" not in str(e).lower():
             raise StorageError(f"{path}: cannot delete ({e})") from None
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail now, not hours into a run: for a URI, write and delete a probe object under it
+    (a missing bucket, wrong credentials or an unreachable endpoint are a StorageError naming
+    the URI); local folders are left to the writer (they are created on demand)."""
+    if not is_uri(path):
+        return
+    probe = join(str(path), f".chimera_probe_{os.getpid()}")
+    write_bytes(probe, b"")
+    remove(probe)
 
 
 def upload_file(local: str | os.PathLike, uri: str) -> None:

@@ -142,6 +142,7 @@ def plan_run(tc: TrainConfig, world_size: int | None = None,
                                    f"this run's model config")
     try:
         storage_path = resolve_storage_path(tc.storage_path)
+        storage.check_writable(storage_path)         # a bucket that refuses writes: now
     except storage.StorageError as e:
         raise TrainConfigError(f"storage_path: {e}") from None
     name = tc.run_name or default_run_name(tc, mc.to_dict())
