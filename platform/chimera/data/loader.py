@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from chimera import storage
-from chimera.data.remote import CHUNK_BYTES, ChunkCache, RemoteShard, cache_budget
+from chimera.data.remote import CHUNK_BYTES, ChunkCache, RemoteShard, cache_budget, read_slices
 from chimera.data.shards import DTYPE, ShardError, read_manifest, verify_shards
 
 STATE_VERSION = 1
@@ -73,7 +73,8 @@ class ShardLoader:
         if not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
         self.remote = storage.is_uri(data_dir)
-        self.data_dir = storage.resolve(str(data_dir)).rstrip("/") if self.remote else Path(data_dir)
+        self.data_dir = (storage.resolve(str(data_dir)).rstrip("/") if self.remote
+                         else Path(data_dir))
         # object storage: ranged reads through this process's chunk cache (chimera.data.remote)
         self.cache = ChunkCache.shared(cache_budget(cache_mb), chunk_bytes) if self.remote else None
         self.split, self.batch_size, self.block_size = split, batch_size, block_size
@@ -144,9 +145,12 @@ class ShardLoader:
         T = self.block_size
         x = np.empty((self.batch_size, T), dtype=np.int64)
         y = np.empty((self.batch_size, T), dtype=np.int64)
-        for b, g in enumerate(self.next_windows()):
-            i, start = self.locate(g)
-            w = self._map(i)[start:start + T + 1]       # (T+1,) uint16: page cache / chunk cache
+        spans = [self.locate(g) for g in self.next_windows()]
+        if self.remote:           # one call: the batch's missing chunks are fetched concurrently
+            windows = read_slices([(self._map(i), s, s + T + 1) for i, s in spans])
+        else:
+            windows = (self._map(i)[s:s + T + 1] for i, s in spans)    # from the page cache
+        for b, w in enumerate(windows):                                 # w: (T+1,) uint16
             x[b] = w[:-1]
             y[b] = w[1:]
         xt, yt = torch.from_numpy(x), torch.from_numpy(y)

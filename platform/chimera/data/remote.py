@@ -3,13 +3,16 @@
     cache = ChunkCache.shared()                          # this process's cache (budget below)
     shard = RemoteShard("s3://b/data/train_000000.bin", tokens=N, cache=cache, key=sha256)
     w = shard[start:start + T + 1]                       # (T+1,) uint16, like np.memmap's slice
+    ws = read_slices([(shard, a, a + T + 1), ...])       # a batch's windows in one call
 
 A shard object is cut into fixed-size chunks (CHUNK_BYTES, 4 MiB; the last one shorter). A read
 fetches the chunks its byte range touches that the cache does not hold, each with one ranged
 GET (`chimera.storage.open_ranged(uri).read_at(nbytes, offset)`), so a window that crosses a
-chunk boundary reads both. The cache keeps chunks in least-recently-used order up to a byte
-budget: a dataset smaller than the budget is read once and then served from memory; a bigger
-one costs about one ranged GET per window (a miss fetches a whole chunk).
+chunk boundary reads both. The loader reads a batch's B windows in one call (read_slices), and
+their missing chunks are fetched concurrently (FETCH_THREADS GETs at a time). The cache keeps
+chunks in least-recently-used order up to a byte budget: a dataset smaller than the budget is
+read once and then served from memory; a bigger one costs about one ranged GET per window (a
+miss fetches a whole chunk: smaller chunks cost less per miss, larger ones fewer GETs).
 
 Budget: `ShardLoader(..., cache_mb=...)`, else the environment variable CHIMERA_DATA_CACHE_MB
 (a number >= 0; 0 caches nothing), else DEFAULT_CACHE_MB. One cache per (budget, chunk size)
@@ -31,6 +34,7 @@ from chimera.data.shards import DTYPE, ShardError
 CHUNK_BYTES = 4 << 20
 DEFAULT_CACHE_MB = 512
 CACHE_ENV = "CHIMERA_DATA_CACHE_MB"
+FETCH_THREADS = 8                  # concurrent ranged GETs of one batch's missing chunks
 
 
 def cache_budget(cache_mb: float | None = None) -> int:
@@ -66,6 +70,7 @@ class ChunkCache:
         self._chunks: OrderedDict[tuple, bytes] = OrderedDict()
         self.held = 0
         self.gets = self.fetched = self.hits = self.misses = self.evictions = 0
+        self._threads = None
 
     @classmethod
     def shared(cls, budget: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> "ChunkCache":
@@ -76,39 +81,66 @@ class ChunkCache:
             c = cls._shared[key] = cls(*key)
         return c
 
-    def read(self, f, key: tuple, size: int, start: int, stop: int) -> bytes:
-        """Bytes [start, stop) of the object `f` (open_ranged) of `size` bytes, known as `key`."""
+    def read_many(self, reads: list[tuple["RemoteShard", int, int]]) -> list[bytes]:
+        """Bytes [start, stop) of each (shard, start, stop). The chunks they touch that the
+        cache does not hold are fetched concurrently (one ranged GET each, FETCH_THREADS at a
+        time: a batch's misses cost about one GET's latency, not B of them)."""
         C = self.chunk_bytes
-        parts = []
-        for c in range(start // C, (stop - 1) // C + 1):
-            data = self._chunk(f, key, size, c)
-            parts.append(data[max(start - c * C, 0):min(stop - c * C, len(data))])
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        chunks: dict[tuple, bytes | None] = {}       # this call's chunks, even if none is kept
+        missing = []
+        for shard, a, b in reads:
+            for c in range(a // C, (b - 1) // C + 1):
+                k = (*shard.key, c)
+                if k in chunks:
+                    continue
+                data = chunks[k] = self._chunks.get(k)
+                if data is None:
+                    missing.append((k, shard.file(), shard.nbytes, c))
+                else:
+                    self.hits += 1
+                    self._chunks.move_to_end(k)
+        if missing:
+            got = (self._pool().map(self._fetch, missing) if len(missing) > 1
+                   else [self._fetch(missing[0])])
+            for (k, *_), data in zip(missing, got):
+                chunks[k] = data
+                self.misses += 1
+                self.gets += 1
+                self.fetched += len(data)
+                self._keep(k, data)
+        out = []
+        for shard, a, b in reads:
+            parts = [chunks[(*shard.key, c)] for c in range(a // C, (b - 1) // C + 1)]
+            first = (a // C) * C
+            out.append(parts[0][a - first:b - first] if len(parts) == 1 else
+                       b"".join(parts)[a - first:b - first])
+        return out
 
-    def _chunk(self, f, key: tuple, size: int, c: int) -> bytes:
-        k = (*key, c)
-        data = self._chunks.get(k)
-        if data is not None:
-            self.hits += 1
-            self._chunks.move_to_end(k)
-            return data
-        self.misses += 1
+    def _fetch(self, job) -> bytes:
+        k, f, size, c = job
         offset = c * self.chunk_bytes
         want = min(self.chunk_bytes, size - offset)
-        data = f.read_at(want, offset)                       # one ranged GET
-        self.gets += 1
-        self.fetched += len(data)
+        data = f.read_at(want, offset)                 # one ranged GET (releases the GIL)
         if len(data) != want:
-            raise ShardError(f"{key[0]}: read {len(data)} bytes at offset {offset}, expected "
+            raise ShardError(f"{k[0]}: read {len(data)} bytes at offset {offset}, expected "
                              f"{want} (the object changed after the loader opened it?)")
-        if want <= self.budget:
-            while self.held + want > self.budget:
-                _, old = self._chunks.popitem(last=False)
-                self.held -= len(old)
-                self.evictions += 1
-            self._chunks[k] = data
-            self.held += want
         return data
+
+    def _keep(self, k: tuple, data: bytes) -> None:
+        if len(data) > self.budget:
+            return
+        while self.held + len(data) > self.budget:
+            _, old = self._chunks.popitem(last=False)
+            self.held -= len(old)
+            self.evictions += 1
+        self._chunks[k] = data
+        self.held += len(data)
+
+    def _pool(self):
+        if self._threads is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._threads = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="chimera-chunks")
+        return self._threads
 
     def clear(self) -> None:
         self._chunks.clear()
@@ -127,7 +159,7 @@ class RemoteShard:
     def __init__(self, uri: str, tokens: int, cache: ChunkCache, key: str = ""):
         self.uri, self.tokens, self.cache = uri, int(tokens), cache
         self.nbytes = self.tokens * DTYPE.itemsize
-        self._key = (uri, key)
+        self.key = (uri, key)
         self._f = None
 
     def __len__(self) -> int:
@@ -139,11 +171,13 @@ class RemoteShard:
         a, b, _ = s.indices(self.tokens)
         if b <= a:
             return np.empty(0, dtype=DTYPE)
+        return read_slices([(self, a, b)])[0]
+
+    def file(self):
+        """The object, opened once for ranged reads."""
         if self._f is None:
             self._f = storage.open_ranged(self.uri)
-        raw = self.cache.read(self._f, self._key, self.nbytes, a * DTYPE.itemsize,
-                              b * DTYPE.itemsize)
-        return np.frombuffer(raw, dtype=DTYPE)
+        return self._f
 
     def close(self) -> None:
         if self._f is not None:
@@ -152,3 +186,14 @@ class RemoteShard:
 
     def __repr__(self) -> str:
         return f"RemoteShard({self.uri!r}, tokens={self.tokens})"
+
+
+def read_slices(parts: list[tuple[RemoteShard, int, int]]) -> list[np.ndarray]:
+    """Tokens [a, b) of each (shard, a, b) (0 <= a < b <= len(shard)), in one ChunkCache call:
+    a batch's windows, their missing chunks fetched concurrently."""
+    cache = parts[0][0].cache
+    if any(p[0].cache is not cache for p in parts):
+        raise ValueError("read_slices: the shards must share one ChunkCache")
+    n = DTYPE.itemsize
+    raws = cache.read_many([(shard, a * n, b * n) for shard, a, b in parts])
+    return [np.frombuffer(r, dtype=DTYPE) for r in raws]

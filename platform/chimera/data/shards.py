@@ -108,7 +108,7 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
 
 
 def _no_manifest(d, names: list[str]) -> ShardError:
-    shards = storage.is_uri(d) and any(is_shard_file(n) for n in names)   # objects: no progress.json
+    shards = storage.is_uri(d) and any(is_shard_file(n) for n in names)   # (no progress.json)
     if PROGRESS in names or shards:
         return ShardError(f"{d} holds an unfinished preparation (no {MANIFEST} yet): "
                           f"re-run jobs/prepare.py with the same arguments to finish it")
