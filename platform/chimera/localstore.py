@@ -105,6 +105,9 @@ class ObjectStore:
                "-master.volumeSizeLimitMB=64", "-volume.max=32", "-filer", "-s3",
                "-s3.autoCreateBucket=false",          # as AWS: a PUT never makes a bucket
                f"-s3.port={self.s3_port}", f"-s3.config={config}",
+               # its Iceberg and Lance catalogs listen on fixed ports (8181, 9101) by default:
+               # off, so that two stores (two test sessions) run side by side
+               "-s3.port.iceberg=0", "-s3.port.lance=0",
                *(f"-{k}={v}" for k, v in ports.items())]
         self._logf = open(self.dir / "weed.log", "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._logf, stderr=subprocess.STDOUT,

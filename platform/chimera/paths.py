@@ -27,11 +27,16 @@ def default_data_dir(dataset: str, tokenizer: str | None = None) -> Path:
     return REPO / "data" / f"{dataset}_{tokenizer or DEFAULT_TOKENIZER}"
 
 
-def resolve_data_dir(data_dir: str | Path | None, dataset: str, tokenizer: str | None) -> Path:
-    """An absolute data folder: `data_dir` (relative to the current directory) when given, else
-    the default folder of (dataset, tokenizer)."""
+def resolve_data_dir(data_dir: str | Path | None, dataset: str,
+                     tokenizer: str | None) -> str | Path:
+    """A URI (s3://bucket/data/x, its scheme checked) as the string it is; else an absolute
+    local folder: `data_dir` (relative to the current directory) when given, else the default
+    folder of (dataset, tokenizer). "s3:/x" is a StorageError, never a folder "s3:"."""
+    from chimera import storage
+    if data_dir and storage.is_uri(data_dir):
+        return storage.resolve(str(data_dir))
     if data_dir:
-        return Path(data_dir).expanduser().resolve()
+        return Path(storage.resolve(data_dir))
     return default_data_dir(dataset, tokenizer)
 
 

@@ -9,6 +9,10 @@ Both ratios are measured side by side in one run:
     moved to --device) vs one fp32 train step (forward, backward, AdamW) of the foundation
     benchmark model (6 layers, n_embd 384, 6 heads, block 256, batch 8, vocab 50304; median of
     --steps). Target <= 0.02.
+  * the same ÷ train step for ShardLoader reading s3:// from a SeaweedFS started by the
+    benchmark (chimera.benchmarks.loader_store): first pass, warm cache, and cold (cache 0 MiB:
+    every window a miss). Target <= 0.02.
+The header gives the machine's load average (other jobs sharing the cores move the ratios).
 The corpus defaults to the samples in ../shared/data (TinyStories, WikiText-2, Tiny
 Shakespeare), repeated up to --mb megabytes. gpt2 needs its BPE files: set TIKTOKEN_CACHE_DIR
 (see docs/data.md) when offline.
@@ -41,7 +45,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="device of the loader batches and the train step")
     p.add_argument("--fetches", type=int, default=200, help="loader batches timed")
     p.add_argument("--steps", type=int, default=5, help="train steps timed (median)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["prepare", "loader"],
+    p.add_argument("--skip", nargs="*", default=[], choices=["prepare", "loader", "store"],
                    help="sections to leave out")
 
 
@@ -119,13 +123,12 @@ def run(args: argparse.Namespace) -> int:
                          f"{n_tokens / t_prep / 1e6:.2f} Mtok/s",
                          f"{n_tokens / t_tik / 1e6:.2f} Mtok/s", t_tik / t_prep, ">= 0.8"))
 
-        if "loader" not in args.skip:
-            row = _loader_row(out, src, args, threads)
-            if row is not None:
-                rows.append(row)
+        if "loader" not in args.skip or "store" not in args.skip:
+            rows += _loader_rows(out, src, args, threads)
 
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"data benchmark: device {args.device}, {threads} tokenizer threads, "
-          f"{len(docs):,} documents, {n_tokens:,} gpt2 tokens")
+          f"{len(docs):,} documents, {n_tokens:,} gpt2 tokens, load average {load}")
     w = max(len(r[0]) for r in rows) if rows else 40
     print(f"{'measurement':<{w}}  {'measured':>14}  {'reference':>14}  {'ratio':>8}  target")
     for name, a, b, ratio, target in rows:
@@ -134,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _loader_row(out: Path, src: Path, args, threads: int):
+def _loader_rows(out: Path, src: Path, args, threads: int) -> list:
     import torch
 
     from chimera.data.loader import ShardLoader
@@ -146,8 +149,8 @@ def _loader_row(out: Path, src: Path, args, threads: int):
     try:
         from models import LLM, ModelConfig
     except ImportError as e:
-        print(f"loader row skipped: the models package is not importable ({e})")
-        return None
+        print(f"loader rows skipped: the models package is not importable ({e})")
+        return []
     dev = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
 
@@ -182,5 +185,13 @@ def _loader_row(out: Path, src: Path, args, threads: int):
         step()
         times.append(time.perf_counter() - t0)
     t_step = statistics.median(times)
-    return ("loader batch 8x1024 ÷ train step (6L, 384d, 8x256, vocab 50304, fp32)",
-            f"{t_fetch * 1e3:.3f} ms", f"{t_step * 1e3:.1f} ms", t_fetch / t_step, "<= 0.02")
+    step_name = "6L, 384d, 8x256, vocab 50304, fp32"
+    rows = []
+    if "loader" not in args.skip:
+        rows.append((f"loader batch 8x1024 ÷ train step ({step_name})",
+                     f"{t_fetch * 1e3:.3f} ms", f"{t_step * 1e3:.1f} ms", t_fetch / t_step,
+                     "<= 0.02"))
+    if "store" not in args.skip:
+        from chimera.benchmarks.loader_store import store_rows
+        rows += store_rows(out, args.fetches, dev, sync, t_step, step_name)
+    return rows

@@ -1,4 +1,5 @@
-"""ShardLoader: (x, y) token batches from memory-mapped shards, disjoint per rank, resumable.
+"""ShardLoader: (x, y) token batches from token shards (a local folder, memory-mapped, or an
+object-store prefix, read with ranged GETs), disjoint per rank, resumable.
 
     loader = ShardLoader(data_dir, split="train", batch_size=B, block_size=T,
                          rank=r, world_size=w, seed=s)
@@ -9,9 +10,9 @@
 
 Constructor: ShardLoader(data_dir, split="train", batch_size=8, block_size=1024, *, rank=0,
 world_size=1, seed=0, shuffle=None (True for train, False for val), verify_checksum=False,
-device=None). `data_dir` holds manifest.json (see shards.py); on open every shard of the split
-is checked against it (exists, exact size; sha256 too with verify_checksum=True) and any
-mismatch raises ShardError naming the file.
+device=None, cache_mb=None, chunk_bytes=4 MiB). `data_dir` holds manifest.json (see shards.py);
+on open every shard of the split is checked against it (exists, exact size; sha256 too with
+verify_checksum=True) and any mismatch raises ShardError naming the file.
 
 Windows. Each shard of the split is cut into non-overlapping windows of block_size + 1 tokens
 at stride block_size (window k of a shard = tokens [kT, kT + T + 1); x = its first T, y = its
@@ -22,6 +23,15 @@ stay in lock-step. Each epoch a rank visits its windows in the order of a permut
 from np.random.default_rng([seed, rank, epoch]) (shuffle=False: in order). Batches take the
 next batch_size windows of that endless stream, crossing into the next epoch when needed, so
 next_batch() never runs dry. Shards are opened with np.memmap: a batch reads B windows only.
+
+Object storage. `data_dir` may be a URI (s3://bucket/data/shakespeare_char, gs://..., any scheme
+chimera.storage opens). The manifest is read from the store, shard sizes are checked against
+one listing of the prefix (sha256 streamed with verify_checksum=True), and windows are read
+without a local copy: each shard is a RemoteShard (chimera.data.remote), whose slices are
+ranged reads through this process's chunk cache (4 MiB chunks, least recently used out, at
+most `cache_mb` MiB, else $CHIMERA_DATA_CACHE_MB, else 512). A dataset within the budget is
+fetched once; a bigger one costs about one ranged GET per window. Same windows, same order,
+same state: batches are byte-identical to the local loader's for the same arguments.
 
 Validation: split="val" defaults to shuffle=False, so a val loader yields the same batches for
 the same arguments every time (call reset() before each evaluation); shuffle=True gives seeded,
@@ -41,6 +51,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from chimera import storage
+from chimera.data.remote import CHUNK_BYTES, ChunkCache, RemoteShard, cache_budget, read_slices
 from chimera.data.shards import DTYPE, ShardError, read_manifest, verify_shards
 
 STATE_VERSION = 1
@@ -50,7 +62,8 @@ class ShardLoader:
     def __init__(self, data_dir: str | Path, split: str = "train", batch_size: int = 8,
                  block_size: int = 1024, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: bool | None = None, verify_checksum: bool = False,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, cache_mb: float | None = None,
+                 chunk_bytes: int = CHUNK_BYTES):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         for name, v, lo in (("batch_size", batch_size, 1), ("block_size", block_size, 1),
@@ -59,7 +72,11 @@ class ShardLoader:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
         if not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
-        self.data_dir = Path(data_dir)
+        self.remote = storage.is_uri(data_dir)
+        self.data_dir = (storage.resolve(str(data_dir)).rstrip("/") if self.remote
+                         else Path(data_dir))
+        # object storage: ranged reads through this process's chunk cache (chimera.data.remote)
+        self.cache = ChunkCache.shared(cache_budget(cache_mb), chunk_bytes) if self.remote else None
         self.split, self.batch_size, self.block_size = split, batch_size, block_size
         self.rank, self.world_size, self.seed = rank, world_size, int(seed)
         self.shuffle = (split == "train") if shuffle is None else bool(shuffle)
@@ -70,8 +87,10 @@ class ShardLoader:
         shards = self.manifest["splits"][split]["shards"]
         self.tokenizer_info: dict[str, Any] = self.manifest["tokenizer"]
         self.vocab_size: int = self.tokenizer_info["vocab_size"]
-        self._files = [self.data_dir / s["file"] for s in shards]
-        self._maps: dict[int, np.memmap] = {}
+        self._shards = shards
+        self._files = [storage.join(self.data_dir, s["file"]) if self.remote
+                       else self.data_dir / s["file"] for s in shards]
+        self._maps: dict[int, np.memmap | RemoteShard] = {}
         per_shard = np.array([max(0, (s["tokens"] - 1) // block_size) for s in shards], np.int64)
         self._first = np.concatenate([[0], np.cumsum(per_shard)])    # first window of each shard
         total = int(self._first[-1])
@@ -126,9 +145,12 @@ class ShardLoader:
         T = self.block_size
         x = np.empty((self.batch_size, T), dtype=np.int64)
         y = np.empty((self.batch_size, T), dtype=np.int64)
-        for b, g in enumerate(self.next_windows()):
-            i, start = self.locate(g)
-            w = self._map(i)[start:start + T + 1]       # (T+1,) uint16, read from the page cache
+        spans = [self.locate(g) for g in self.next_windows()]
+        if self.remote:           # one call: the batch's missing chunks are fetched concurrently
+            windows = read_slices([(self._map(i), s, s + T + 1) for i, s in spans])
+        else:
+            windows = (self._map(i)[s:s + T + 1] for i, s in spans)    # from the page cache
+        for b, w in enumerate(windows):                                 # w: (T+1,) uint16
             x[b] = w[:-1]
             y[b] = w[1:]
         xt, yt = torch.from_numpy(x), torch.from_numpy(y)
@@ -145,10 +167,15 @@ class ShardLoader:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.next_batch()
 
-    def _map(self, i: int) -> np.memmap:
+    def _map(self, i: int) -> np.memmap | RemoteShard:
         m = self._maps.get(i)
         if m is None:
-            m = self._maps[i] = np.memmap(self._files[i], dtype=DTYPE, mode="r")
+            if self.remote:
+                s = self._shards[i]
+                m = RemoteShard(self._files[i], s["tokens"], self.cache, key=s["sha256"])
+            else:
+                m = np.memmap(self._files[i], dtype=DTYPE, mode="r")
+            self._maps[i] = m
         return m
 
     # --- checkpointing ----------------------------------------------------------------------------

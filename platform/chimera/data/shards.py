@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from chimera import storage
 from chimera.data.sources import DataError
 
 FORMAT = "chimera-token-shards"
@@ -72,17 +73,32 @@ def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
 
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
-    d = Path(data_dir)
-    path = d / MANIFEST
-    if not path.is_file():
-        if (d / PROGRESS).is_file():
-            raise ShardError(f"{d} holds an unfinished preparation (no {MANIFEST} yet): re-run "
-                             f"jobs/prepare.py with the same arguments to finish it")
-        raise ShardError(f"no {MANIFEST} in {d}: prepare the data first, e.g. "
-                         f"python jobs/prepare.py --dataset shakespeare --out {d}")
+    """The manifest of a prepared dataset: a local folder or a URI prefix (s3://b/data/x, any
+    scheme chimera.storage opens). The manifest is the completion marker: shards (or a
+    progress.json) without it are an unfinished preparation. ShardError saying what is wrong;
+    a URI that cannot be used (unknown scheme, "s3:/x") is a StorageError."""
+    if storage.is_uri(data_dir):
+        d = storage.resolve(str(data_dir)).rstrip("/")
+        path = storage.join(d, MANIFEST)
+        try:
+            text = storage.read_text(path)
+        except FileNotFoundError:
+            raise _no_manifest(d, storage.listdir(d)) from None
+        except UnicodeDecodeError as e:
+            raise ShardError(f"{path} is not valid JSON ({e})") from None
+    else:
+        storage.resolve(data_dir)                # "s3:/x" is a mistyped URI, not a folder
+        d = Path(data_dir)
+        path = d / MANIFEST
+        if not path.is_file():
+            raise _no_manifest(d, storage.listdir(d))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ShardError(f"{path} is not valid JSON ({e})") from None
     try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        m = json.loads(text)
+    except json.JSONDecodeError as e:
         raise ShardError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise ShardError(f"{path} is not a {FORMAT} manifest")
@@ -91,20 +107,45 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     return m
 
 
+def _no_manifest(d, names: list[str]) -> ShardError:
+    shards = storage.is_uri(d) and any(is_shard_file(n) for n in names)   # (no progress.json)
+    if PROGRESS in names or shards:
+        return ShardError(f"{d} holds an unfinished preparation (no {MANIFEST} yet): "
+                          f"re-run jobs/prepare.py with the same arguments to finish it")
+    if not names and storage.is_uri(d):
+        scheme, rest = str(d).split("://", 1)
+        bucket = f"{scheme}://{rest.split('/', 1)[0]}"
+        if bucket != d and not storage.is_dir(bucket):
+            return ShardError(f"{d}: bucket {bucket} does not exist (or these credentials "
+                              f"cannot see it)")
+        return ShardError(f"{d}: nothing is stored under this prefix (no {MANIFEST}): prepare "
+                          f"the data first, e.g. python jobs/prepare.py --dataset shakespeare "
+                          f"--out {d}")
+    return ShardError(f"no {MANIFEST} in {d}: prepare the data first, e.g. "
+                      f"python jobs/prepare.py --dataset shakespeare --out {d}")
+
+
 def verify_shards(data_dir: str | Path, manifest: dict[str, Any], splits=SPLITS,
                   checksum: bool = False) -> None:
-    """Every listed shard exists with exactly tokens*2 bytes (and, optionally, its sha256)."""
-    d = Path(data_dir)
+    """Every listed shard exists with exactly tokens*2 bytes (and, optionally, its sha256,
+    streamed). For a URI the sizes come from one listing of the prefix."""
+    remote = storage.is_uri(data_dir)
+    d = str(data_dir).rstrip("/") if remote else Path(data_dir)
+    listing = storage.walk_files(d) if remote else None
     for split in splits:
         for s in manifest["splits"][split]["shards"]:
-            p = d / s["file"]
-            if not p.is_file():
+            p = storage.join(d, s["file"]) if remote else d / s["file"]
+            if remote:
+                got = listing.get(s["file"])
+            else:
+                got = p.stat().st_size if p.is_file() else None
+            if got is None:
                 raise ShardError(f"shard {p} listed in {MANIFEST} is missing")
-            want, got = s["tokens"] * DTYPE.itemsize, p.stat().st_size
+            want = s["tokens"] * DTYPE.itemsize
             if got != want:
                 raise ShardError(f"shard {p} is {'truncated' if got < want else 'too long'}: "
                                  f"{got} bytes, manifest says {s['tokens']} tokens = {want} bytes")
-            if checksum and file_sha256(p) != s["sha256"]:
+            if checksum and (storage.sha256(p) if remote else file_sha256(p)) != s["sha256"]:
                 raise ShardError(f"shard {p} does not match its sha256 in {MANIFEST} "
                                  f"(corrupted or rewritten)")
 

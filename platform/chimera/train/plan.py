@@ -82,8 +82,11 @@ def plan_run(tc: TrainConfig, world_size: int | None = None,
     from models.config import ConfigError, ModelConfig
     from chimera.data.shards import read_manifest
 
-    data_dir = resolve_data_dir(tc.data_dir, tc.dataset, tc.tokenizer)
-    if not data_dir.is_dir():
+    try:
+        data_dir = resolve_data_dir(tc.data_dir, tc.dataset, tc.tokenizer)   # a URI stays one
+    except storage.StorageError as e:
+        raise TrainConfigError(f"data_dir: {e}") from None
+    if not storage.is_uri(data_dir) and not data_dir.is_dir():      # a URI: read_manifest says
         cmd = (f"python jobs/prepare.py --dataset {tc.dataset}"
                + (f" --tokenizer {tc.tokenizer}" if tc.tokenizer else "")
                + (f" --out {data_dir}" if tc.data_dir else ""))
