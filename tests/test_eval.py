@@ -83,6 +83,26 @@ def test_bits_per_byte_equal_a_direct_computation(tiny_checkpoint, train_char_da
     assert not model.training
 
 
+def test_eval_job_reads_bpb_data_and_checkpoint_from_s3_like_local(tiny_checkpoint, train_char_data,
+                                                                  s3_prefix, tmp_path, eval_job):
+    """jobs/eval.py --checkpoint s3://... --data_dir s3://... --out s3://...: the same bits
+    per byte as the local folders (the loader reads the shards by ranged GETs)."""
+    from chimera import storage
+    storage.upload_dir(train_char_data, f"{s3_prefix}/shakespeare_char")
+    storage.upload_dir(tiny_checkpoint.parent, f"{s3_prefix}/run")
+    for rel in storage.walk_files(train_char_data):
+        assert storage.sha256(train_char_data / rel) == storage.sha256(f"{s3_prefix}/shakespeare_char/{rel}")
+    assert eval_job.main(["--checkpoint", str(tiny_checkpoint), "--data_dir", str(train_char_data),
+                          "--out", str(tmp_path / "local.json")]) == 0
+    assert eval_job.main(["--checkpoint", f"tiny={s3_prefix}/run", "--data_dir",
+                          f"{s3_prefix}/shakespeare_char", "--out", f"{s3_prefix}/eval.json"]) == 0
+    local = json.loads((tmp_path / "local.json").read_text())["models"]
+    remote = storage.read_json(f"{s3_prefix}/eval.json")["models"]
+    (a,), (b,) = local.values(), remote.values()
+    got, want = b["bpb"]["shakespeare_char"], a["bpb"][train_char_data.name]
+    assert (got["bpb"], got["tokens"]) == (want["bpb"], want["tokens"]) and got["tokens"] > 0
+
+
 def test_data_of_another_tokenizer_is_refused(tiny_checkpoint, tmp_path):
     from chimera.data.prepare import prepare
     src = tmp_path / "t.txt"

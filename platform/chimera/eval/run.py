@@ -52,6 +52,15 @@ def _tokenizer(ckpt: Path | str) -> dict:
     return json.loads(storage.read_text(storage.join(ckpt, "tokenizer.json")))
 
 
+def _data_dir(d: str) -> Path | str:
+    r = storage.resolve(d)
+    return r if storage.is_uri(r) else Path(r)
+
+
+def _name(d: Path | str) -> str:
+    return storage.basename(str(d))
+
+
 def _block_size(ckpt: Path) -> int:
     from chimera.checkpoint import read_config
     return int(read_config(ckpt)["block_size"])
@@ -115,9 +124,9 @@ def plan_eval(*, checkpoint: list[str] = (), from_sweep: str | None = None, top_
         raise ValueError(f"model names must be unique, got {names}: use --checkpoint NAME=PATH")
     if not data_dir and not tasks:
         raise ValueError("nothing to evaluate: give --data_dir DIR (bits per byte) and/or --tasks")
-    dirs = tuple(Path(d).expanduser().resolve() for d in data_dir)
-    if len({d.name for d in dirs}) != len(dirs):
-        raise ValueError(f"--data_dir: two folders share a name ({', '.join(d.name for d in dirs)}); "
+    dirs = tuple(_data_dir(d) for d in data_dir)            # local Paths or s3:// URIs
+    if len({_name(d) for d in dirs}) != len(dirs):
+        raise ValueError(f"--data_dir: two folders share a name ({', '.join(_name(d) for d in dirs)}); "
                          f"results are keyed by the folder's name")
     for d in dirs:
         for name, ckpt in models:
@@ -202,8 +211,8 @@ def run_eval(job: EvalJob, tm, log: Callable[[str], None] = print) -> dict[str, 
             model, tok, _ = load_model(ckpt, device=device)
             for d in job.data_dirs:
                 t0 = time.perf_counter()
-                results[name]["bpb"][d.name] = r = bits_per_byte(model, tok, d, job.bpb_batch_size)
-                log(f"{name}: bpb {r['bpb']:.4f} on {d.name} val ({r['tokens']:,} tokens, "
+                results[name]["bpb"][_name(d)] = r = bits_per_byte(model, tok, d, job.bpb_batch_size)
+                log(f"{name}: bpb {r['bpb']:.4f} on {_name(d)} val ({r['tokens']:,} tokens, "
                     f"{time.perf_counter() - t0:.1f} s)")
             del model
     if job.tasks:
