@@ -120,7 +120,7 @@ def test_main_rejects_before_workers(train_char_data, tmp_path, capsys):
     assert e.value.code == 2
 
 
-def test_where_jobs_train_runs(train_char_data, tmp_path, monkeypatch):
+def test_where_jobs_train_runs(train_char_data, tmp_path, monkeypatch, object_store):
     """One worker, no restarts, local storage, no cluster: in this process; anything else (or
     --no-in_process): Ray Train. --in_process cannot run what needs Ray Train."""
     from chimera.train.loop import runs_in_process
@@ -130,7 +130,7 @@ def test_where_jobs_train_runs(train_char_data, tmp_path, monkeypatch):
     assert not runs_in_process(_plan(train_char_data, tmp_path, num_workers=2,
                                      total_batch_size_str="2*8*32"))
     assert not runs_in_process(_plan(train_char_data, tmp_path, max_failures=1))
-    assert not runs_in_process(_plan(train_char_data, tmp_path, storage_path="s3://bucket/runs"))
+    assert not runs_in_process(_plan(train_char_data, tmp_path, storage_path="s3://chimera-test/where"))
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")              # as `ray job submit` sets it
     assert not runs_in_process(_plan(train_char_data, tmp_path))
     assert runs_in_process(_plan(train_char_data, tmp_path, in_process=True))
