@@ -1,16 +1,17 @@
 """cluster.yaml's node types on one host: Ray's fake multi-node autoscaler, started with
 `ray start --head`, token authentication on, stopped without touching any other Ray process.
 
-    cfg = fake_autoscaling_config(yaml.safe_load(open("cluster.yaml")), gcs_address, idle_s=5)
-    with FakeAutoscalingCluster(cluster_yaml, env={...AWS_*...}) as c:   # ray start --head
+    with FakeAutoscalingCluster("cluster.yaml", env={...AWS_*...}) as c:   # ray start --head
         c.dashboard_url, c.env            # `ray job submit --address`, RAY_AUTH_MODE=token ...
-        c.nodes()                         # alive nodes: id, node type (as the autoscaler named it)
+        c.nodes()                         # alive nodes: id, node type (by its resources)
+        c.job_status(id), c.autoscaler_log()
     # left: every process of this cluster killed (its temp dir and ports name them)
+    fake_autoscaling_config(cluster, gcs_address, idle_timeout_s)   # the config it runs
 
-Test infrastructure, so it lives beside the tests: `fake_multinode` is the provider Ray's own
-autoscaler tests use, never a user's. What it takes from cluster.yaml is what the autoscaler
-decides with: the worker node types, their resources, min_workers / max_workers, the cluster's
-max_workers and upscaling_speed. What it changes, and why:
+Test infrastructure, so it lives beside the tests (not in chimera/): the fake multi-node
+provider is what Ray's own autoscaler tests use, never a user's cluster. What it takes from
+cluster.yaml is what the autoscaler decides with: the worker node types, their resources,
+min_workers / max_workers, the cluster's max_workers and upscaling_speed. What it changes:
   * CPUs: one per GPU (at least one) instead of the instance's vCPUs, so that two "g5.xlarge"
     nodes fit a 2-core host; GPU counts and other resources stay (a fake node has a GPU id
     but no CUDA: jobs request the GPU resource and compute on CPU).
@@ -18,11 +19,20 @@ max_workers and upscaling_speed. What it changes, and why:
   * the head is `ray.head.default` (the name the provider gives the head it does not start),
     with the head type's resources (CPU 0: it runs drivers and Ray Train's controller only).
   * idle_timeout: seconds instead of minutes, so removal of idle nodes is seen in a test.
-Probed with Ray 2.60.0: `ray up` cannot start a fake_multinode cluster (the wheel lacks the
+Probed with Ray 2.60.0: `ray up` cannot start a fake multi-node cluster (the wheel lacks the
 provider's example.yaml; relaunching the fake head fails with KeyError 'node'), but
 `RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config=FILE` can, with the provider's
 `gcs_address` set (else it assumes port 6379) and `launch_multiple: true`.
 
+Autoscaler v2 (RAY_enable_autoscaler_v2=1), not v1: with v1 the fake cluster launched a third,
+idle node in 2 of 3 runs for a placement group of two {CPU: 1, GPU: 1} bundles. Its update
+after the first two nodes had joined still listed the placement group as pending (the demand
+report lags the reservation by one update) and queued two more nodes; before that, the
+provider's one-by-one launch let an update see one node of two with no launch pending. v2's
+instance manager tracks every requested instance until it runs Ray: exactly two nodes in
+every run. Under v2 the provider is given as `type: external` with Ray's own class
+(FakeMultiNodeProvider): for the type `fake_multinode` v2 reads defaults from the missing
+example.yaml and its monitor dies (FileNotFoundError in monitor.err).
 Ports: everything on free ports, the head's worker processes included (`--worker-port-list`;
 Ray's default range 10002-19999 may be another cluster's). Fake worker nodes pick their own
 free ports (the provider starts them with port 0). Every fake node shares the head's temp dir,

@@ -54,8 +54,10 @@ def test_autoscaler_starts_gpu_nodes_for_a_submitted_training_and_removes_them(
 
     from fake_cluster import FakeAutoscalingCluster
 
-    cluster = FakeAutoscalingCluster(ROOT / "cluster.yaml", env=object_store.env, idle_timeout_s=4,
-                                     log=lambda *_: None)
+    # as cluster.yaml's ~/chimera.env: CHIMERA_STORAGE (the jobs' default storage) in every Ray
+    # process of the cluster, and the object store's settings (an instance profile's part)
+    cluster = FakeAutoscalingCluster(ROOT / "cluster.yaml", idle_timeout_s=4, log=lambda *_: None,
+                                     env={**object_store.env, "CHIMERA_STORAGE": s3_prefix})
     gpu = cluster.cluster["available_node_types"][GPU_TYPE]["resources"]
     want = {k: v for k, v in gpu.items() if k != "CPU"}          # CPUs: one per worker (num_threads)
     assert cluster.config["available_node_types"][GPU_TYPE]["max_workers"] == \
@@ -73,7 +75,7 @@ def test_autoscaler_starts_gpu_nodes_for_a_submitted_training_and_removes_them(
         job_id = f"autoscale-{time.time_ns()}"
         cmd = [cluster.ray_bin, "job", "submit", f"--address={cluster.dashboard_url}",
                f"--submission-id={job_id}", "--", sys.executable, str(ROOT / "jobs" / "train.py"),
-               "--data_dir", str(train_char_data), "--storage_path", s3_prefix, "--run_name", run,
+               "--data_dir", str(train_char_data), "--run_name", run,      # storage: the default
                *TINY, "--num_workers", "2", "--worker_resources", json.dumps(want),
                "--max_iters", "10", "--log_interval", "5", "--save_model", "--ckpt_interval", "10"]
         with open(log, "w") as f:
