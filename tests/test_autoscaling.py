@@ -123,5 +123,5 @@ def test_autoscaler_starts_gpu_nodes_for_a_submitted_training_and_removes_them(
     local = storage.download_dir(ckpt, tmp_path / "ckpt")
     assert h1 == h2 == hashlib.sha256((local / WEIGHTS).read_bytes()).hexdigest()
     assert storage.read_json(storage.join(ckpt, "config.json"))["n_layer"] == 2
-    print(f"\nautoscaling: job {job_s:.1f} s (cluster start included), idle removal "
-          f"{idle_s:.1f} s, nodes {seen}")
+    print(f"\nautoscaling: cluster start + job {job_s:.1f} s, worker nodes gone {idle_s:.1f} s "
+          f"after `ray job submit` returned, nodes {seen}")
