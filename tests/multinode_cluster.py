@@ -21,6 +21,9 @@ Scenarios (the result JSON gives node ids by name, the return code, and what the
              replacement would); the run resumes from its last checkpoint on a and c and finishes.
   sweep      jobs/sweep.py with two 1-CPU trials on nodes a and b; the result lists the node
              of every Tune trial actor (Ray's state API: the head runs the dashboard).
+  elastic    a run on 1..2 workers (--min_workers 1) on a and b; once a checkpoint is registered
+             b is killed and the run goes on with one worker; once it has, c joins and the run
+             grows back to two workers (a and c) and finishes.
 """
 from __future__ import annotations
 
@@ -160,6 +163,50 @@ def node_loss(args) -> dict:
     return out
 
 
+def _rows(run_dir: Path) -> list[dict]:
+    try:
+        return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l]
+    except (OSError, ValueError):       # not there yet, or a line mid-write
+        return []
+
+
+def _wait(what: str, cond, t, timeout: float = 240) -> bool:
+    deadline = time.monotonic() + timeout
+    while t.is_alive() and time.monotonic() < deadline:
+        if cond():
+            _log(what)
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def elastic(args) -> dict:
+    """An elastic run (1..2 workers): b is killed once a checkpoint is registered, the run goes
+    on with one worker; once it has, c joins and the run grows back to two."""
+    cluster, nodes = _start_cluster(["a", "b"])
+    run_dir = Path(args.storage) / "elastic"
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.update(rc=_train(
+        args, ["--run_name", "elastic", "--max_iters", str(args.max_iters), "--log_interval", "10",
+               "--save_model", "--ckpt_interval", "20", "--max_failures", "3",
+               "--min_workers", "1", "--resize_interval_s", "2"])), daemon=True)
+    t.start()
+    out = {"nodes": {n: v.node_id for n, v in nodes.items()}, "run": "elastic"}
+    if _wait("a checkpoint of the 2-worker run is registered: killing node b",
+             lambda: _committed_step(run_dir) is not None, t):
+        out["checkpoint_seen"] = _committed_step(run_dir)
+        cluster.remove_node(nodes["b"], allow_graceful=False)     # kill -9, like a lost instance
+        out["removed"] = "b"
+        if _wait("the run goes on with 1 worker: node c joins",
+                 lambda: any(r.get("world_size") == 1 for r in _rows(run_dir)), t):
+            nodes["c"] = cluster.add_node(num_cpus=1)
+            out["nodes"]["c"] = nodes["c"].node_id
+            out["added"] = "c"
+    t.join(timeout=400)
+    out["rc"] = box.get("rc", "timeout" if t.is_alive() else "no return code")
+    return out
+
+
 def _trial_nodes() -> list[dict]:
     """Node id and pid of every Tune function-trial actor that ran on the cluster."""
     from ray.util.state import list_actors
@@ -194,11 +241,11 @@ def sweep(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("scenario", choices=["spread", "node_loss", "sweep"])
+    p.add_argument("scenario", choices=["spread", "node_loss", "sweep", "elastic"])
     p.add_argument("--data", required=True, help="prepared char shards (tests' train_char_data)")
     p.add_argument("--storage", required=True, help="the shared storage_path of every node")
     p.add_argument("--out", required=True, help="result JSON")
-    p.add_argument("--max_iters", type=int, default=120, help="node_loss: run length")
+    p.add_argument("--max_iters", type=int, default=120, help="node_loss, elastic: run length")
     args = p.parse_args(argv)
     # fewer helper actors/processes per run on small CI machines (as in tests/conftest.py)
     for k in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_ENABLE_PRINT_PATCH",
@@ -207,9 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     # the controller polls workers (reports, health) every 2 s by default: a lost node is
     # noticed, and reports are collected, sooner
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # elastic: a worker group that waits for a node that is gone gives up sooner (default 60 s)
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
     t0 = time.monotonic()
     try:
-        result = {"spread": spread, "node_loss": node_loss, "sweep": sweep}[args.scenario](args)
+        result = {"spread": spread, "node_loss": node_loss, "sweep": sweep,
+                  "elastic": elastic}[args.scenario](args)
     finally:
         import ray
         _log("scenario done")

@@ -2,7 +2,9 @@
 invariants: nothing but SSH opened (the Serve port only through the commented-out rule, and
 never to the world), dashboard on localhost, token auth on every node, shared s3:// storage
 as the jobs' default, S3 access for the workers, a CUDA-12-capable AMI, the pinned Ray image
-and pinned install, repository synced."""
+and pinned install, repository synced; the bucket named once, data prepared once by a job into
+the bucket (no node prepares anything), worker resources as the instances have them, and GPU
+requests placed on on-demand nodes unless they ask for spot (Ray's own placement, offline)."""
 from __future__ import annotations
 
 import copy
@@ -151,3 +153,107 @@ def test_every_node_gets_a_modern_gpu_ami(cluster):
     ami = next(iter(amis.values()))
     assert ami and ami not in ray_defaults and ami.lower() != "latest_dlami"
     assert ami.startswith("resolve:ssm:/aws/service/deeplearning/ami/x86_64/") and "ubuntu-22.04" in ami
+
+
+def _strings(x):
+    """Every string value of a parsed YAML document."""
+    if isinstance(x, dict):
+        for v in x.values():
+            yield from _strings(v)
+    elif isinstance(x, list):
+        for v in x:
+            yield from _strings(v)
+    elif isinstance(x, str):
+        yield x
+
+
+def test_the_bucket_is_named_once(cluster):
+    uses = [s for s in _strings(cluster) if "YOUR-BUCKET" in s]
+    assert uses == ["echo 'export CHIMERA_STORAGE=s3://YOUR-BUCKET/chimera' > ~/chimera.env"]
+    assert cluster["setup_commands"][0] == uses[0]              # "the first line of setup_commands"
+
+
+def _header_commands() -> list[str]:
+    """The commands of the file's opening comment, continuation lines joined."""
+    out, cur = [], ""
+    for line in TEXT.splitlines():
+        if not line.startswith("#"):
+            break
+        if line.startswith("#   "):
+            text = line[4:].split("  #")[0].rstrip()
+            cur = f"{cur} {text.strip()}" if cur else text
+            if not cur.endswith("\\"):
+                out.append(cur)
+                cur = ""
+            else:
+                cur = cur[:-1].rstrip()
+    return out
+
+
+def test_data_is_prepared_once_by_a_job_into_the_bucket_and_read_from_there(cluster):
+    active = [c for k in ("setup_commands", "head_setup_commands", "worker_setup_commands",
+                          "head_start_ray_commands", "worker_start_ray_commands")
+              for c in cluster.get(k, [])]
+    assert not any("prepare.py" in c for c in active), "a node prepares data at start-up"
+    cmds = _header_commands()
+    order = [next(i for i, c in enumerate(cmds) if c.startswith(p)) for p in (
+        "aws s3 mb s3://YOUR-BUCKET", "ray get-auth-token --generate", "ray up cluster.yaml",
+        "ray dashboard cluster.yaml", "export RAY_AUTH_MODE=token",
+        "ray job submit --working-dir . -- python jobs/prepare.py",
+        "ray job submit --working-dir . -- python jobs/train.py", "ray down cluster.yaml")]
+    assert order == sorted(order), cmds
+    prep = next(c for c in cmds if "jobs/prepare.py" in c).split()
+    train = next(c for c in cmds if "jobs/train.py" in c).split()
+    out, data = prep[prep.index("--out") + 1], train[train.index("--data_dir") + 1]
+    assert out == data == "'$CHIMERA_STORAGE/data/shakespeare_char'"   # expanded on the head
+    # the jobs' flags exist (an unknown flag would fail on the cluster, after minutes of ray up)
+    sys.path.insert(0, str(ROOT / "jobs"))
+    try:
+        import train as train_job
+        known = {o for a in train_job.build_parser()._actions for o in a.option_strings}
+    finally:
+        sys.path.remove(str(ROOT / "jobs"))
+    assert {"--num_workers", "--use_gpu", "--data_dir"} <= known
+    job_args = train[train.index("jobs/train.py") + 1:]
+    assert {a for a in job_args if a.startswith("--")} <= known
+
+
+# what the instances have: the autoscaler plans with the declared resources
+INSTANCES = {"g5.xlarge": {"CPU": 4, "GPU": 1}, "p4d.24xlarge": {"CPU": 96, "GPU": 8}}
+
+
+def test_worker_resources_are_the_instances(cluster):
+    for name, t in cluster["available_node_types"].items():
+        if name == cluster["head_node_type"]:
+            continue
+        r = {k: v for k, v in t["resources"].items() if k != "spot"}
+        assert r == INSTANCES[t["node_config"]["InstanceType"]], name
+        spot = t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+        assert ("spot" in t["resources"]) == spot, f"{name}: the spot marker must mark spot types"
+
+
+def _autoscaler_picks(cluster: dict, bundles: list[dict]) -> dict:
+    """Ray's own (autoscaler v1) choice of node types to add for these bundles, offline."""
+    from functools import partial
+
+    from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
+    from ray.autoscaler._private.resource_demand_scheduler import (_default_utilization_scorer,
+                                                                   get_nodes_for)
+    full = _validate(cluster)
+    scorer = partial(_default_utilization_scorer,
+                     node_availability_summary=NodeAvailabilitySummary(node_availabilities={}))
+    add, rest = get_nodes_for(full["available_node_types"], {}, full["head_node_type"],
+                              full["max_workers"], bundles, scorer)
+    assert not rest, rest
+    return dict(add)
+
+
+def test_gpu_requests_get_on_demand_nodes_and_spot_only_on_request(cluster):
+    gpu1 = {"CPU": 1, "GPU": 1}
+    assert _autoscaler_picks(cluster, [gpu1, gpu1]) == {"gpu_1x": 2}      # a 2-worker training
+    assert _autoscaler_picks(cluster, [{**gpu1, "spot": 1}] * 2) == {"gpu_1x_spot": 2}
+    assert _autoscaler_picks(cluster, [{"CPU": 1, "GPU": 8}]) == {"gpu_8x": 1}
+    # without the marker the two g5 types tie, and Ray's tie-break (names, descending) is spot
+    tied = copy.deepcopy(cluster)
+    tied["available_node_types"]["gpu_1x_spot"]["resources"].pop("spot")
+    assert _autoscaler_picks(tied, [gpu1, gpu1]) == {"gpu_1x_spot": 2}

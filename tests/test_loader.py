@@ -173,8 +173,43 @@ def test_bad_loader_arguments(char_data):
         ShardLoader(char_data, block_size=0)
     state = ShardLoader(char_data, block_size=64, world_size=2).state_dict()
     loader = ShardLoader(char_data, block_size=64, world_size=4)
-    with pytest.raises(ValueError, match="another stream: world_size=2, this loader has "
-                                         "world_size=4"):
-        loader.load_state_dict(state)
+    n = state["windows"]
+    with pytest.raises(ValueError, match=f"another stream: windows={n + 1}, this data has {n} per "
+                                         f"rank at world_size=2"):
+        loader.load_state_dict({**state, "windows": n + 1})
+    with pytest.raises(ValueError, match="invalid world_size=0"):
+        loader.load_state_dict({**state, "world_size": 0})
     with pytest.raises(ValueError, match="another stream: seed=0, this loader has seed=1"):
         ShardLoader(char_data, block_size=64, world_size=2, seed=1).load_state_dict(state)
+
+
+def test_another_world_size_resumes_at_the_next_whole_epoch(char_data):
+    """An elastic resize (2 ranks -> 1 -> 2): the stream restarts at the start of the next
+    epoch, dealt to the new world size, and says so; the same world size resumes exactly."""
+    kw = dict(block_size=64, batch_size=16, seed=3)
+    two = [ShardLoader(char_data, rank=r, world_size=2, **kw) for r in (0, 1)]
+    for loader in two:
+        for _ in range(5):
+            loader.next_batch()
+    state = two[0].state_dict()
+    assert (state["epoch"], state["position"]) == (0, 80)
+    one = ShardLoader(char_data, world_size=1, **kw)
+    note = one.load_state_dict(state)
+    assert note and "world size 2 -> 1" in note and "start of epoch 1" in note
+    assert (one.epoch, one.position) == (1, 0)
+    fresh = ShardLoader(char_data, world_size=1, **kw)
+    assert fresh.load_state_dict({**fresh.state_dict(), "epoch": 1, "position": 0}) is None
+    assert torch.equal(one.next_batch()[0], fresh.next_batch()[0])    # epoch 1 of 1 rank, whole
+    # a state at the very start of an epoch loses nothing: that epoch, re-dealt
+    one.load_state_dict({**state, "epoch": 4, "position": 0})
+    assert (one.epoch, one.position) == (4, 0)
+    # growing back 1 -> 2: the two ranks' epochs are disjoint and together the whole split
+    back = [ShardLoader(char_data, rank=r, world_size=2, **kw) for r in (0, 1)]
+    notes = [b.load_state_dict(one.state_dict()) for b in back]
+    assert all("world size 1 -> 2" in n and "epoch 4" in n for n in notes)
+    ids = [set(epoch_windows(b, 4).tolist()) for b in back]
+    assert not ids[0] & ids[1] and len(ids[0] | ids[1]) == 2 * back[0].windows
+    # the same world size continues at the exact position, with no note
+    again = ShardLoader(char_data, rank=0, world_size=2, **kw)
+    assert again.load_state_dict(state) is None and (again.epoch, again.position) == (0, 80)
+    assert torch.equal(again.next_batch()[0], two[0].next_batch()[0])

@@ -88,3 +88,36 @@ def test_sweep_spreads_trials_across_nodes(train_char_data, tmp_path):
         last = (root / name / "result.json").read_text().splitlines()[-1]
         placed[name] = node_of_pid[json.loads(last)["pid"]]
     assert sorted(placed.values()) == sorted([r["nodes"]["a"], r["nodes"]["b"]]), placed
+
+
+def test_elastic_run_shrinks_on_node_loss_and_grows_back(train_char_data, tmp_path):
+    """--min_workers 1 --num_workers 2: losing node b, the run goes on with one worker (from its
+    last checkpoint, grad_accum doubled: the same tokens per step); when node c joins it grows
+    back to two workers (again from the last checkpoint) and finishes on a and c."""
+    max_iters = 2000
+    r, storage = _scenario("elastic", train_char_data, tmp_path, "--max_iters", str(max_iters))
+    assert r.get("removed") == "b" and r.get("added") == "c", f"the scenario did not run: {r}"
+    rows = _rows(storage / "elastic")
+    phases = []                                     # (world size, its rows), in order
+    for x in rows:
+        if not phases or phases[-1][0] != x["world_size"]:
+            phases.append((x["world_size"], []))
+        phases[-1][1].append(x)
+    assert [w for w, _ in phases] == [2, 1, 2], [(w, len(p)) for w, p in phases]
+    (_, first), (_, shrunk), (_, grown) = phases
+    assert "resumed_from_step" not in first[0]
+    for before, after in ((first, shrunk), (shrunk, grown)):
+        resumed = after[0]["resumed_from_step"]
+        assert resumed % 20 == 0 and resumed <= max(x["step"] for x in before)   # a checkpoint
+        assert after[0]["step"] == resumed + 10                                   # the next row
+        assert all(x["resumed_from_step"] == resumed for x in after)
+        steps = [x["step"] for x in after]
+        assert steps == sorted(steps) and len(set(steps)) == len(steps)           # steps go on
+    assert shrunk[0]["resumed_from_step"] >= r["checkpoint_seen"]
+    assert all(x["tokens"] == x["step"] * 2 * 8 * 32 for x in rows)    # same tokens per step
+    last = rows[-1]
+    assert last["step"] == max_iters and last["done"] and last["world_size"] == 2
+    nodes = r["nodes"]
+    assert sorted(last["node_ids"]) == sorted([nodes["a"], nodes["c"]])
+    assert last["param_hashes"][0] == last["param_hashes"][1]
+    assert (storage / "elastic" / f"checkpoint_{max_iters:06d}" / "config.json").is_file()

@@ -74,17 +74,25 @@ class LocalCluster:
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
 
+    def start_command(self) -> list[str]:
+        """`ray start --head` of this cluster (a subclass adds its own flags)."""
+        return [self.ray_bin, "start", "--head", f"--num-cpus={self.num_cpus}", "--num-gpus=0",
+                "--node-ip-address=127.0.0.1",
+                f"--port={self.gcs_port}", f"--temp-dir={self.temp_dir}",
+                "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--dashboard-agent-listen-port={self.ports[2]}",
+                f"--ray-client-server-port={self.ports[3]}", "--disable-usage-stats"]
+
+    def start_env(self) -> dict[str, str]:
+        """The environment of `ray start`: every process of the cluster inherits it."""
+        return {k: v for k, v in self.env.items() if k != "RAY_ADDRESS"}
+
     def start(self) -> "LocalCluster":
-        cmd = [self.ray_bin, "start", "--head", f"--num-cpus={self.num_cpus}", "--num-gpus=0",
-               "--node-ip-address=127.0.0.1",
-               f"--port={self.gcs_port}", f"--temp-dir={self.temp_dir}",
-               "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-               f"--dashboard-port={self.dashboard_port}",
-               f"--dashboard-agent-listen-port={self.ports[2]}",
-               f"--ray-client-server-port={self.ports[3]}", "--disable-usage-stats"]
+        cmd = self.start_command()
         self.started = True          # from here on stop() must run, even if start fails
         self._write_token()
-        env = {k: v for k, v in self.env.items() if k != "RAY_ADDRESS"}
+        env = self.start_env()
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
         if out.returncode != 0:
             raise RuntimeError(f"ray start failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")

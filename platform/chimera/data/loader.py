@@ -40,7 +40,16 @@ still deterministic, random val windows.
 State: {"version": 1, "split", "epoch", "position" (windows of this epoch already consumed),
 "seed", "world_size", "block_size", "shuffle", "windows" (per rank), "data" (sha256 of the
 split's shard list)}. load_state_dict refuses a state of a different stream (other data,
-split, seed, world size, block size or shuffle); batch_size may change.
+split, seed, block size or shuffle); batch_size may change.
+
+Another world size (an elastic run that lost or gained workers, chimera.train.config
+min_workers): the windows are dealt to the ranks anew, so no position inside the old epoch means
+the same thing in the new one, and the old epoch's remaining windows cannot be told apart per
+rank. The stream resumes at the start of the first epoch the old stream had not begun (its epoch
++ 1, or its epoch when it stood at position 0), dealt to the new world size: no window is seen
+twice in one epoch and every epoch from there on is whole; what the old workers had not yet
+read of their current epoch is skipped. load_state_dict returns a note saying so (None when the
+world size is the same), which the Trainer prints.
 """
 from __future__ import annotations
 
@@ -185,20 +194,36 @@ class ShardLoader:
                 "block_size": self.block_size, "shuffle": self.shuffle,
                 "windows": self.windows, "data": self._data_id}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> str | None:
+        """Continue the stream `state` describes; ValueError for another stream. Another
+        world size resumes at the next whole epoch (module docstring): a note saying so."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')!r} is not "
                              f"{STATE_VERSION}")
         mine = self.state_dict()
-        for key in ("data", "split", "seed", "world_size", "block_size", "shuffle", "windows"):
+        for key in ("data", "split", "seed", "block_size", "shuffle"):
             if state.get(key) != mine[key]:
                 raise ValueError(f"loader state is for another stream: {key}={state.get(key)!r}, "
                                  f"this loader has {key}={mine[key]!r}")
+        old_world = state.get("world_size")
+        if not isinstance(old_world, int) or isinstance(old_world, bool) or old_world < 1:
+            raise ValueError(f"loader state has an invalid world_size={old_world!r}")
+        old_windows = self.windows if old_world == self.world_size else \
+            (int(self._first[-1]) // old_world)
+        if state.get("windows") != old_windows:
+            raise ValueError(f"loader state is for another stream: windows={state.get('windows')!r}, "
+                             f"this data has {old_windows} per rank at world_size={old_world}")
         epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or not 0 <= position <= self.windows:
+        if epoch < 0 or not 0 <= position <= old_windows:
             raise ValueError(f"loader state has an invalid position: epoch={epoch}, "
-                             f"position={position} of {self.windows} windows")
-        self.epoch, self.position = epoch, position
+                             f"position={position} of {old_windows} windows")
+        if old_world == self.world_size:
+            self.epoch, self.position = epoch, position
+            return None
+        self.epoch, self.position = (epoch if position == 0 else epoch + 1), 0
+        return (f"{self.split} data: world size {old_world} -> {self.world_size}: windows dealt "
+                f"anew, resuming at the start of epoch {self.epoch} (the old stream stood at "
+                f"epoch {epoch}, window {position} of {old_windows} per rank)")
 
     def __repr__(self) -> str:
         return (f"ShardLoader({str(self.data_dir)!r}, split={self.split!r}, "

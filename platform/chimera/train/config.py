@@ -100,7 +100,21 @@ class TrainConfig:
     compile: bool = opt(False,
         "torch.compile the model")
     num_workers: int = opt(1,
-        "Ray Train workers (data-parallel ranks)")
+        "Ray Train workers (data-parallel ranks); with min_workers: the most workers")
+    min_workers: int | None = opt(None,
+        "elastic data-parallel training: run on any number of workers from min_workers to "
+        "num_workers that the cluster has room for; when a node is lost the run restarts from its "
+        "last checkpoint on fewer workers, and it grows back (again from the last checkpoint) when "
+        "room appears, checked every resize_interval_s. total_batch_size_str must divide for every "
+        "world size in the range (grad_accum follows the world size: the tokens per step stay the "
+        "same); the data stream restarts at the next epoch on a resize (chimera.data.loader). "
+        "Default: exactly num_workers")
+    resize_interval_s: float = opt(60.0,
+        "elastic runs (min_workers): seconds between checks for room to grow the worker group")
+    worker_resources: str | None = opt(None,
+        "extra Ray resources every worker requests, a JSON object of name -> amount, e.g. "
+        "'{\"GPU\": 1}' to be placed on a GPU node type while computing on CPU (only --use_gpu "
+        "computes on CUDA), or a custom resource of a node type; CPUs come from num_threads")
     in_process: bool | None = opt(None,
         "train in this process, without starting Ray (one worker only); default: when a run can "
         "(1 worker, no --max_failures, local storage, no RAY_ADDRESS), else on Ray Train", "auto")
@@ -124,6 +138,9 @@ class TrainConfig:
         "test hook: the last rank exits once at this step (0: never)")
 
     def __post_init__(self) -> None:
+        if isinstance(self.worker_resources, Mapping):        # a mapping in a --config file
+            object.__setattr__(self, "worker_resources",
+                               json.dumps(dict(self.worker_resources), sort_keys=True))
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             kind = {"int": int, "float": float, "bool": bool, "str": str}.get(
@@ -160,9 +177,17 @@ class TrainConfig:
         for k in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, k) < 1.0:
                 raise TrainConfigError(f"{k}={getattr(self, k)} must be in [0, 1)")
-        if self.in_process and (self.num_workers != 1 or self.max_failures != 0):
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
+            raise TrainConfigError(f"min_workers={self.min_workers} must be in [1, num_workers="
+                                   f"{self.num_workers}]")
+        if not self.resize_interval_s > 0:
+            raise TrainConfigError(f"resize_interval_s={self.resize_interval_s} must be > 0")
+        self.extra_resources()                    # TrainConfigError when it is not valid
+        if self.in_process and (self.num_workers != 1 or self.max_failures != 0
+                                or self.min_workers is not None):
             raise TrainConfigError(f"in_process runs one worker without restarts: got num_workers="
-                                   f"{self.num_workers}, max_failures={self.max_failures}")
+                                   f"{self.num_workers}, max_failures={self.max_failures}, "
+                                   f"min_workers={self.min_workers}")
         if self.tokenizer is not None:
             from chimera.data.tokenizers import TOKENIZERS
             if self.tokenizer not in TOKENIZERS:
@@ -176,6 +201,27 @@ class TrainConfig:
         for k in self.model:
             if k not in mconfig.MODEL_KEYS:
                 raise _unknown(k, mconfig.MODEL_KEYS)
+
+    def extra_resources(self) -> dict[str, float]:
+        """worker_resources as a mapping (empty when not given); TrainConfigError naming the
+        key when it is not a JSON object of resource names to non-negative amounts."""
+        if self.worker_resources is None:
+            return {}
+        try:
+            d = json.loads(self.worker_resources)
+        except json.JSONDecodeError as e:
+            raise TrainConfigError(f"worker_resources={self.worker_resources!r} is not JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise TrainConfigError(f"worker_resources={self.worker_resources!r} must be a JSON "
+                                   f"object of resource name -> amount")
+        for k, v in d.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise TrainConfigError(f"worker_resources[{k!r}]={v!r} must be a number >= 0")
+        if "CPU" in d:
+            raise TrainConfigError("worker_resources: CPU is set by num_threads (CPUs per worker)")
+        if "GPU" in d and self.use_gpu:
+            raise TrainConfigError("worker_resources: GPU is already 1 per worker with use_gpu")
+        return {k: float(v) for k, v in d.items()}
 
     @property
     def total_batch_size(self) -> int:

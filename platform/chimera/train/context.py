@@ -49,12 +49,15 @@ class UnderRayTrain:
         quiet_report_log()
 
     def device(self, use_gpu: bool) -> torch.device:
+        """Ray's device for this worker with use_gpu; the CPU otherwise, even on a node with
+        a GPU (a worker that only requests one through worker_resources computes on CPU)."""
         import ray.train.torch
-        return ray.train.torch.get_device()
+        return ray.train.torch.get_device() if use_gpu else torch.device("cpu")
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """DDP (gloo on CPU, NCCL on GPU) on the device the model is on (device() above)."""
         import ray.train.torch
-        return ray.train.torch.prepare_model(model)    # DDP: gloo on CPU, NCCL on GPU
+        return ray.train.torch.prepare_model(model, move_to_device=next(model.parameters()).device)
 
     def latest_checkpoint(self):
         import ray.train

@@ -40,12 +40,13 @@ def train_fn_per_worker(config: dict[str, Any], report: Callable[[dict], None] |
 def runs_in_process(plan: RunPlan) -> bool:
     """Where jobs/train.py trains: in its own process (no Ray started) when asked, or by default
     when nothing needs Ray Train: one worker, no restarts (--max_failures 0), local storage, no
-    cluster to join (RAY_ADDRESS unset or "local"). A re-run resumes from the run's own latest
+    cluster to join (RAY_ADDRESS unset or "local"), not elastic. A re-run resumes from the run's own latest
     checkpoint either way; on a cluster (`ray job submit`) it is always Ray Train."""
     tc = plan.train
     if tc.in_process is not None:
         return tc.in_process
-    return (tc.num_workers == 1 and tc.max_failures == 0 and "://" not in plan.run_dir
+    return (tc.num_workers == 1 and tc.max_failures == 0 and tc.min_workers is None
+            and "://" not in plan.run_dir
             and os.environ.get("RAY_ADDRESS", "local") == "local")
 
 
@@ -68,7 +69,7 @@ def fit(plan: RunPlan, callbacks: list | None = None,
     `callbacks`: Ray Train user callbacks (a sweep trial passes Tune's TuneReportCallback).
     `report_evals`: report every eval row to Ray (that callback needs them), not only
     checkpoints and the last row."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from chimera.runtime import started_local
@@ -79,11 +80,9 @@ def fit(plan: RunPlan, callbacks: list | None = None,
     if not started_local():          # a local instance's workers inherit init_ray's settings
         from chimera.runtime import TRAIN_ENV
         env.update(TRAIN_ENV)
-    per_worker = {"CPU": max(1, tc.num_threads), **({"GPU": 1} if tc.use_gpu else {})}
     trainer = (_local_trainer_class() if started_local() else TorchTrainer)(
         train_fn, train_loop_config={**plan.worker_config, "report_evals": report_evals},
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker=per_worker),
+        scaling_config=scaling_config(tc),
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         run_config=RunConfig(name=plan.run_name, storage_path=plan.storage_path,
                              failure_config=FailureConfig(max_failures=tc.max_failures),
@@ -102,6 +101,21 @@ def fit(plan: RunPlan, callbacks: list | None = None,
     return {"step": m.get("step"), "metrics": m, "last_checkpoint":
             result.checkpoint.path if result.checkpoint else None, "best_checkpoint": best,
             "resumed_from_step": m.get("resumed_from_step")}
+
+
+def scaling_config(tc: TrainConfig):
+    """Ray Train's ScalingConfig of a run: num_workers (min_workers..num_workers when elastic),
+    CPUs (num_threads), one GPU with use_gpu, plus worker_resources."""
+    from ray.train import ScalingConfig
+    per_worker = {"CPU": max(1, tc.num_threads), **({"GPU": 1} if tc.use_gpu else {}),
+                  **tc.extra_resources()}
+    # Ray refuses GPU in resources_per_worker without use_gpu; a worker computes on CUDA only
+    # with tc.use_gpu all the same (UnderRayTrain.device): worker_resources only places it
+    workers = tc.num_workers if tc.min_workers is None else (tc.min_workers, tc.num_workers)
+    elastic = {} if tc.min_workers is None else {
+        "elastic_resize_monitor_interval_s": tc.resize_interval_s}
+    return ScalingConfig(num_workers=workers, use_gpu=tc.use_gpu or per_worker.get("GPU", 0) > 0,
+                         resources_per_worker=per_worker, **elastic)
 
 
 def _local_trainer_class():

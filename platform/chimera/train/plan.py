@@ -51,9 +51,10 @@ def default_run_name(tc: TrainConfig, model_config: dict) -> str:
             if k not in ("model", "layer_configs", "layer_configs_jsonl", "storage_path",
                          "run_name", "resume_from", "wandb_log", "wandb_project",
                          "wandb_run_name", "max_failures", "crash_at_step", "num_threads",
-                         "in_process")}
-    if keep.get("tokenizer") is None:          # names from before the key existed stay valid
-        keep.pop("tokenizer", None)
+                         "in_process", "worker_resources", "resize_interval_s")}
+    for k in ("tokenizer", "min_workers"):     # names from before the key existed stay valid
+        if keep.get(k) is None:
+            keep.pop(k, None)
     blob = json.dumps({"model": model_config, "train": keep}, sort_keys=True, default=str)
     return f"{tc.dataset}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
@@ -117,12 +118,9 @@ def plan_run(tc: TrainConfig, world_size: int | None = None,
             raise TrainConfigError(f"model config: {e}") from None
         mc = resolve_model(tc.model, layers, tokenizer["vocab_size"])
     world = world_size or tc.num_workers
-    per_step = tc.batch_size * mc.block_size * world
-    total = tc.total_batch_size
-    if total % per_step:
-        raise TrainConfigError(
-            f"total_batch_size_str={tc.total_batch_size_str!r} = {total} tokens is not divisible "
-            f"by batch_size*block_size*num_workers = {tc.batch_size}*{mc.block_size}*{world} = {per_step}")
+    accum = grad_accum(tc, mc.block_size, world)
+    for w in range(tc.min_workers or world, world):      # an elastic run's smaller worlds
+        grad_accum(tc, mc.block_size, w, elastic=True)
     for split in ("train", "val"):
         tokens = manifest["splits"].get(split, {}).get("tokens", 0)
         if (tokens - 1) // mc.block_size < world:
@@ -153,4 +151,20 @@ def plan_run(tc: TrainConfig, world_size: int | None = None,
         raise TrainConfigError(f"run_name={name!r} must be a plain name (no '/')")
     tc = dataclasses.replace(tc, data_dir=str(data_dir), storage_path=storage_path, run_name=name)
     return RunPlan(train=tc, model_config=mc.to_dict(), tokenizer=tokenizer, data_dir=str(data_dir),
-                   storage_path=storage_path, run_name=name, grad_accum=total // per_step)
+                   storage_path=storage_path, run_name=name, grad_accum=accum)
+
+
+def grad_accum(tc: TrainConfig, block_size: int, world: int, elastic: bool = False) -> int:
+    """Micro-steps per optimizer step on `world` workers: total_batch_size / (batch_size *
+    block_size * world). TrainConfigError when it does not divide (`elastic`: the world size is
+    one an elastic run may shrink to, named as such)."""
+    per_step = tc.batch_size * block_size * world
+    total = tc.total_batch_size
+    if total % per_step:
+        what = (f"elastic min_workers={tc.min_workers}..num_workers={tc.num_workers}: at {world} "
+                f"worker(s), " if elastic else "")
+        raise TrainConfigError(
+            f"{what}total_batch_size_str={tc.total_batch_size_str!r} = {total} tokens is not "
+            f"divisible by batch_size*block_size*num_workers = {tc.batch_size}*{block_size}*"
+            f"{world} = {per_step}")
+    return total // per_step

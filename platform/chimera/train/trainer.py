@@ -64,6 +64,9 @@ class Trainer:
         self.ctx, self.hooks, self.report = ctx, list(hooks), report
         self.report_evals = bool(config.get("report_evals", False))
         self.rank, self.world = ctx.rank, ctx.world
+        if self.tc.min_workers is not None:        # elastic: this attempt's world size decides
+            from chimera.train.plan import grad_accum
+            self.accum = grad_accum(self.tc, self.mc.block_size, self.world, elastic=True)
         self.iter_num, self.best_val, self.resumed_from = 0, math.inf, None
         self.history: list[dict] = []
         self.last: dict[str, Any] = {}                 # the latest value of every metric
@@ -170,8 +173,10 @@ class Trainer:
         self.iter_num, self.best_val = int(st["step"]), float(st["best_val"])
         self.resumed_from = int(st["step"])
         try:
-            self.train_loader.load_state_dict(st["loader"])
-        except ValueError as e:          # e.g. another world size: start that stream afresh
+            note = self.train_loader.load_state_dict(st["loader"])
+            if note:                     # an elastic resize: the next epoch, re-partitioned
+                self.print0(f"note: {note}")
+        except ValueError as e:          # another stream (data, seed, ...): start it afresh
             self.print0(f"note: data position not restored ({e})")
         rngs = st["rng"]
         ckpt.set_rng_state(rngs[self.rank] if len(rngs) == self.world else rngs[0])
