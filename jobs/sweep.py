@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted sweep of this spec; finished trials are not rerun")
     p.add_argument("--storage_path", help="overrides the spec's storage_path (default <repo>/runs)")
     p.add_argument("--name", help="overrides the spec's name (the sweep directory's name)")
+    p.add_argument("--data_dir", help="every trial's prepared data (overrides base.data_dir): a "
+                   "folder or s3://...")
     p.add_argument("--dry_run", action="store_true", help="check and list the trials, launch nothing")
     return p
 
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         _print_report(rep)
         return 0
     try:
-        plan = expand(load_spec(args.spec, storage_path=args.storage_path, name=args.name))
+        plan = expand(load_spec(args.spec, storage_path=args.storage_path, name=args.name,
+                                data_dir=args.data_dir))
         from chimera.sweep.store import sweep_dir
         root = sweep_dir(plan.spec)
         storage.check_writable(root)                  # the storage takes writes, before Ray

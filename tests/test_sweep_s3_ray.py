@@ -1,5 +1,5 @@
 """A sweep whose storage is the real S3-compatible store (conftest.object_store): trials,
-sweep.json, summaries, Tune's state and the report all in s3://; the report read back from
+sweep.json, summaries, Tune's state, the report and the trials' data (--data_dir) all in s3://; the report read back from
 there (`--report s3://...`); an interrupted sweep resumed from s3:// (`--resume`) without
 rerunning finished trials; `--from_sweep s3://...` picks the winner's checkpoint in the store."""
 from __future__ import annotations
@@ -32,8 +32,10 @@ def _cli(args: list[str]) -> subprocess.Popen:
 def s3_sweep(ray_cluster, object_store, train_char_data, tmp_path_factory):
     """jobs/sweep.py on s3:// storage, Ctrl-C once the first trial finished, then --resume."""
     prefix = "s3://chimera-test/sweeps"
+    data = f"{prefix}-data/shakespeare_char"             # the trials read their shards from s3
+    storage.upload_dir(train_char_data, data)
     spec = {"name": "s3sweep", "storage_path": prefix,
-            "base": {"data_dir": str(train_char_data), "n_layer": 1, "n_embd": 32, "n_head": 4,
+            "base": {"data_dir": "/nonexistent/replaced-by-the-flag", "n_layer": 1, "n_embd": 32, "n_head": 4,
                      "block_size": 32, "batch_size": 8, "total_batch_size_str": "8*32",
                      "max_iters": 30, "warmup_steps": 2, "eval_interval": 10, "eval_iters": 2,
                      "log_interval": 10, "ckpt_interval": 1000},
@@ -42,7 +44,7 @@ def s3_sweep(ray_cluster, object_store, train_char_data, tmp_path_factory):
     f = tmp_path_factory.mktemp("spec") / "spec.yaml"
     f.write_text(yaml.safe_dump(spec))
     root = f"{prefix}/s3sweep"
-    p = _cli(["--spec", str(f)])
+    p = _cli(["--spec", str(f), "--data_dir", data])
     deadline = time.time() + 240
     while not storage.is_file(f"{root}/runs/t000/summary.json"):
         assert p.poll() is None, p.stdout.read()
@@ -52,10 +54,10 @@ def s3_sweep(ray_cluster, object_store, train_char_data, tmp_path_factory):
     out1, _ = p.communicate(timeout=120)
     done = {t: storage.read_text(f"{root}/runs/{t}/metrics.jsonl") for t in ("t000", "t001", "t002")
             if storage.is_file(f"{root}/runs/{t}/summary.json")}
-    p = _cli(["--spec", str(f), "--resume"])
+    p = _cli(["--spec", str(f), "--resume", "--data_dir", data])
     out2, _ = p.communicate(timeout=300)
     return {"root": root, "out1": out1, "out2": out2, "rc2": p.returncode, "done": done,
-            "spec": f}
+            "spec": f, "data": data}
 
 
 def test_interrupted_s3_sweep_resumes_from_the_store(s3_sweep):
@@ -67,6 +69,8 @@ def test_interrupted_s3_sweep_resumes_from_the_store(s3_sweep):
     doc = storage.read_json(f"{root}/results.json")
     assert sorted(r["status"] for r in doc["trials"]) == ["finished"] * 3
     assert "trials: 3 finished" in s3_sweep["out2"]
+    plan = storage.read_json(f"{root}/sweep.json")
+    assert {t["train"]["data_dir"] for t in plan["trials"]} == {s3_sweep["data"]}
     names = set(storage.listdir(root))
     assert {"sweep.json", "results.md", "results.csv", "results.json", "best_layers.jsonl",
             "best_train.yaml", "val_loss_curves.png", "runs"} <= names
@@ -121,6 +125,6 @@ def test_bad_sweep_uris_are_refused(s3_sweep, args, match):
 
 
 def test_a_second_sweep_into_the_same_s3_dir_is_refused(s3_sweep):
-    p = _cli(["--spec", str(s3_sweep["spec"])])
+    p = _cli(["--spec", str(s3_sweep["spec"]), "--data_dir", s3_sweep["data"]])
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 2 and "pass --resume to continue it" in out

@@ -423,13 +423,19 @@ def spec_keys() -> tuple[str, ...]:
 
 
 def load_spec(path: str | Path, **overrides: Any) -> SweepSpec:
-    """Read a YAML (.yaml/.yml) or JSON spec; `overrides` (e.g. storage_path from the CLI) win.
+    """Read a YAML (.yaml/.yml) or JSON spec; `overrides` (e.g. storage_path from the CLI) win;
+    `data_dir` goes into its base (the data of every trial).
     Relative paths in it resolve against the current directory."""
     from chimera.train.config import read_config_file
     p = Path(path)
     d = read_config_file(p, "--spec", SweepSpecError)
     _keys(f"--spec {p}", d, spec_keys())
+    data_dir = overrides.pop("data_dir", None)
     d.update({k: v for k, v in overrides.items() if v is not None})
+    if data_dir is not None:            # --data_dir: every trial's data (e.g. s3://.../x)
+        if not isinstance(d.get("base"), dict):
+            raise SweepSpecError(f"--spec {p}: missing 'base' (the jobs/train.py keys of every trial)")
+        d["base"] = {**d["base"], "data_dir": data_dir}
     if "name" not in d:
         d["name"] = p.stem
     if "base" not in d:
