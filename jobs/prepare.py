@@ -9,6 +9,10 @@ is downloaded (needs network); --source takes .txt/.jsonl/.parquet files or fold
 tokenizer reads its BPE files from $TIKTOKEN_CACHE_DIR when offline (see docs/data.md).
 Output: data/<dataset>_<tokenizer> under the repository (what jobs/train.py --dataset
 --tokenizer reads by default), or --out.
+--out s3://BUCKET/data/NAME (gs://, ... : any store pyarrow opens) prepares in a local staging
+folder and uploads; the manifest goes last, so a half-written dataset is never taken for a
+finished one. --num_workers N tokenizes in N Ray workers (the cluster of `ray job submit`, or a
+local instance); the shards are byte-identical to a 1-thread run.
 Interrupted? Re-run the same command: finished shards are kept.
 """
 from __future__ import annotations
@@ -31,11 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help=f"one of: {', '.join(DATASETS)}")
     p.add_argument("--source", nargs="+", help="local .txt/.jsonl/.parquet files or folders (default: download)")
     p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help=f"one of: {', '.join(TOKENIZERS)}")
-    p.add_argument("--out", help="output folder (default: <repo>/data/<dataset>_<tokenizer>)")
+    p.add_argument("--out", help="output folder or object-store URI, e.g. s3://BUCKET/data/x (default: <repo>/data/<dataset>_<tokenizer>)")
     p.add_argument("--text_column", default="text", help="text column of jsonl/parquet sources")
     p.add_argument("--shard_size", type=parse_count, default=DEFAULT_SHARD_SIZE, help="tokens per shard (e.g. 100M)")
     p.add_argument("--val_fraction", type=float, help="fraction of the text for validation (default per dataset)")
-    p.add_argument("--num_proc", type=int, help="tokenizer threads (default: all CPUs)")
+    p.add_argument("--num_proc", type=int, help="tokenizer threads in this process (default: all CPUs)")
+    p.add_argument("--num_workers", type=int, help="tokenize in this many Ray workers (one CPU each) instead of threads")
+    p.add_argument("--stage_dir", help="local staging folder of an object-store --out (default: <cache>/stage/<hash of the URI>)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset prepared with other settings")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
@@ -46,18 +52,20 @@ def main(argv: list[str] | None = None) -> int:
     setup()
     from chimera.data.sources import DataError
     from chimera.paths import resolve_data_dir
+    from chimera.storage import StorageError
     from chimera.data.prepare import prepare
     from chimera.data.tokenizers import TokenizerError
 
     args = build_parser().parse_args(argv)
-    out = resolve_data_dir(args.out, args.dataset, args.tokenizer)
     command = shlex.join(["python", "jobs/prepare.py", *(sys.argv[1:] if argv is None else argv)])
     try:
+        out = resolve_data_dir(args.out, args.dataset, args.tokenizer)
         r = prepare(args.dataset, out=out, sources=args.source, tokenizer=args.tokenizer,
                     text_column=args.text_column, shard_size=args.shard_size,
                     val_fraction=args.val_fraction, num_proc=args.num_proc,
+                    num_workers=args.num_workers, stage_dir=args.stage_dir,
                     overwrite=args.overwrite, command=command, progress=not args.no_progress)
-    except (DataError, TokenizerError, OSError) as e:
+    except (DataError, TokenizerError, StorageError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -3,6 +3,7 @@
     python jobs/prepare.py --dataset shakespeare --source ../shared/data/tinyshakespeare/input.txt
     from chimera.data.prepare import prepare
     result = prepare("tinystories", sources=["stories.jsonl"], tokenizer="gpt2", out="data/ts")
+    prepare("fineweb-edu", sources=["pq/"], out="s3://bucket/data/fw", num_workers=8)
 
 Pipeline (streaming; memory is bounded by a few task batches whatever the corpus size):
   1. sources -> fragments -> *pieces* of about PIECE_CHARS characters (sources.py: long
@@ -12,8 +13,9 @@ Pipeline (streaming; memory is bounded by a few task batches whatever the corpus
      of the concatenated documents, val = the rest (nanoGPT's shakespeare split; a document
      straddling the point is cut there). Hub sets with a validation split use it; hub sets
      without one send document i to val when floor((i+1)*f) > floor(i*f).
-  3. pieces are tokenized in a thread pool (tiktoken's core releases the GIL), in order; the
-     end-of-text id follows every document when the tokenizer has one (gpt2; char/byte: none).
+  3. groups of pieces are tokenized in a thread pool (tiktoken's core releases the GIL) or by
+     `num_workers` Ray workers (parallel.py), and come back in order; the end-of-text id
+     follows every document when the tokenizer has one (gpt2; char/byte: none).
   4. each split streams into ShardWriter: `.tmp` files renamed when full, sha256 on the fly.
      After every finished shard progress.json records the shards and where the next one starts
      in the item stream; a re-run with the same settings resumes there (finished shards are
@@ -22,6 +24,8 @@ Pipeline (streaming; memory is bounded by a few task batches whatever the corpus
      preparation does nothing; other settings into a finished folder need overwrite=True.
 Local sources and the char tokenizer first take a scan pass (character count for the split
 and the progress bar's total; the char vocabulary).
+An object-store `out` (s3://, gs://, ...: chimera.storage) runs the same pipeline in a local
+staging folder and uploads shards as they finish, the manifest last (publish.py).
 
 Testing hook: env CHIMERA_PREPARE_THROTTLE_S=<seconds> sleeps after each tokenized batch, so a
 test can kill a preparation mid-run.
@@ -33,32 +37,28 @@ import os
 import shlex
 import sys
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
-
+from chimera import storage
 from chimera.paths import DEFAULT_TOKENIZER
+from chimera.data.parallel import RayEncoder, ThreadEncoder, check_workers, encode_in_order
 from chimera.data.sources import (HARD_PIECE_CHARS, PIECE_CHARS, DataError, Source, get_dataset,
                                   pieces, resolve_source)
-from chimera.data.shards import (DTYPE, FORMAT, MANIFEST, MAX_VOCAB, PROGRESS, SPLITS, VERSION,
+from chimera.data.shards import (FORMAT, MANIFEST, MAX_VOCAB, PROGRESS, SPLITS, VERSION,
                                  ShardError, ShardWriter, is_shard_file, read_manifest,
                                  verify_shards, write_json_atomic)
 from chimera.data.tokenizers import TOKENIZERS, CharTokenizer, Tokenizer, get_tokenizer
 
-TASK_CHARS = 1 << 18         # characters per thread-pool task
-TASK_ITEMS = 512
 DEFAULT_SHARD_SIZE = 100_000_000
 
 
 @dataclass
 class PrepareResult:
-    out_dir: Path
-    manifest_path: Path
+    out_dir: str | Path          # a local folder (Path) or an object-store URI (str)
+    manifest_path: str | Path
     manifest: dict[str, Any]
     skipped: bool = False        # already prepared with the same settings: nothing done
     resumed_shards: int = 0      # finished shards kept from an interrupted run
@@ -82,10 +82,15 @@ def parse_count(text: str | int) -> int:
 def prepare(dataset: str, *, out: str | Path, sources: Sequence[str | Path] | None = None,
             tokenizer: str = DEFAULT_TOKENIZER, text_column: str = "text",
             shard_size: int = DEFAULT_SHARD_SIZE, val_fraction: float | None = None,
-            num_proc: int | None = None, overwrite: bool = False, command: str | None = None,
-            progress: bool = True, log: Callable[[str], None] = print) -> PrepareResult:
-    """Tokenize `dataset` into shards under `out`; see the module docstring. Raises DataError
-    (bad name, source, column, setting) or TokenizerError (gpt2 BPE files unavailable)."""
+            num_proc: int | None = None, num_workers: int | None = None,
+            stage_dir: str | Path | None = None, overwrite: bool = False,
+            command: str | None = None, progress: bool = True,
+            log: Callable[[str], None] = print) -> PrepareResult:
+    """Tokenize `dataset` into shards under `out` (a folder or an object-store URI); see the
+    module docstring. `num_proc` tokenizer threads here, or `num_workers` Ray workers;
+    `stage_dir`: the local staging folder of a URI `out`. Raises DataError (bad name, source,
+    column, setting), TokenizerError (gpt2 BPE files unavailable) or StorageError (a URI that
+    cannot be opened or written)."""
     spec = get_dataset(dataset)
     if tokenizer not in TOKENIZERS:
         raise DataError(f"unknown tokenizer {tokenizer!r}; choose from {', '.join(TOKENIZERS)}")
@@ -94,15 +99,24 @@ def prepare(dataset: str, *, out: str | Path, sources: Sequence[str | Path] | No
     frac = spec.val_fraction if val_fraction is None else float(val_fraction)
     if not 0.0 <= frac < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
-    threads = num_proc or os.cpu_count() or 1
-    if threads < 1:
-        raise DataError(f"num_proc must be >= 1, got {num_proc!r}")
-    out = Path(out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    check_workers(num_proc, num_workers)
     if not text_column:
         raise DataError("text_column must be a column name")
+    target = storage.resolve(out)                 # StorageError: "s3:/x", unknown scheme
+    remote = storage.is_uri(target)
+    if stage_dir is not None and not remote:
+        raise DataError(f"stage_dir is for an object-store out (s3://...); out={out} is a "
+                        f"local folder, prepared in place")
+    if remote and storage.is_uri(stage_dir):
+        raise DataError(f"stage_dir must be a local folder, got {stage_dir}")
+    if remote:
+        from chimera.data.publish import Publisher, check_remote, default_stage
+        local = Path(stage_dir).expanduser().resolve() if stage_dir else default_stage(target)
+    else:
+        local = Path(target)
+    local.mkdir(parents=True, exist_ok=True)
 
-    source = resolve_source(spec, sources, text_column, download_dir=out)
+    source = resolve_source(spec, sources, text_column, download_dir=local)
     if source.split_method == "hub" and val_fraction is not None:
         log(f"note: {spec.name} uses the hub's own validation split; --val_fraction is ignored")
     settings = {"format": FORMAT, "version": VERSION, "dataset": spec.name,
@@ -110,8 +124,37 @@ def prepare(dataset: str, *, out: str | Path, sources: Sequence[str | Path] | No
                 "split_method": source.split_method,
                 "val_fraction": None if source.split_method == "hub" else frac,
                 "piece_chars": [PIECE_CHARS, HARD_PIECE_CHARS]}
+    run = dict(spec=spec, source=source, settings=settings, tokenizer=tokenizer, frac=frac,
+               num_proc=num_proc, num_workers=num_workers, command=command,
+               progress=progress, log=log)
+    if not remote:
+        return _prepare_dir(local, overwrite=overwrite, **run)
 
-    done = _check_existing(out, settings, overwrite, log)
+    m = check_remote(target, settings, overwrite, _refuse_other, log)
+    if m is not None:
+        return PrepareResult(target, storage.join(target, MANIFEST), m, skipped=True)
+    pub = Publisher(target, local, log)
+    try:
+        r = _prepare_dir(local, overwrite=False, replace_other=True, on_shard=pub.submit, **run)
+        if r.skipped:
+            log(f"the staging folder {local} holds the finished shards: uploading them")
+        log(f"uploading to {target}")
+        pub.finish(r.manifest)
+    finally:
+        pub.close()
+    _clean(local)                       # the shards are in the store now; source/ stays
+    return PrepareResult(target, storage.join(target, MANIFEST), r.manifest,
+                         resumed_shards=r.resumed_shards)
+
+
+def _prepare_dir(out: Path, *, spec, source: Source, settings: dict, tokenizer: str,
+                 frac: float, num_proc: int | None, num_workers: int | None,
+                 command: str | None, progress: bool, log, overwrite: bool,
+                 replace_other: bool = False,
+                 on_shard: Callable[[Path], None] | None = None) -> PrepareResult:
+    """The local pipeline into folder `out` (the module docstring's steps 1-5). on_shard(path)
+    is called with every shard once it is final (the object-store upload)."""
+    done = _check_existing(out, settings, overwrite, log, replace_other)
     if isinstance(done, PrepareResult):
         return done
     state = done  # progress.json of an interrupted run with these settings, or None
@@ -137,17 +180,20 @@ def prepare(dataset: str, *, out: str | Path, sources: Sequence[str | Path] | No
     writers: dict[str, ShardWriter] = {}
     docs = {s: 0 for s in SPLITS}
 
-    def save_progress(_w: ShardWriter | None = None) -> None:
+    def save_progress(w: ShardWriter | None = None) -> None:
         write_json_atomic(out / PROGRESS, {
             "settings": settings, "tokenizer": tok.to_dict(), "scan": scan,
             "splits": {s: {"shards": w.shards, "next_item": w.next_item,
                            "next_offset": w.next_offset, "finished": w.finished}
                        for s, w in writers.items()}})
+        if on_shard is not None and w is not None and w.shards:
+            on_shard(out / w.shards[-1]["file"])      # recorded: final (repeats are ignored)
 
     for s in SPLITS:
         prev = state["splits"][s] if state else {}
-        writers[s] = ShardWriter(out, s, shard_size, prev.get("shards"), prev.get("next_item", 0),
-                                 prev.get("next_offset", 0), on_shard=save_progress)
+        writers[s] = ShardWriter(out, s, settings["shard_size"], prev.get("shards"),
+                                 prev.get("next_item", 0), prev.get("next_offset", 0),
+                                 on_shard=save_progress)
         writers[s].finished = prev.get("finished", False)
     resumed = sum(len(w.shards) for w in writers.values())
     resume_at = {s: (w.next_item, w.next_offset) for s, w in writers.items()}
@@ -155,8 +201,16 @@ def prepare(dataset: str, *, out: str | Path, sources: Sequence[str | Path] | No
         log(f"resuming: {resumed} finished shard(s) kept in {out}")
     save_progress()
 
-    log(f"tokenizing {spec.name} with {tok.name} (vocab {tok.vocab_size}) on {threads} "
-        f"thread(s) into {out}")
+    def plan(it) -> int | None:   # first token of the item to write, None = skip the item
+        first_item, first_token = resume_at[it[1]]
+        if writers[it[1]].finished or it[0] < first_item:
+            return None
+        return first_token if it[0] == first_item else 0
+
+    ex = (RayEncoder(tok, num_workers, log) if num_workers is not None
+          else ThreadEncoder(tok, num_proc or os.cpu_count() or 1))
+    log(f"tokenizing {spec.name} with {tok.name} (vocab {tok.vocab_size}) on {ex.where} "
+        f"into {out}")
     total_est = _estimate_tokens(tok, spec, scan)
     bar = _progress_bar(progress, total_est, sum(w.tokens for w in writers.values()),
                         f"{spec.name} {tok.name}")
@@ -165,24 +219,26 @@ def prepare(dataset: str, *, out: str | Path, sources: Sequence[str | Path] | No
     enc_chars = enc_tokens = 0
     try:
         prev_split = None
-        for group, parts in _encode(tok, _items(source, frac, split_at), resume_at, writers,
-                                    threads):
-            for _idx, split, text, ends in group:
-                docs[split] += ends
-            for split, (toks, items, starts, offsets, chars) in parts.items():
-                if sequential and prev_split not in (None, split):
-                    _finish_split(writers[prev_split])       # close train before val starts
-                prev_split = split
-                writers[split].write(toks, items, starts, offsets)
-                enc_chars += chars
-                enc_tokens += len(toks)
-                bar.update(len(toks))
-            if total_est and scan.get("chars") and enc_chars and tok.name == "gpt2":
-                bar.total = max(bar.n, int(scan["chars"] * enc_tokens / enc_chars))
-            if throttle:
-                time.sleep(throttle)
+        with ex:
+            for group, parts in encode_in_order(ex, _items(source, frac, split_at), plan):
+                for _idx, split, text, ends in group:
+                    docs[split] += ends
+                for split, (toks, items, starts, offsets, chars) in parts.items():
+                    if sequential and prev_split not in (None, split):
+                        _finish_split(writers[prev_split])   # close train before val starts
+                    prev_split = split
+                    writers[split].write(toks, items, starts, offsets)
+                    enc_chars += chars
+                    enc_tokens += len(toks)
+                    bar.update(len(toks))
+                if total_est and scan.get("chars") and enc_chars and tok.name == "gpt2":
+                    bar.total = max(bar.n, int(scan["chars"] * enc_tokens / enc_chars))
+                if throttle:
+                    time.sleep(throttle)
         for w in writers.values():
             _finish_split(w)
+        if ex.stats():
+            log(ex.stats())
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -202,7 +258,7 @@ def prepare(dataset: str, *, out: str | Path, sources: Sequence[str | Path] | No
     manifest = {
         "format": FORMAT, "version": VERSION, "dtype": "uint16", "byte_order": "little",
         "dataset": spec.name, "tokenizer": tok.to_dict(), "source": source.info,
-        "split": split_info, "shard_size": shard_size,
+        "split": split_info, "shard_size": settings["shard_size"],
         "command": command or shlex.join(["python", *sys.argv]),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "documents": docs, "settings": settings,
@@ -214,9 +270,18 @@ def prepare(dataset: str, *, out: str | Path, sources: Sequence[str | Path] | No
 
 
 # --- existing output --------------------------------------------------------------------------
-def _check_existing(out: Path, settings: dict, overwrite: bool, log) -> PrepareResult | dict | None:
+def _refuse_other(where, m: dict, settings: dict) -> None:
+    if m.get("settings") != settings:
+        diff = _diff(m.get("settings") or {}, settings)
+        raise DataError(f"{where} already holds a prepared dataset made with other settings "
+                        f"({diff}); pass --overwrite to replace it or choose another --out")
+
+
+def _check_existing(out: Path, settings: dict, overwrite: bool, log,
+                    replace_other: bool = False) -> PrepareResult | dict | None:
     """A finished dataset with these settings -> PrepareResult (skip); an interrupted one ->
-    its progress state (resume); anything else is removed (clean start) or refused."""
+    its progress state (resume); anything else is removed (clean start) or refused (a finished
+    dataset with other settings, unless overwrite or replace_other: a staging folder)."""
     if overwrite:
         _clean(out)
         return None
@@ -226,14 +291,15 @@ def _check_existing(out: Path, settings: dict, overwrite: bool, log) -> PrepareR
         except ShardError:
             m = None
         if m is not None and m.get("settings") != settings:
-            diff = _diff(m.get("settings") or {}, settings)
-            raise DataError(f"{out} already holds a prepared dataset made with other settings "
-                            f"({diff}); pass --overwrite to replace it or choose another --out")
+            if not replace_other:
+                _refuse_other(out, m, settings)
+            m = None
         if m is not None:
             try:
                 verify_shards(out, m)
                 (out / PROGRESS).unlink(missing_ok=True)
-                log(f"{out} is already prepared with these settings; nothing to do")
+                log(f"{out} is already prepared with these settings"
+                    + ("" if replace_other else "; nothing to do"))
                 return PrepareResult(out, out / MANIFEST, m, skipped=True)
             except ShardError as e:
                 log(f"{e}; preparing again")
@@ -321,66 +387,6 @@ def _items(source: Source, frac: float, split_at: int | None
             for split, t, e in out:
                 yield idx, split, t, e
                 idx += 1
-
-
-def _encode(tok: Tokenizer, items: Iterator, resume_at: dict, writers: dict, threads: int):
-    """Yield (group, parts) in item order; groups of items are tokenized in a thread pool, a
-    bounded number ahead. parts[split] = (uint16 tokens of the group's items of that split,
-    item ids, their start in the tokens, their first token number, characters encoded).
-    Items before their split's resume point, or of a finished split, are not encoded."""
-    eot = None if tok.eot_id is None else np.array([tok.eot_id], dtype=np.uint32)
-
-    def groups():
-        group, chars = [], 0
-        for it in items:
-            group.append(it)
-            chars += len(it[2])
-            if chars >= TASK_CHARS or len(group) >= TASK_ITEMS:
-                yield group
-                group, chars = [], 0
-        if group:
-            yield group
-
-    def plan(it) -> int | None:   # first token of the item to write, None = skip the item
-        first_item, first_token = resume_at[it[1]]
-        if writers[it[1]].finished or it[0] < first_item:
-            return None
-        return first_token if it[0] == first_item else 0
-
-    def work(group: list, offsets: list[int | None]) -> dict:
-        acc: dict[str, tuple[list, list, list, list, list]] = {}
-        for (idx, split, text, ends), off in zip(group, offsets):
-            if off is None:
-                continue
-            arrs, ids, lens, offs, chars = acc.setdefault(split, ([], [], [], [], [0]))
-            a = tok.encode_to_numpy(text)
-            if ends and eot is not None:
-                a = np.concatenate([a, eot])
-            if off:
-                a = a[off:]
-            arrs.append(a)
-            ids.append(idx)
-            lens.append(len(a))
-            offs.append(off)
-            chars[0] += len(text)
-        out = {}
-        for split, (arrs, ids, lens, offs, chars) in acc.items():
-            starts = np.zeros(len(lens), dtype=np.int64)
-            np.cumsum(lens[:-1], out=starts[1:])
-            out[split] = (np.concatenate(arrs).astype(DTYPE), np.array(ids, np.int64),
-                          starts, np.array(offs, np.int64), chars[0])
-        return out
-
-    with ThreadPoolExecutor(threads) as ex:
-        pending: deque = deque()
-        for g in groups():
-            pending.append((g, ex.submit(work, g, [plan(it) for it in g])))
-            if len(pending) > 2 * threads:
-                g0, f0 = pending.popleft()
-                yield g0, f0.result()
-        while pending:
-            g0, f0 = pending.popleft()
-            yield g0, f0.result()
 
 
 def _scan(source: Source, want_chars: bool, log) -> dict[str, Any]:
