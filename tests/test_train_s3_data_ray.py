@@ -41,6 +41,12 @@ def test_training_from_s3_data_equals_training_from_the_local_folder(
     for name in local_files:
         assert storage.sha256(storage.join(data, name)) == storage.sha256(train_char_data / name)
 
+    want = local_files["train_000000.bin"]
+
+    def shard_sized() -> set[Path]:           # files of the train shard's size on this "node"
+        return {p for root in (os.environ["HOME"], os.environ["TMPDIR"])
+                for p in Path(root).rglob("*.bin") if p.is_file() and p.stat().st_size == want}
+    before = shard_sized()                    # (other tests of the session prepared data too)
     runs = {}
     for name, d in (("s3", data), ("local", str(train_char_data))):
         rc = train_main(["--data_dir", d, "--storage_path", str(tmp_path), "--run_name", name,
@@ -56,9 +62,6 @@ def test_training_from_s3_data_equals_training_from_the_local_folder(
         b = [(r["step"], r[key]) for r in local if key in r]
         assert a and a == b, key                       # the same batches: the same numbers
     assert s3[-1]["param_hashes"] == local[-1]["param_hashes"]
-    # nothing was copied to the "nodes": no file of the train shard's size outside its folder
-    want = local_files["train_000000.bin"]
-    copies = [p for root in (os.environ["HOME"], os.environ["TMPDIR"])
-              for p in Path(root).rglob("*.bin")
-              if p.is_file() and p.stat().st_size == want and train_char_data not in p.parents]
+    # nothing was copied to the "nodes": no new file of the train shard's size appeared
+    copies = sorted(shard_sized() - before)
     assert not copies, copies

@@ -399,8 +399,8 @@ def write_report(root: str | Path, wall_time_s: float | None = None,
     import tempfile
     out_dir = Path(tempfile.mkdtemp(prefix="chimera_report_")) if remote else root
 
-    def final(p) -> str:
-        return storage.join(root, Path(p).name) if remote else str(p)
+    def final(p) -> str:                       # where a file made in out_dir ends up
+        return storage.join(root, Path(p).name)
     rows, rejected = c["rows"], c["rejected"]
     front = pareto_front(rows, c["spec"])          # sets each row's pareto_rank (results.json)
     table = markdown(rows + rejected)
