@@ -255,13 +255,7 @@ def remove(path: str | os.PathLike) -> None:
         _local(path).unlink(missing_ok=True)
         return
     fs, p = fs_path(str(path))
-    try:
-        fs.delete_file(p)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        if "not found" not in str(e).lower():
-            raise StorageError(f"{path}: cannot delete ({e})") from None
+    _delete(path, fs.delete_file, p)
 
 
 def remove_dir(path: str | os.PathLike) -> None:
@@ -270,8 +264,13 @@ def remove_dir(path: str | os.PathLike) -> None:
         shutil.rmtree(_local(path), ignore_errors=True)
         return
     fs, p = fs_path(str(path))
+    _delete(path, fs.delete_dir, p.rstrip("/"))
+
+
+def _delete(path, delete, p: str) -> None:
+    """delete(p); what is already gone is not an error, anything else a StorageError."""
     try:
-        fs.delete_dir(p.rstrip("/"))
+        delete(p)
     except FileNotFoundError:
         pass
     except OSError as e:
