@@ -270,3 +270,13 @@ def test_trials_carry_their_resolved_model_and_old_sweep_files_are_upgraded(tmp_
     assert [d["model_config"] for d in again["trials"]] == [x.model_config for x in plan.trials]
     assert [d["train"] for d in again["trials"]] == [x.train for x in plan.trials]
     assert len(notes) == len(plan.trials) and "upgraded" in notes[0]
+
+
+@pytest.mark.parametrize("data_dir,match", [
+    ("s3:/bad", "looks like a URI without '//'"),
+    ("/nonexistent/x", "base.data_dir /nonexistent/x: no manifest.json"),
+])
+def test_sweep_data_dir_flag_is_checked_before_anything_runs(sweep_job, data_dir, match):
+    rc, out = sweep_job(["--spec", str(ROOT / "configs" / "sweeps" / "exp1-tiny.yaml"),
+                         "--data_dir", data_dir, "--dry_run"])
+    assert rc == 2 and match in out.err
