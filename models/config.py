@@ -34,8 +34,10 @@ ATTN_TYPES = ("mha", "mqa", "gqa", "mla")
 POS_EMBS = ("learn", "sin", "rope")
 NORMS = ("layernorm", "rmsnorm")
 _NORM_ALIASES = {"layer": "layernorm", "ln": "layernorm", "rms": "rmsnorm"}
-ACTIVATIONS = ("relu", "gelu", "silu", "swish", "mish", "selu", "celu", "elu", "lrelu",
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swish", "mish", "selu", "celu", "elu", "lrelu",
                "tanh", "sigmoid", "glu", "swiglu")
+BIASES = ("none", "qkv", "attn", "all")
+ROPE_SCALINGS = ("llama3", "yarn")
 
 @dataclass(frozen=True)
 class Flag:
@@ -48,6 +50,7 @@ class Flag:
     default: Any
     help: str
     scope: str            # "global": model-wide; "attn" / "ffn": per layer (dropout: both)
+    nullable: bool = False   # None (JSON null, CLI "null") is a value of its own
 
 
 def _one_of(names) -> str:
@@ -67,7 +70,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("attn", str, "mla", f"attention: {_one_of(ATTN_TYPES)} (DeepSeek multi-head latent attention)", "attn"),
     Flag("n_head", int, 8, "attention heads", "attn"),
     Flag("n_kv_heads", int, 4, "key/value heads (gqa; mha uses n_head, mqa 1)", "attn"),
-    Flag("q_latent_dim", int, 32, "mla: query latent width", "attn"),
+    Flag("q_latent_dim", int, 32, "mla: query latent width (null: no query latent, as DeepSeek-V2-Lite)", "attn",
+         nullable=True),
     Flag("kv_latent_dim", int, 32, "mla: key/value latent width (what the KV cache stores)", "attn"),
     Flag("rope_head_dim", int, 16, "mla: decoupled RoPE width per head (0 without rope)", "attn"),
     Flag("moe", bool, False, "mixture of experts instead of the dense MLP", "ffn"),
@@ -79,6 +83,25 @@ FLAGS: tuple[Flag, ...] = (
     Flag("alpha", float, 0.0001, "moe --aux_free: weight of the small sequence-wise balance loss", "ffn"),
     Flag("gamma", float, 0.001, "moe --aux_free: bias update step per optimizer step", "ffn"),
     Flag("act_recomp", bool, False, "recompute activations in the backward pass (less memory, more compute)", "global"),
+    # --- knobs that existing checkpoints (GPT-2, Llama, Qwen2, DeepSeek-V2/V3) need; see chimera.hf
+    Flag("bias", str, "none", "linear biases: none; qkv (the q/k/v projection, Qwen2); attn (q/k/v and the "
+         "attention output, Llama attention_bias); all (attn + the dense MLP, GPT-2). Not on mla or MoE layers",
+         "global"),
+    Flag("tie_embeddings", bool, True, "the LM head shares the token embedding's weights (false: its own matrix)", "global"),
+    Flag("norm_eps", float, None, "epsilon of every norm, MLA's latent norms included (null: LayerNorm 1e-5, "
+         "RMSNorm 1e-6)", "global", nullable=True),
+    Flag("rope_theta", float, 10000.0, "RoPE base (also MLA's decoupled RoPE)", "global"),
+    Flag("rope_scaling", dict, None, "RoPE scaling as in transformers: {type: llama3, factor, low_freq_factor, "
+         "high_freq_factor, original_max_position_embeddings} or {type: yarn, factor, "
+         "original_max_position_embeddings, beta_fast: 32, beta_slow: 1, mscale, mscale_all_dim, attention_factor, "
+         "truncate: true} (null: none)", "global", nullable=True),
+    Flag("qk_nope_head_dim", int, None, "mla: per-head query/key width without RoPE (null: n_embd/n_head)", "attn",
+         nullable=True),
+    Flag("v_head_dim", int, None, "mla: per-head value width (null: n_embd/n_head)", "attn", nullable=True),
+    Flag("norm_topk_prob", bool, True, "moe: renormalise the chosen routed experts' gates to sum 1", "ffn"),
+    Flag("routed_scaling_factor", float, 1.0, "moe: routed experts' gates are multiplied by this", "ffn"),
+    Flag("n_group", int, 1, "moe: routed experts form this many groups (group-limited routing)", "ffn"),
+    Flag("topk_group", int, 1, "moe: each token picks its experts from its best topk_group groups", "ffn"),
 )
 
 
@@ -92,7 +115,8 @@ def derive(flags: tuple[Flag, ...]) -> dict[str, Any]:
     return {"FLAGS": flags, "MODEL_KEYS": tuple(f.name for f in flags), "GLOBAL_DEFAULTS": glob,
             "ATTN_DEFAULTS": attn, "FFN_DEFAULTS": ffn, "LAYER_KEYS": layer,
             "GLOBAL_KEYS": frozenset(glob), "ALL_FLAT_KEYS": frozenset(glob) | layer,
-            "_TYPES": {f.name: f.type for f in flags}}
+            "_TYPES": {f.name: f.type for f in flags},
+            "_NULLABLE": frozenset(f.name for f in flags if f.nullable)}
 
 
 _views = derive(FLAGS)
@@ -104,6 +128,7 @@ LAYER_KEYS: frozenset[str] = _views["LAYER_KEYS"]
 GLOBAL_KEYS: frozenset[str] = _views["GLOBAL_KEYS"]
 ALL_FLAT_KEYS: frozenset[str] = _views["ALL_FLAT_KEYS"]
 _TYPES: dict[str, type] = _views["_TYPES"]
+_NULLABLE: frozenset[str] = _views["_NULLABLE"]
 
 
 def pad_vocab(n: int, multiple: int = 64) -> int:
@@ -115,6 +140,8 @@ def pad_vocab(n: int, multiple: int = 64) -> int:
 def _check_type(where: str, key: str, value: Any) -> Any:
     """Return value coerced to the key's type (int -> float only), or raise ConfigError."""
     want = _TYPES[key]
+    if value is None and key in _NULLABLE:
+        return None
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
@@ -144,6 +171,8 @@ class AttnConfig:
     """One layer's attention. mha/mqa/gqa use n_kv_heads; mla uses the latent dims.
 
     `rope_head_dim` is MLA's decoupled RoPE width; it is 0 unless the model uses RoPE.
+    MLA's per-head widths `qk_nope_head_dim` and `v_head_dim` are resolved by the loader
+    (default n_embd // n_head); `q_latent_dim` None is an MLA without the query latent.
     Fields that the mechanism does not use are normalised (None) so equal layers compare equal.
     """
     attn: str = ATTN_DEFAULTS["attn"]         # defaults: the flag tables above, declared once
@@ -152,6 +181,8 @@ class AttnConfig:
     q_latent_dim: int | None = None
     kv_latent_dim: int | None = None
     rope_head_dim: int | None = None
+    qk_nope_head_dim: int | None = None
+    v_head_dim: int | None = None
 
     def __post_init__(self) -> None:
         w = "attn: "
@@ -159,9 +190,14 @@ class AttnConfig:
             raise ConfigError(f"{w}unknown attention {self.attn!r}; choose one of {', '.join(ATTN_TYPES)}")
         _positive(w, n_head=self.n_head)
         if self.attn == "mla":
-            if self.q_latent_dim is None or self.kv_latent_dim is None or self.rope_head_dim is None:
-                raise ConfigError(f"{w}mla needs q_latent_dim, kv_latent_dim and rope_head_dim")
-            _positive(w, q_latent_dim=self.q_latent_dim, kv_latent_dim=self.kv_latent_dim)
+            need = {"kv_latent_dim": self.kv_latent_dim, "rope_head_dim": self.rope_head_dim,
+                    "qk_nope_head_dim": self.qk_nope_head_dim, "v_head_dim": self.v_head_dim}
+            if any(v is None for v in need.values()):
+                raise ConfigError(f"{w}mla needs {', '.join(need)}")
+            _positive(w, kv_latent_dim=self.kv_latent_dim, qk_nope_head_dim=self.qk_nope_head_dim,
+                      v_head_dim=self.v_head_dim)
+            if self.q_latent_dim is not None:                 # None: no query latent
+                _positive(w, q_latent_dim=self.q_latent_dim)
             if self.rope_head_dim < 0 or self.rope_head_dim % 2:
                 raise ConfigError(f"{w}rope_head_dim={self.rope_head_dim} must be an even number >= 0")
             if self.n_kv_heads is not None:
@@ -178,11 +214,15 @@ class AttnConfig:
                 raise ConfigError(f"{w}n_kv_heads={self.n_kv_heads} must be <= n_head={self.n_head}")
             if self.n_head % self.n_kv_heads:
                 raise ConfigError(f"{w}n_head={self.n_head} is not divisible by n_kv_heads={self.n_kv_heads}")
-            if any(v is not None for v in (self.q_latent_dim, self.kv_latent_dim, self.rope_head_dim)):
+            if any(v is not None for v in (self.q_latent_dim, self.kv_latent_dim, self.rope_head_dim,
+                                           self.qk_nope_head_dim, self.v_head_dim)):
                 raise ConfigError(f"{w}{self.attn} does not use MLA latent dims (leave them None)")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        d = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        if self.attn == "mla":
+            d["q_latent_dim"] = self.q_latent_dim          # None means "no query latent" here
+        return d
 
 
 @dataclass(frozen=True)
@@ -192,7 +232,10 @@ class FFNConfig:
     MoE: `n_exp` experts of hidden width `up_dim`, `n_shared` of them always active, and the
     router picks top-(n_act - n_shared) of the other n_exp - n_shared. Balancing is either the
     auxiliary loss (`coeff`) or auxiliary-loss-free bias updates (`aux_free`: `gamma` step size
-    and the small sequence-wise loss `alpha`). Unused fields are None.
+    and the small sequence-wise loss `alpha`). Gates of the chosen routed experts are renormalised
+    to sum 1 when `norm_topk_prob`, then multiplied by `routed_scaling_factor`; with `n_group` > 1
+    a token picks its experts inside its best `topk_group` groups of consecutive routed experts.
+    Unused fields are None (MoE routing fields left None are filled with their defaults).
     """
     moe: bool = FFN_DEFAULTS["moe"]
     up_dim: int = FFN_DEFAULTS["up_dim"]
@@ -204,6 +247,12 @@ class FFNConfig:
     coeff: float | None = None
     alpha: float | None = None
     gamma: float | None = None
+    norm_topk_prob: bool | None = None
+    routed_scaling_factor: float | None = None
+    n_group: int | None = None
+    topk_group: int | None = None
+
+    _ROUTING = ("norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group")
 
     def __post_init__(self) -> None:
         w = "ffn: "
@@ -212,10 +261,14 @@ class FFNConfig:
             raise ConfigError(f"{w}unknown non_linearity {self.non_linearity!r}; "
                               f"choose one of {', '.join(ACTIVATIONS)}")
         moe_fields = (self.n_exp, self.n_shared, self.n_act, self.aux_free)
+        routing = tuple(getattr(self, k) for k in self._ROUTING)
         if not self.moe:
-            if any(v is not None for v in moe_fields + (self.coeff, self.alpha, self.gamma)):
+            if any(v is not None for v in moe_fields + routing + (self.coeff, self.alpha, self.gamma)):
                 raise ConfigError(f"{w}a dense MLP does not use MoE fields (leave them None)")
             return
+        for k in self._ROUTING:                              # defaults: FLAGS, declared once
+            if getattr(self, k) is None:
+                object.__setattr__(self, k, FFN_DEFAULTS[k])
         if any(v is None for v in moe_fields):
             raise ConfigError(f"{w}moe needs n_exp, n_shared, n_act and aux_free")
         if self.n_exp < 2:
@@ -236,6 +289,20 @@ class FFNConfig:
                 raise ConfigError(f"{w}aux-loss moe uses coeff (and not alpha/gamma)")
             if self.coeff < 0:
                 raise ConfigError(f"{w}coeff={self.coeff} must be >= 0")
+        if not isinstance(self.norm_topk_prob, bool):
+            raise ConfigError(f"{w}norm_topk_prob={self.norm_topk_prob!r} must be true or false")
+        r = self.routed_scaling_factor
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (math.isfinite(r) and r > 0):
+            raise ConfigError(f"{w}routed_scaling_factor={r!r} must be a number > 0")
+        _positive(w, n_group=self.n_group, topk_group=self.topk_group)
+        if self.n_routed % self.n_group:
+            raise ConfigError(f"{w}n_group={self.n_group} must divide the {self.n_routed} routed experts "
+                              f"(n_exp - n_shared)")
+        if self.topk_group > self.n_group:
+            raise ConfigError(f"{w}topk_group={self.topk_group} must be <= n_group={self.n_group}")
+        if self.top_k > self.topk_group * (self.n_routed // self.n_group):
+            raise ConfigError(f"{w}top-k={self.top_k} routed experts (n_act - n_shared) do not fit in "
+                              f"topk_group={self.topk_group} groups of {self.n_routed // self.n_group}")
 
     @property
     def n_routed(self) -> int:
@@ -273,6 +340,84 @@ class BlockConfig:
 
 
 @dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling for long contexts, with transformers' names and formulas
+    (models/positions.py computes them): `llama3` (Llama 3.1) or `yarn` (YaRN, DeepSeek-V3).
+    Fields of the other type are None; `from_dict` fills yarn's optional fields as transformers
+    does (beta_fast 32, beta_slow 1, truncate true)."""
+    type: str
+    factor: float
+    original_max_position_embeddings: int
+    low_freq_factor: float | None = None         # llama3
+    high_freq_factor: float | None = None        # llama3
+    beta_fast: float | None = None               # yarn
+    beta_slow: float | None = None               # yarn
+    mscale: float | None = None                  # yarn: with mscale_all_dim, the attention factor
+    mscale_all_dim: float | None = None          # yarn: MLA's softmax scale gets mscale(factor, this)^2
+    attention_factor: float | None = None        # yarn: cos/sin scale (None: inferred from factor)
+    truncate: bool | None = None                 # yarn: round the correction range to whole dims
+
+    _KEYS = {"llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
+             "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+                      "mscale_all_dim", "attention_factor", "truncate")}
+    _OPTIONAL = {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": None, "mscale_all_dim": None,
+                 "attention_factor": None, "truncate": True}
+
+    def __post_init__(self) -> None:
+        w = "rope_scaling: "
+        if self.type not in ROPE_SCALINGS:
+            raise ConfigError(f"{w}type={self.type!r} must be one of {', '.join(ROPE_SCALINGS)}")
+        keys = self._KEYS[self.type]
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name == "type":
+                continue
+            if f.name not in keys:
+                if v is not None:
+                    raise ConfigError(f"{w}{f.name} is not a {self.type} parameter "
+                                      f"(its keys: {', '.join(keys)})")
+                continue
+            if f.name == "truncate":
+                if not isinstance(v, bool):
+                    raise ConfigError(f"{w}truncate={v!r} must be true or false")
+                continue
+            if v is None and f.name in self._OPTIONAL:
+                continue
+            if f.name == "original_max_position_embeddings":
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise ConfigError(f"{w}original_max_position_embeddings={v!r} must be an int >= 1")
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"{w}{f.name}={v!r} must be a number > 0")
+            object.__setattr__(self, f.name, float(v))
+        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError(f"{w}high_freq_factor={self.high_freq_factor} must be > "
+                              f"low_freq_factor={self.low_freq_factor}")
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "RopeScaling":
+        w = "rope_scaling: "
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"rope_scaling must be a mapping with a 'type' (or null), got {type(d).__name__}")
+        d = dict(d)
+        kind = d.pop("type", None)
+        if kind not in ROPE_SCALINGS:
+            raise ConfigError(f"{w}type={kind!r} must be one of {', '.join(ROPE_SCALINGS)}")
+        keys = cls._KEYS[kind]
+        for k in d:
+            if k not in keys:
+                raise _unknown(f"{w}({kind}) ", k, keys)
+        missing = [k for k in keys if k not in d and k not in cls._OPTIONAL]
+        if missing:
+            raise ConfigError(f"{w}{kind} needs {', '.join(missing)}")
+        opt = {k: v for k, v in cls._OPTIONAL.items() if k in keys}
+        return cls(type=kind, **{**opt, **d})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **{k: getattr(self, k) for k in self._KEYS[self.type]}}
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The whole model: global settings plus one BlockConfig per layer."""
     layers: tuple[BlockConfig, ...]
@@ -284,13 +429,28 @@ class ModelConfig:
     pos_emb: str = GLOBAL_DEFAULTS["pos_emb"]
     norm: str = GLOBAL_DEFAULTS["norm"]
     act_recomp: bool = GLOBAL_DEFAULTS["act_recomp"]
+    bias: str = GLOBAL_DEFAULTS["bias"]
+    tie_embeddings: bool = GLOBAL_DEFAULTS["tie_embeddings"]
+    norm_eps: float | None = GLOBAL_DEFAULTS["norm_eps"]
+    rope_theta: float = GLOBAL_DEFAULTS["rope_theta"]
+    rope_scaling: RopeScaling | None = GLOBAL_DEFAULTS["rope_scaling"]
 
     def __post_init__(self) -> None:
         # the one place where cross-field rules live; every message names path and values
         if not isinstance(self.layers, tuple) or not all(isinstance(b, BlockConfig) for b in self.layers):
             raise ConfigError("layers must be a tuple of BlockConfig")
-        for k in GLOBAL_KEYS:
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
+        for k in GLOBAL_KEYS - {"rope_scaling"}:
             _check_type("", k, getattr(self, k))
+        if self.bias not in BIASES:
+            raise ConfigError(f"unknown bias {self.bias!r}; choose one of {', '.join(BIASES)}")
+        if self.norm_eps is not None and not 0 < self.norm_eps < 1:
+            raise ConfigError(f"norm_eps={self.norm_eps} must be in (0, 1)")
+        if self.rope_theta <= 1:
+            raise ConfigError(f"rope_theta={self.rope_theta} must be > 1")
+        if self.rope_scaling is not None and self.pos_emb != "rope":
+            raise ConfigError(f"rope_scaling needs pos_emb='rope' (got {self.pos_emb!r})")
         _positive("", vocab_size=self.vocab_size, block_size=self.block_size, n_embd=self.n_embd,
                   n_layer=self.n_layer)
         if self.vocab_size > 2 ** 31 - 1:
@@ -308,7 +468,13 @@ class ModelConfig:
             if not 0.0 <= b.dropout < 1.0:
                 raise ConfigError(f"{w}dropout={b.dropout} must be in [0, 1)")
             a = b.attn
-            if self.n_embd % a.n_head:
+            if a.attn == "mla" and self.bias != "none":
+                raise ConfigError(f"{w}attn: bias={self.bias!r} is for gqa-family layers; mla layers have "
+                                  f"no biases (use bias='none')")
+            if b.ffn.moe and self.bias == "all":
+                raise ConfigError(f"{w}ffn: bias='all' puts biases on dense MLPs; MoE experts have none "
+                                  f"(use bias='attn' or 'qkv')")
+            if a.attn != "mla" and self.n_embd % a.n_head:
                 raise ConfigError(f"{w}attn: n_embd={self.n_embd} is not divisible by n_head={a.n_head}")
             head_dim = self.n_embd // a.n_head
             if a.attn == "mla":
@@ -341,6 +507,8 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         """The resolved config: globals + one complete seed-format dict per layer."""
         d = {k: getattr(self, k) for k in GLOBAL_DEFAULTS}
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = self.rope_scaling.to_dict()
         d["layers"] = [b.to_dict() for b in self.layers]
         return d
 
@@ -449,9 +617,16 @@ def _build_block(i: int, defaults: dict, ld: Any, glob: dict) -> BlockConfig:
     try:
         kind = m["attn"]
         if kind == "mla":
-            attn = AttnConfig(attn="mla", n_head=m["n_head"], q_latent_dim=m["q_latent_dim"],
+            n_head = m["n_head"]
+            if n_head >= 1 and glob["n_embd"] % n_head and None in (m["qk_nope_head_dim"], m["v_head_dim"]):
+                raise ConfigError(f"attn: n_embd={glob['n_embd']} is not divisible by n_head={n_head} "
+                                  f"(give mla's qk_nope_head_dim and v_head_dim)")
+            dflt = glob["n_embd"] // n_head if n_head >= 1 else None
+            attn = AttnConfig(attn="mla", n_head=n_head, q_latent_dim=m["q_latent_dim"],
                               kv_latent_dim=m["kv_latent_dim"],
-                              rope_head_dim=m["rope_head_dim"] if glob["pos_emb"] == "rope" else 0)
+                              rope_head_dim=m["rope_head_dim"] if glob["pos_emb"] == "rope" else 0,
+                              qk_nope_head_dim=dflt if m["qk_nope_head_dim"] is None else m["qk_nope_head_dim"],
+                              v_head_dim=dflt if m["v_head_dim"] is None else m["v_head_dim"])
         else:
             kv = {"mha": m["n_head"], "mqa": 1}.get(kind, m["n_kv_heads"])
             attn = AttnConfig(attn=kind, n_head=m["n_head"], n_kv_heads=kv)
@@ -459,7 +634,8 @@ def _build_block(i: int, defaults: dict, ld: Any, glob: dict) -> BlockConfig:
             bal = dict(alpha=m["alpha"], gamma=m["gamma"]) if m["aux_free"] else dict(coeff=m["coeff"])
             ffn = FFNConfig(moe=True, up_dim=m["up_dim"], non_linearity=m["non_linearity"],
                             n_exp=m["n_exp"], n_shared=m["n_shared"], n_act=m["n_act"],
-                            aux_free=m["aux_free"], **bal)
+                            aux_free=m["aux_free"], **bal,
+                            **{k: m[k] for k in FFNConfig._ROUTING})
         else:
             ffn = FFNConfig(moe=False, up_dim=m["up_dim"], non_linearity=m["non_linearity"])
     except ConfigError as e:

@@ -1,5 +1,5 @@
 """The heterogeneous GPT: token embedding -> N blocks (each its own attention and FFN) ->
-final norm -> tied LM head.
+final norm -> LM head (tied to the embedding unless cfg.tie_embeddings is false).
 
     from models import ModelConfig, LLM
     model = LLM(ModelConfig.from_layer_file("configs/hetero.jsonl", n_embd=256))
@@ -31,11 +31,10 @@ class ParamCount(NamedTuple):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
-        b = cfg.layers[index]
-        self.ln_1 = make_norm(cfg.norm, cfg.n_embd)
-        self.attn = build_attention(cfg.n_embd, cfg.block_size, b, cfg.pos_emb)
-        self.ln_2 = make_norm(cfg.norm, cfg.n_embd)
-        self.ffn = build_ffn(cfg.n_embd, b)
+        self.ln_1 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps)
+        self.attn = build_attention(cfg, index)
+        self.ln_2 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps)
+        self.ffn = build_ffn(cfg, index)
 
     def forward(self, x: torch.Tensor, cache: dict | None = None,
                 start: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,9 +54,10 @@ class LLM(nn.Module):
             if cfg.pos_emb in ("learn", "sin") else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.ln_f = make_norm(cfg.norm, cfg.n_embd)
+        self.ln_f = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight                       # weight tying
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight                   # weight tying
         self.reset_parameters()
 
     # --- initialisation -----------------------------------------------------------------------
@@ -180,6 +180,8 @@ class LLM(nn.Module):
         n = self.num_params().active
         if self.pos is not None and self.pos.kind == "learn":
             n -= self.pos.wpe.weight.numel()
+        if not self.cfg.tie_embeddings:                             # the lookup table does no matmul
+            n -= self.wte.weight.numel()
         attn = sum(b.attn.attn_flops_per_token(self.cfg.block_size) for b in self.blocks)
         return 6 * n + attn
 

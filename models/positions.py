@@ -2,7 +2,9 @@
 (rotary, applied to queries and keys inside attention).
 
 RoPE uses the "rotate half" layout: a head vector (..., d) is split into two halves that are
-rotated as the real and imaginary parts of d/2 complex numbers.
+rotated as the real and imaginary parts of d/2 complex numbers. Its frequencies take a base
+(`rope_theta`) and optional long-context scaling (`rope_scaling`: llama3 or YaRN), computed
+with transformers' formulas (modeling_rope_utils) so imported checkpoints match to rounding.
 """
 from __future__ import annotations
 
@@ -50,14 +52,56 @@ class AbsolutePositions(nn.Module):
         return self.table[pos]
 
 
-def rope_tables(n_pos: int, dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape (n_pos, dim) for rotate-half RoPE over `dim` channels."""
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention-temperature factor 0.1 * mscale * ln(scale) + 1 (1 for scale <= 1)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_inv_freq(dim: int, base: float = 10000.0, scaling=None) -> tuple[torch.Tensor, float]:
+    """(dim/2,) float64 inverse frequencies and the factor cos/sin are multiplied by, for a
+    models.config.RopeScaling (or None)."""
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))     # (dim/2,)
+    if scaling is None:
+        return inv, 1.0
+    f, old = scaling.factor, scaling.original_max_position_embeddings
+    if scaling.type == "llama3":
+        lo, hi = scaling.low_freq_factor, scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / f, inv)      # long waves: interpolated
+        smooth = (old / wavelen - lo) / (hi - lo)
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        return torch.where(medium, (1 - smooth) * scaled / f + smooth * scaled, scaled), 1.0
+    # yarn: blend interpolated (inv / f) and original frequencies over a ramp of dimensions
+    def corr_dim(rotations: float) -> float:
+        return dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(base))
+    low, high = corr_dim(scaling.beta_fast), corr_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001                                               # no zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp                                                 # 1: original frequency
+    inv = (inv / f) * (1 - keep) + inv * keep
+    att = scaling.attention_factor
+    if att is None:
+        if scaling.mscale and scaling.mscale_all_dim:
+            att = yarn_mscale(f, scaling.mscale) / yarn_mscale(f, scaling.mscale_all_dim)
+        else:
+            att = yarn_mscale(f)
+    return inv, float(att)
+
+
+def rope_tables(n_pos: int, dim: int, base: float = 10000.0, scaling=None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (n_pos, dim) for rotate-half RoPE over `dim` channels
+    (scaled by YaRN's attention factor when `scaling` asks for it)."""
     if dim % 2:
         raise ValueError(f"RoPE needs an even dimension, got {dim}")
-    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))     # (dim/2,)
+    inv, att = rope_inv_freq(dim, base, scaling)
     ang = torch.outer(torch.arange(n_pos, dtype=torch.float64), inv)               # (P, dim/2)
     ang = torch.cat([ang, ang], dim=-1)                                            # (P, dim)
-    return ang.cos().float(), ang.sin().float()
+    return (ang.cos() * att).float(), (ang.sin() * att).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -79,9 +123,9 @@ class Rotary(nn.Module):
     """Holds the cos/sin tables for one head width; `forward(x, start)` rotates positions
     start .. start+T-1 of x (B, H, T, d); start is an int or per-row starts (B,)."""
 
-    def __init__(self, dim: int, block_size: int):
+    def __init__(self, dim: int, block_size: int, base: float = 10000.0, scaling=None):
         super().__init__()
-        cos, sin = rope_tables(block_size, dim)
+        cos, sin = rope_tables(block_size, dim, base, scaling)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 

@@ -9,7 +9,7 @@ import importlib
 
 from torch import nn
 
-from models.config import BlockConfig
+from models.config import ModelConfig
 
 
 ATTENTION = {"mha": "models.attention.gqa:GQA", "mqa": "models.attention.gqa:GQA",
@@ -25,11 +25,17 @@ def _lookup(table: dict[str, str], name: str, what: str) -> type[nn.Module]:
     return getattr(importlib.import_module(module), cls)
 
 
-def build_attention(n_embd: int, block_size: int, block: BlockConfig, pos_emb: str) -> nn.Module:
+def build_attention(cfg: ModelConfig, index: int) -> nn.Module:
+    """Layer `index`'s attention; it reads its own AttnConfig and the model-wide settings
+    (n_embd, block_size, positions, biases, norm eps) from cfg."""
+    block = cfg.layers[index]
     cls = _lookup(ATTENTION, block.attn.attn, "attention")
-    return cls(n_embd, block_size, block.attn, rope=pos_emb == "rope", dropout=block.dropout)
+    return cls(cfg, block.attn, dropout=block.dropout)
 
 
-def build_ffn(n_embd: int, block: BlockConfig) -> nn.Module:
+def build_ffn(cfg: ModelConfig, index: int) -> nn.Module:
+    block = cfg.layers[index]
     cls = _lookup(FFN, "moe" if block.ffn.moe else "mlp", "ffn")
-    return cls(n_embd, block.ffn, dropout=block.dropout)
+    if block.ffn.moe:
+        return cls(cfg.n_embd, block.ffn, dropout=block.dropout)
+    return cls(cfg.n_embd, block.ffn, dropout=block.dropout, bias=cfg.bias == "all")

@@ -95,8 +95,41 @@ def test_configs_are_frozen():
     ({"layers": [3]}, r"layers\[0\] must be a dict, got int"),
     ({"moe": True, "coeff": -1.0}, r"coeff=-1.0 must be >= 0"),
     ({"dropout": float("nan")}, r"must be a finite number"),
+    # the knobs imported checkpoints need
+    ({"bias": "some"}, r"unknown bias 'some'; choose one of none, qkv, attn, all"),
+    ({"bias": "qkv", "attn": "mla"}, r"layers\[0\]\.attn: bias='qkv' is for gqa-family layers"),
+    ({"bias": "all", "attn": "gqa", "moe": True}, r"layers\[0\]\.ffn: bias='all' puts biases on dense MLPs"),
+    ({"tie_embeddings": "no"}, r"tie_embeddings='no' must be of type bool"),
+    ({"norm_eps": 0.0}, r"norm_eps=0.0 must be in \(0, 1\)"),
+    ({"norm_eps": "1e-5"}, r"norm_eps='1e-5' must be of type float"),
+    ({"rope_theta": 1.0}, r"rope_theta=1.0 must be > 1"),
+    ({"rope_scaling": "yarn"}, r"rope_scaling='yarn' must be of type dict"),
+    ({"rope_scaling": {"type": "ntk"}}, r"rope_scaling: type='ntk' must be one of llama3, yarn"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, r"rope_scaling: yarn needs original_max_position_embeddings"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "beta_fsat": 2}},
+     r"rope_scaling: \(yarn\) unknown key 'beta_fsat' \(did you mean 'beta_fast'\?\)"),
+    ({"rope_scaling": {"type": "llama3", "factor": -2.0, "low_freq_factor": 1, "high_freq_factor": 4,
+                       "original_max_position_embeddings": 8}}, r"rope_scaling: factor=-2.0 must be a number > 0"),
+    ({"rope_scaling": {"type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 1,
+                       "original_max_position_embeddings": 8}}, r"high_freq_factor=1.0 must be > low_freq_factor=4.0"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}, "pos_emb": "learn",
+      "attn": "gqa"}, r"rope_scaling needs pos_emb='rope'"),
+    ({"attn": "mla", "qk_nope_head_dim": 0}, r"layers\[0\]\.attn: qk_nope_head_dim=0 must be >= 1"),
+    ({"attn": "mla", "v_head_dim": "8"}, r"layers\[0\]\.v_head_dim='8' must be of type int"),
+    ({"attn": "mla", "q_latent_dim": 0}, r"layers\[0\]\.attn: q_latent_dim=0 must be >= 1"),
+    ({"attn": "gqa", "qk_nope_head_dim": 8, "layers": [{"attn": "gqa", "n_kv_heads": 2}]}, None),
+    ({"moe": True, "routed_scaling_factor": 0.0}, r"layers\[0\]\.ffn: routed_scaling_factor=0.0 must be a number > 0"),
+    ({"moe": True, "norm_topk_prob": 1}, r"layers\[0\]\.norm_topk_prob=1 must be of type bool"),
+    ({"moe": True, "n_group": 3}, r"layers\[0\]\.ffn: n_group=3 must divide the 7 routed experts"),
+    ({"moe": True, "n_exp": 9, "n_group": 4, "topk_group": 5}, r"topk_group=5 must be <= n_group=4"),
+    ({"moe": True, "n_exp": 9, "n_act": 4, "n_group": 4, "topk_group": 1},
+     r"top-k=3 routed experts \(n_act - n_shared\) do not fit in topk_group=1 groups of 2"),
+    ({"moe": True, "n_group": 0}, r"n_group=0 must be >= 1"),
 ])
 def test_errors_name_the_path_and_values(d, msg):
+    if msg is None:                  # MLA-only keys on gqa layers are dropped like the latent dims
+        assert "qk_nope_head_dim" not in ModelConfig.from_dict(d).to_dict()["layers"][0]
+        return
     with pytest.raises(ConfigError, match=msg):
         ModelConfig.from_dict(d)
 

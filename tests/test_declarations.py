@@ -75,7 +75,14 @@ def test_every_declared_default_type_and_help_is_what_the_parser_and_docs_show()
         a = acts[f.name]
         assert a.help == f.help and (f.name == "vocab_size" or a.doc_default == f.default), f.name
         assert mconfig._TYPES[f.name] is f.type
-        assert (isinstance(a, argparse.BooleanOptionalAction) if f.type is bool else a.type is f.type), f.name
+        if f.type is bool:
+            assert isinstance(a, argparse.BooleanOptionalAction), f.name
+        elif f.type is dict:                         # JSON text on the command line
+            assert a.type('{"type": "yarn"}') == {"type": "yarn"} and a.type("null") is None, f.name
+        elif f.nullable:                             # `null` is None, anything else the type
+            assert a.type("null") is None and a.type("3") == f.type("3"), f.name
+        else:
+            assert a.type is f.type, f.name
     for fld in dataclasses.fields(TrainConfig):
         if fld.name == "model":
             continue

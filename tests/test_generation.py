@@ -58,6 +58,41 @@ def hetero(pos_emb="rope") -> LLM:
 
 CASES = list(itertools.product(["mha", "mqa", "gqa", "mla"], ["learn", "sin", "rope"]))
 
+# The knobs that imported checkpoints need (chimera.hf), each on the layers it applies to.
+_YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "mscale": 0.8,
+         "mscale_all_dim": 0.6}
+_MOE = dict(moe=True, n_exp=9, n_shared=1, n_act=3, up_dim=12)
+KNOBS = {
+    "bias_qkv": dict(attn="gqa", bias="qkv"),
+    "bias_attn": dict(attn="gqa", bias="attn", tie_embeddings=False),
+    "bias_all_gelu_tanh": dict(attn="mha", pos_emb="learn", bias="all", non_linearity="gelu_tanh"),
+    "untied_norm_eps": dict(attn="gqa", norm="rmsnorm", norm_eps=1e-2, tie_embeddings=False),
+    "rope_theta_llama3": dict(attn="gqa", rope_theta=500.0, rope_scaling={
+        "type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 2.0,
+        "original_max_position_embeddings": 8}),
+    "yarn_gqa": dict(attn="mqa", rope_scaling=_YARN),
+    "mla_dims_no_q_latent": dict(attn="mla", q_latent_dim=None, qk_nope_head_dim=6, v_head_dim=10,
+                                 norm="rmsnorm", norm_eps=1e-3),
+    "mla_yarn": dict(attn="mla", rope_scaling=_YARN),
+    "moe_softmax_groups": dict(attn="gqa", **_MOE, aux_free=False, norm_topk_prob=False,
+                               routed_scaling_factor=2.5, n_group=4, topk_group=2),
+    "moe_sigmoid_groups": dict(attn="mla", **_MOE, aux_free=True, norm_topk_prob=True,
+                               routed_scaling_factor=1.5, n_group=2, topk_group=1),
+}
+
+
+def build_knob(name: str) -> LLM:
+    """build() with KNOBS[name]; biases and MoE selection biases randomised (they start at 0,
+    which would hide a bias that is dropped on one path)."""
+    m = build(**KNOBS[name])
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for mod in m.modules():
+            b = getattr(mod, "bias", None)
+            if isinstance(b, torch.Tensor) and b.dim() == 1 and not isinstance(mod, torch.nn.LayerNorm):
+                b.copy_(torch.randn(b.shape, generator=g, dtype=b.dtype) * 0.5)
+    return m
+
 
 @pytest.mark.parametrize("attn,pos_emb", CASES)
 @pytest.mark.parametrize("new_tokens", [10, 3 * BLOCK], ids=["within", "beyond"])
@@ -69,6 +104,33 @@ def test_cached_equals_uncached_greedy(attn, pos_emb, new_tokens):
     assert cached.shape == (2, 5 + new_tokens)
     assert torch.equal(cached, plain)
     assert len(set(cached[0, 5:].tolist())) > 1          # not one repeated token
+
+
+@pytest.mark.parametrize("knob", list(KNOBS))
+@pytest.mark.parametrize("new_tokens", [10, 3 * BLOCK], ids=["within", "beyond"])
+def test_cached_equals_uncached_knobs(knob, new_tokens):
+    m = build_knob(knob)
+    prompt = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(7))
+    cached = m.generate(prompt, new_tokens, temperature=0.0, use_cache=True)
+    assert torch.equal(cached, m.generate(prompt, new_tokens, temperature=0.0, use_cache=False))
+    assert len(set(cached[0, 5:].tolist())) > 1
+
+
+def test_knobs_change_the_model():
+    """Each knob reaches the computation: the same seed without it gives other logits."""
+    prompt = torch.randint(0, V, (1, 12), generator=torch.Generator().manual_seed(2))
+    plain = {"bias_qkv": dict(attn="gqa"), "rope_theta_llama3": dict(attn="gqa"),
+             "yarn_gqa": dict(attn="mqa"), "mla_yarn": dict(attn="mla"),
+             "moe_softmax_groups": dict(attn="gqa", **_MOE, aux_free=False)}
+    for name, kw in plain.items():
+        with_knob, without = build_knob(name), build(**kw)
+        if name == "bias_qkv":
+            without = build_knob(name)
+            for mod in without.modules():
+                if isinstance(mod, torch.nn.Linear) and mod.bias is not None:
+                    mod.bias.data.zero_()
+        a, b = with_knob(prompt)[0], without(prompt)[0]
+        assert not torch.allclose(a, b, atol=1e-6), name
 
 
 @pytest.mark.parametrize("pos_emb", ["rope", "learn"])

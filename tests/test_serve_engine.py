@@ -14,7 +14,7 @@ from chimera.data.tokenizers import get_tokenizer
 from models import LLM, ModelConfig
 from serve.detokenizer import Detokenizer as TextStream
 from serve.engine import Engine, SamplingParams
-from test_generation import BLOCK, CASES, V, _varied, build, hetero
+from test_generation import BLOCK, CASES, KNOBS, V, _varied, build, build_knob, hetero
 
 ROOT_LAYERS = Path(__file__).resolve().parents[1] / "configs" / "hetero.jsonl"
 
@@ -64,6 +64,18 @@ def test_batched_equals_unbatched_greedy(attn, pos_emb):
         assert together[rid].token_ids == ref, rid
         assert staggered[rid] == ref, rid
         assert together[rid].finish_reason == "length"
+
+
+@pytest.mark.parametrize("knob", list(KNOBS))
+def test_batched_equals_unbatched_knobs(knob):
+    m = build_knob(knob)
+    reqs = requests()
+    together = Engine(m, max_batch=8).run(reqs)
+    staggered = run_staggered(Engine(m, max_batch=3), reqs)
+    for rid, (ids, p) in reqs.items():
+        ref = reference(m, ids, p)
+        assert together[rid].token_ids == ref, rid
+        assert staggered[rid] == ref, rid
 
 
 @pytest.mark.parametrize("attn", ["gqa", "mla"])

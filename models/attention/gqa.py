@@ -11,22 +11,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.attention.cache import KVCache, causal_mask
-from models.config import AttnConfig
+from models.config import AttnConfig, ModelConfig
 from models.positions import Rotary
 
 
 class GQA(nn.Module):
-    def __init__(self, n_embd: int, block_size: int, cfg: AttnConfig, rope: bool,
-                 dropout: float = 0.0):
+    def __init__(self, model: ModelConfig, cfg: AttnConfig, dropout: float = 0.0):
         super().__init__()
+        n_embd = model.n_embd
         self.cfg = cfg
         self.n_head, self.n_kv = cfg.n_head, cfg.n_kv_heads
         self.head_dim = n_embd // cfg.n_head
         # one fused projection for q, k, v: a single large matmul is what the CPU/GPU likes
-        self.c_attn = nn.Linear(n_embd, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=False)
-        self.c_proj = nn.Linear(n_embd, n_embd, bias=False)
+        self.c_attn = nn.Linear(n_embd, (self.n_head + 2 * self.n_kv) * self.head_dim,
+                                bias=model.bias != "none")
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=model.bias in ("attn", "all"))
         self.c_proj.residual_scale = True
-        self.rotary = Rotary(self.head_dim, block_size) if rope else None
+        self.rotary = Rotary(self.head_dim, model.block_size, model.rope_theta, model.rope_scaling) \
+            if model.pos_emb == "rope" else None
         self.dropout = dropout
         self.resid_drop = nn.Dropout(dropout)
 

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 _PLAIN: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
-    "gelu": F.gelu,
+    "gelu": F.gelu,                                    # exact (erf)
+    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),   # GPT-2's "gelu_new"
     "silu": F.silu,
     "swish": F.silu,
     "mish": F.mish,

@@ -2,8 +2,12 @@
 
 `MoE(n_embd, cfg)` maps (B, T, C) -> ((B, T, C), aux). The first `n_shared` of the `n_exp`
 experts see every token (weight 1); the router scores the other `n_routed` and each token goes
-to its top-k of them, weighted by gates that sum to 1. Each expert is an MLP of width `up_dim`
-with the layer's activation (gated ones use a 2*up_dim up-projection, see activations.py).
+to its top-k of them, weighted by gates that sum to 1 (`norm_topk_prob`; else the raw scores),
+times `routed_scaling_factor`. With `n_group` > 1 the routed experts form groups of consecutive
+experts and a token chooses inside its best `topk_group` groups (DeepSeek's group-limited
+routing: a group scores its best expert under softmax routing, its best two under sigmoid).
+Each expert is an MLP of width `up_dim` with the layer's activation (gated ones use a 2*up_dim
+up-projection, see activations.py).
 
 Balancing (cfg.aux_free):
   False: softmax router, Switch-Transformer aux loss coeff * n_routed * sum_i f_i P_i.
@@ -191,9 +195,11 @@ class MoE(nn.Module):
 
     # --- routing ---
     def route(self, x2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(N, C) -> expert ids (N, k), gates (N, k) summing to 1, scores (N, E_routed).
+        """(N, C) -> expert ids (N, k), gates (N, k), scores (N, E_routed).
 
-        scores are softmax probabilities (aux-loss mode) or sigmoid affinities (aux-free).
+        scores are softmax probabilities (aux-loss mode) or sigmoid affinities (aux-free);
+        gates are the chosen scores, renormalised to sum 1 when cfg.norm_topk_prob, times
+        cfg.routed_scaling_factor.
         """
         # route in >= fp32 even under autocast: top-k on bf16 scores ties and flips easily
         dt = torch.promote_types(x2.dtype, torch.float32)
@@ -202,12 +208,34 @@ class MoE(nn.Module):
         if self.aux_free:
             scores = torch.sigmoid(logits)
             # the bias only decides WHICH experts are picked; gate values never see it
-            idx = torch.topk(scores.detach() + self.bias, self.top_k, dim=-1).indices
+            choice = scores.detach() + self.bias
         else:
             scores = logits.softmax(dim=-1)
-            idx = torch.topk(scores.detach(), self.top_k, dim=-1).indices
+            choice = scores.detach()
+        if self.cfg.n_group > 1:
+            choice = self._limit_groups(choice)
+        idx = torch.topk(choice, self.top_k, dim=-1).indices
         gates = scores.gather(-1, idx)                                       # (N, k)
-        return idx, gates / gates.sum(dim=-1, keepdim=True), scores
+        if self.cfg.norm_topk_prob:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        if self.cfg.routed_scaling_factor != 1.0:
+            gates = gates * self.cfg.routed_scaling_factor
+        return idx, gates, scores
+
+    def _limit_groups(self, choice: Tensor) -> Tensor:
+        """(N, E) selection scores -> the same with every expert outside the token's best
+        topk_group groups set to -inf. A group's score: its best expert (softmax routing,
+        DeepSeek-V2) or the sum of its best two (sigmoid routing, DeepSeek-V3)."""
+        N, E = choice.shape
+        G = self.cfg.n_group
+        grouped = choice.view(N, G, E // G)                                  # (N, G, E/G)
+        if self.aux_free:
+            score = grouped.topk(min(2, E // G), dim=-1).values.sum(dim=-1)  # (N, G)
+        else:
+            score = grouped.max(dim=-1).values
+        keep = torch.zeros_like(score, dtype=torch.bool)
+        keep.scatter_(1, score.topk(self.cfg.topk_group, dim=-1).indices, True)
+        return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(N, E)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         B, T, C = x.shape

@@ -7,9 +7,40 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 
 from chimera.train.config import TrainConfig
 from models import config as mconfig
+
+
+def cli_type(f: "mconfig.Flag"):
+    """The argparse `type` of a model flag: its Python type; `null` for a nullable flag's None;
+    JSON text for a mapping (rope_scaling)."""
+    def parse_json(text: str):
+        if text.strip().lower() in ("null", "none"):
+            return None
+        try:
+            v = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"--{f.name}: invalid JSON ({e})") from None
+        if not isinstance(v, dict):
+            raise argparse.ArgumentTypeError(f"--{f.name}: expected a JSON object or null")
+        return v
+
+    if f.type is dict:
+        return parse_json
+    if not f.nullable:
+        return f.type
+
+    def parse(text: str):
+        if text.strip().lower() in ("null", "none"):
+            return None
+        try:
+            return f.type(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{f.name}: {text!r} is not {f.type.__name__} or null") from None
+    parse.__name__ = f"parse_{f.type.__name__}_or_null"
+    return parse
 
 
 def add_arguments(p) -> None:
@@ -23,7 +54,7 @@ def add_arguments(p) -> None:
         if f.type is bool:
             a = m.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=S, help=f.help)
         else:
-            a = m.add_argument(f"--{f.name}", type=f.type, default=S, help=f.help)
+            a = m.add_argument(f"--{f.name}", type=cli_type(f), default=S, help=f.help)
         if f.name != "vocab_size":                 # its default comes from the data
             a.doc_default = f.default
     model_group = ("layer_configs", "layer_configs_jsonl")

@@ -45,6 +45,27 @@ def _join(base: str, name: str) -> str:
     return storage.join(base, name)
 
 
+# model keys added after runs were first named (chimera.hf's knobs): hashed only when not at
+# their default, so a run named before they existed keeps its name (and resumes)
+_LATER_GLOBAL = ("bias", "tie_embeddings", "norm_eps", "rope_theta", "rope_scaling")
+_LATER_LAYER = ("norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group")
+
+
+def _named_model(model_config: dict) -> dict:
+    from models.config import FFN_DEFAULTS, GLOBAL_DEFAULTS
+    d = {k: v for k, v in model_config.items()
+         if not (k in _LATER_GLOBAL and v == GLOBAL_DEFAULTS[k])}
+    layers = []
+    for layer in d.get("layers", []):
+        layer = {k: v for k, v in layer.items() if not (k in _LATER_LAYER and v == FFN_DEFAULTS[k])}
+        if layer.get("attn") == "mla":
+            for k in ("qk_nope_head_dim", "v_head_dim"):
+                if layer.get(k) == d["n_embd"] // layer["n_head"]:
+                    layer.pop(k)
+        layers.append(layer)
+    return {**d, "layers": layers}
+
+
 def default_run_name(tc: TrainConfig, model_config: dict) -> str:
     """Same settings -> same name, so re-running a command resumes its run."""
     keep = {k: v for k, v in tc.to_dict().items()
@@ -55,7 +76,7 @@ def default_run_name(tc: TrainConfig, model_config: dict) -> str:
     for k in ("tokenizer", "min_workers"):     # names from before the key existed stay valid
         if keep.get(k) is None:
             keep.pop(k, None)
-    blob = json.dumps({"model": model_config, "train": keep}, sort_keys=True, default=str)
+    blob = json.dumps({"model": _named_model(model_config), "train": keep}, sort_keys=True, default=str)
     return f"{tc.dataset}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
@@ -137,7 +158,10 @@ def plan_run(tc: TrainConfig, world_size: int | None = None,
             raise TrainConfigError(f"resume_from {rp} is not a checkpoint directory (no "
                                    f"{' or '.join(missing)})")
         tc = dataclasses.replace(tc, resume_from=rp)
-        old = read_config(tc.resume_from)
+        try:      # resolved again: a checkpoint written before a key existed holds its default
+            old = ModelConfig.from_dict(read_config(tc.resume_from)).to_dict()
+        except ConfigError as e:
+            raise TrainConfigError(f"resume_from {tc.resume_from}: config.json: {e}") from None
         if old != mc.to_dict():
             raise TrainConfigError(f"resume_from {tc.resume_from}: its model config differs from "
                                    f"this run's model config")
