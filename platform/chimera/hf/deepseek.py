@@ -69,10 +69,15 @@ def _half_from_pairs(R: int) -> Tensor:
     return torch.cat([torch.arange(0, R, 2), torch.arange(1, R, 2)])
 
 
-def _reorder_rope_rows(w: Tensor, groups: int, nope: int, R: int, order: Tensor) -> Tensor:
-    """w (groups*(nope+R), K): reorder the last R rows of each group of nope+R rows."""
-    g = w.reshape(groups, nope + R, -1)
-    return torch.cat([g[:, :nope], g[:, nope:][:, order]], dim=1).reshape(w.shape)
+def _rope_rows(R: int, order: Tensor | None):
+    """f(w, groups, nope): w (groups*(nope+R), K) with the last R rows of each group of nope+R
+    rows put in `order` (identity when order is None)."""
+    def f(w: Tensor, groups: int, nope: int) -> Tensor:
+        if order is None:
+            return w
+        g = w.reshape(groups, nope + R, -1)
+        return torch.cat([g[:, :nope], g[:, nope:][:, order]], dim=1).reshape(w.shape)
+    return f
 
 
 # --- HF -> Chimera ------------------------------------------------------------------------------
@@ -163,7 +168,7 @@ def _moe_from_hf(hf_cfg, v3: bool) -> dict:
 
 
 class _Taker:
-    """Reads a state dict key by key; `rest()` names what was never read."""
+    """Reads a state dict key by key; `check_all_read()` refuses keys never read."""
 
     def __init__(self, state: Mapping[str, Tensor], side: str):
         self.state, self.side, self.seen = state, side, set()
@@ -187,7 +192,7 @@ def from_hf(hf_cfg, state: Mapping[str, Tensor], block_size: int | None = None
     cfg, interleaved = _config_from_hf(hf_cfg, block_size)
     H, R = hf_cfg.num_attention_heads, hf_cfg.qk_rope_head_dim
     Dn, Dv, Lkv = hf_cfg.qk_nope_head_dim, hf_cfg.v_head_dim, hf_cfg.kv_lora_rank
-    order = _half_from_pairs(R) if interleaved else None
+    rope = _rope_rows(R, _half_from_pairs(R) if interleaved else None)
     take = _Taker(state, "HF")
     sd: dict[str, Tensor] = {}
     sd["wte.weight"] = take("model.embed_tokens.weight")
@@ -199,8 +204,6 @@ def from_hf(hf_cfg, state: Mapping[str, Tensor], block_size: int | None = None
         a, c = hf + "self_attn.", ch + "attn."
         sd[ch + "ln_1.weight"] = take(hf + "input_layernorm.weight")
         sd[ch + "ln_2.weight"] = take(hf + "post_attention_layernorm.weight")
-        rope = (lambda w, groups, nope: _reorder_rope_rows(w, groups, nope, R, order)) \
-            if order is not None else (lambda w, groups, nope: w)
         if hf_cfg.q_lora_rank is None:
             sd[c + "W_q.weight"] = rope(take(a + "q_proj.weight"), H, Dn)
         else:
@@ -315,8 +318,9 @@ def _rope_to_hf(cfg) -> dict:
     rs = cfg.rope_scaling
     if rs is None:
         return {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
-    rest = {k: v for k, v in rs.items() if k != "type" and v is not None}
-    return {"rope_type": rs["type"], "rope_theta": float(cfg.rope_theta), **rest}
+    d = rs.to_dict()                                   # models.config.RopeScaling
+    rest = {k: v for k, v in d.items() if k != "type" and v is not None}
+    return {"rope_type": d["type"], "rope_theta": float(cfg.rope_theta), **rest}
 
 
 def to_hf(cfg, state: Mapping[str, Tensor]) -> tuple[Any, dict[str, Tensor]]:
@@ -371,8 +375,7 @@ def _state_to_hf(cfg, state: Mapping[str, Tensor], order: Tensor | None, dims: t
                  v3: bool) -> dict[str, Tensor]:
     H, Lq, Lkv, R, Dn, Dv = dims
     take = _Taker(state, "Chimera")
-    rope = (lambda w, groups, nope: _reorder_rope_rows(w, groups, nope, R, order)) \
-        if order is not None else (lambda w, groups, nope: w)
+    rope = _rope_rows(R, order)
     sd: dict[str, Tensor] = {}
     sd["model.embed_tokens.weight"] = take("wte.weight")
     if cfg.tie_embeddings:
