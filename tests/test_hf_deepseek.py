@@ -255,6 +255,8 @@ def test_misfit_fits():
     ([MLA, {**MLA, **SIG, "aux_free": False}], {}, r"layers\[1\]: softmax routing with norm_topk_prob true"),
     ([{**MLA, **SIG, "n_group": 4, "topk_group": 2, "n_act": 2}], {},
      r"layers\[0\]: aux_free routing with fewer than 2 routed experts per group"),
+    ([{**MLA, **SIG, "aux_free": False, "norm_topk_prob": False, "n_head": 3, "qk_nope_head_dim": 16,
+       "v_head_dim": 16}], {}, r"layers\[0\]: n_embd=64 is not divisible by n_head"),
 ])
 def test_misfit_reasons(layers, glob, match):
     cfg = _stack(layers, **glob)

@@ -311,6 +311,11 @@ def misfit(cfg) -> list[str]:
     if small:
         out.append(f"{_where(small)}: aux_free routing with fewer than 2 routed experts per group "
                    f"(deepseek_v3 scores a group by its top-2)")
+    softmax = [i for i in moe if not cfg.layers[i].ffn.aux_free]
+    odd = [i for i in mla if cfg.n_embd % cfg.layers[i].attn.n_head]
+    if softmax and odd:
+        out.append(f"{_where(odd)}: n_embd={cfg.n_embd} is not divisible by n_head (deepseek_v2, "
+                   f"the family of softmax routing, requires it)")
     return out
 
 
