@@ -10,11 +10,10 @@ import re
 
 import pytest
 import torch
+import transformers                      # a dev dependency: the reference implementation
 
-transformers = pytest.importorskip("transformers")
-
-from chimera.hf import deepseek                                     # noqa: E402
-from models import LLM, ModelConfig                                  # noqa: E402
+from chimera.hf import deepseek
+from models import LLM, ModelConfig
 
 TOL = 1e-4
 V, N_NEW = 320, 8
