@@ -45,6 +45,12 @@ CASES = {
     "v3_plain": ("DeepseekV3Config", dict(n_group=1, topk_group=1, norm_topk_prob=False,
                                           routed_scaling_factor=1.7, rope_interleave=False,
                                           q_lora_rank=None, first_k_dense_replace=2)),
+    # V3 with Llama-3 RoPE scaling, a tied head and two shared experts
+    "v3_llama3": ("DeepseekV3Config", dict(n_group=2, topk_group=1, n_shared_experts=2,
+                                           tie_word_embeddings=True, rope_parameters={
+                                               "rope_type": "llama3", "rope_theta": 20000.0, "factor": 8.0,
+                                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                               "original_max_position_embeddings": 16})),
 }
 
 

@@ -52,13 +52,9 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from models.config import ROPE_SCALINGS, RopeScaling
+
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
-_ROPE_TYPES = ("default", "yarn", "llama3")
-# the keys of Chimera's rope_scaling dict per type (models.config resolves the defaults)
-_ROPE_KEYS = {"yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
-                       "mscale", "mscale_all_dim", "attention_factor", "truncate"),
-              "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                         "original_max_position_embeddings")}
 _HF_EPS = 1e-6          # HF's MLA latent norms and Chimera's RMSNorm default
 
 
@@ -90,11 +86,11 @@ def _rope_from_hf(hf_cfg) -> tuple[float, dict | None]:
     rp = dict(getattr(hf_cfg, "rope_parameters", None) or {})
     theta = float(rp.pop("rope_theta", 10000.0))
     kind = rp.pop("rope_type", rp.pop("type", "default"))
-    if kind not in _ROPE_TYPES:
-        raise _fail("rope_parameters.rope_type", kind, f"Chimera has {', '.join(_ROPE_TYPES)}")
     if kind == "default":
         return theta, None
-    known = _ROPE_KEYS[kind]
+    if kind not in ROPE_SCALINGS:
+        raise _fail("rope_parameters.rope_type", kind, f"Chimera has default, {', '.join(ROPE_SCALINGS)}")
+    known = RopeScaling._KEYS[kind]                 # the keys Chimera's rope_scaling takes
     extra = sorted(k for k, v in rp.items() if k not in known and v is not None)
     if extra:
         raise _fail("rope_parameters", {k: rp[k] for k in extra}, f"not supported with {kind}")
