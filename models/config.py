@@ -88,8 +88,8 @@ FLAGS: tuple[Flag, ...] = (
          "attention output, Llama attention_bias); all (attn + the dense MLP, GPT-2). Not on mla or MoE layers",
          "global"),
     Flag("tie_embeddings", bool, True, "the LM head shares the token embedding's weights (false: its own matrix)", "global"),
-    Flag("norm_eps", float, None, "epsilon of every norm, MLA's latent norms included (null: LayerNorm 1e-5, "
-         "RMSNorm 1e-6)", "global", nullable=True),
+    Flag("norm_eps", float, None, "epsilon of the block and final norms (null: LayerNorm 1e-5, RMSNorm 1e-6; "
+         "MLA's latent norms always use 1e-6, as DeepSeek's)", "global", nullable=True),
     Flag("rope_theta", float, 10000.0, "RoPE base (also MLA's decoupled RoPE)", "global"),
     Flag("rope_scaling", dict, None, "RoPE scaling as in transformers: {type: llama3, factor, low_freq_factor, "
          "high_freq_factor, original_max_position_embeddings} or {type: yarn, factor, "

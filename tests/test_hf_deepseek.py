@@ -31,7 +31,8 @@ YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
 # name -> (HF config class name, overrides of BASE)
 CASES = {
     # V2: softmax, never renormalised, routed scaling, greedy top-k, query latent
-    "v2": ("DeepseekV2Config", dict(topk_method="greedy", routed_scaling_factor=1.5,
+    # (rms_norm_eps 1e-2: the block norms take it, the MLA latent norms stay at 1e-6 as in HF)
+    "v2": ("DeepseekV2Config", dict(topk_method="greedy", routed_scaling_factor=1.5, rms_norm_eps=1e-2,
                                     rope_parameters={"rope_type": "default", "rope_theta": 50000.0})),
     # V2-Lite shape: no query latent; group-limited routing; two shared experts; tied head
     "v2_lite_groups": ("DeepseekV2Config", dict(q_lora_rank=None, topk_method="group_limited_greedy",

@@ -29,6 +29,11 @@ from models.norms import make_norm
 from models.positions import Rotary, yarn_mscale
 
 
+# the latent RMSNorms' epsilon, whatever the model's norm_eps: DeepSeek-V2/V3 (and transformers'
+# port) keep q_a_layernorm / kv_a_layernorm at 1e-6 while rms_norm_eps sets the other norms
+LATENT_EPS = 1e-6
+
+
 class MLA(nn.Module):
     def __init__(self, model: ModelConfig, cfg: AttnConfig, dropout: float = 0.0):
         super().__init__()
@@ -44,11 +49,11 @@ class MLA(nn.Module):
             self.W_q = nn.Linear(n_embd, H * (D + R), bias=False)
         else:
             self.W_dq = nn.Linear(n_embd, Lq, bias=False)
-            self.q_norm = make_norm("rmsnorm", Lq, model.norm_eps)
+            self.q_norm = make_norm("rmsnorm", Lq, LATENT_EPS)
             self.W_uq = nn.Linear(Lq, H * (D + R), bias=False)  # q_nope and q_rope together
         # x -> c_kv and x -> k_rope in one matmul
         self.W_dkv = nn.Linear(n_embd, Lkv + R, bias=False)
-        self.kv_norm = make_norm("rmsnorm", Lkv, model.norm_eps)
+        self.kv_norm = make_norm("rmsnorm", Lkv, LATENT_EPS)
         self.W_uk = nn.Linear(Lkv, H * D, bias=False)
         self.W_uv = nn.Linear(Lkv, H * Dv, bias=False)
         self.c_proj = nn.Linear(H * Dv, n_embd, bias=False)

@@ -36,10 +36,8 @@ selection by score + e_score_correction_bias with group score = sum of the top-2
 renormalisation, times routed_scaling_factor: Chimera aux_free MoE. Chimera counts shared
 experts in n_exp and n_act; HF does not.
 
-Known difference: HF keeps the MLA latent norms (q_a_layernorm, kv_a_layernorm) at eps 1e-6
-whatever `rms_norm_eps` says, while Chimera's `norm_eps` sets every norm. Real DeepSeek
-checkpoints use 1e-6 (exact); another rms_norm_eps is imported as norm_eps (latent norms then
-differ by that eps, a relative change of about eps / mean square of the latent).
+Norm epsilons: `rms_norm_eps` is Chimera's norm_eps (block and final norms); the MLA latent
+norms (q_a_layernorm, kv_a_layernorm) are 1e-6 on both sides, whatever rms_norm_eps says.
 
     from chimera.hf import deepseek
     cfg_dict, sd = deepseek.from_hf(hf_model.config, hf_model.state_dict())
