@@ -14,6 +14,13 @@ Layout:
     <dir>/train_state.pt      step, optimizer, GradScaler, loader state, RNG states of every rank,
                               best val loss, train config: tensors and plain containers only
     <dir>/meta.json           step, losses, time: for people and listings
+    <dir>/adapter.safetensors a LoRA run's adapters (models.lora: `<linear>.lora_A` / `lora_B`)
+    <dir>/adapter.json        their rank, alpha, targets, the base's source and base_sha256
+A LoRA checkpoint's model.safetensors holds the frozen base weights, unchanged: a checkpoint
+stays whole on its own (a restart, load_model, an export or a replica needs nothing else, even
+when the base came from hf: or a deleted folder), at the cost of a copy of the base per kept
+checkpoint; adapter.safetensors alone is what `jobs/serve.py --adapter` adds to a base.
+load_model merges the adapters, so every reader gets a plain model.
 A run directory holds checkpoint_NNNNNN/ folders and <file_name>_best/ (default llm_model_best).
 Reading (resolve_checkpoint, load_model, read_config, list_checkpoints) takes local paths and
 object-store URIs alike; a URI's checkpoint is fetched once into a local cache.
@@ -30,20 +37,34 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model as load_safetensors, save_model
+from safetensors.torch import load_file, load_model as load_safetensors, save_file, save_model
 
 from chimera import storage
 
 WEIGHTS, CONFIG, TOKENIZER, STATE, META = ("model.safetensors", "config.json", "tokenizer.json",
                                            "train_state.pt", "meta.json")
+ADAPTER_WEIGHTS, ADAPTER = "adapter.safetensors", "adapter.json"
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, *, model_config: dict,
                     tokenizer: dict | None = None, train_state: dict | None = None,
-                    meta: dict | None = None) -> Path:
+                    meta: dict | None = None, adapter: dict | None = None) -> Path:
+    """`adapter`: adapter.json of a model with LoRA adapters (rank, alpha, targets, base,
+    base_sha256), required exactly when it has them: the base weights go to model.safetensors
+    and the adapters to adapter.safetensors."""
+    from models import lora
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(p / WEIGHTS))
+    adapters = lora.adapter_state(model)
+    if bool(adapters) != (adapter is not None):
+        raise ValueError("save_checkpoint: adapter.json is given exactly when the model has "
+                         f"LoRA adapters (adapters: {len(adapters)}, adapter: {adapter is not None})")
+    if adapters:
+        save_file(base_state(model), str(p / WEIGHTS))
+        save_file({k: v.contiguous() for k, v in adapters.items()}, str(p / ADAPTER_WEIGHTS))
+        (p / ADAPTER).write_text(json.dumps(adapter, indent=2) + "\n")
+    else:
+        save_model(model, str(p / WEIGHTS))
     (p / CONFIG).write_text(json.dumps(model_config, indent=2) + "\n")
     if tokenizer is not None:
         (p / TOKENIZER).write_text(json.dumps(tokenizer) + "\n")
@@ -54,7 +75,69 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, *, model_config: d
 
 
 def load_weights(model: torch.nn.Module, path: str | Path, device: str | torch.device = "cpu") -> None:
-    load_safetensors(model, str(Path(path) / WEIGHTS), strict=True, device=str(device))
+    """model.safetensors into `model` (strict); a model with LoRA adapters (models.lora) also
+    takes adapter.safetensors, and every key of both files must be one of its own."""
+    from models import lora
+    keys = lora.adapter_keys(model)
+    if not keys:
+        load_safetensors(model, str(Path(path) / WEIGHTS), strict=True, device=str(device))
+        return
+    missing, unexpected = load_safetensors(model, str(Path(path) / WEIGHTS), strict=False,
+                                           device=str(device))
+    if set(missing) != keys or unexpected:
+        raise ValueError(f"{path}/{WEIGHTS}: not this model's base weights (missing "
+                         f"{sorted(set(missing) - keys)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    load_adapters(model, path, device)
+
+
+def load_adapters(model: torch.nn.Module, path: str | Path, device: str | torch.device = "cpu") -> None:
+    """adapter.safetensors into a model that has the same adapters (strict on their keys)."""
+    from models import lora
+    f = Path(path) / ADAPTER_WEIGHTS
+    if not f.is_file():
+        raise ValueError(f"{path}: no {ADAPTER_WEIGHTS} (not a LoRA checkpoint)")
+    sd = load_file(str(f), device=str(device))
+    keys = lora.adapter_keys(model)
+    if set(sd) != keys:
+        raise ValueError(f"{f}: adapters {sorted(set(sd) ^ keys)[:5]} do not match the model's "
+                         f"(rank, targets: see {ADAPTER})")
+    model.load_state_dict(sd, strict=False)
+
+
+def base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict without LoRA adapters, each storage once (the tied LM head is the
+    embedding: safetensors stores shared tensors once, and load_model re-ties them)."""
+    from models import lora
+    skip, seen, out = lora.adapter_keys(model), set(), {}
+    for k, v in model.state_dict().items():
+        if k in skip or v.data_ptr() in seen:
+            continue
+        seen.add(v.data_ptr())
+        out[k] = v.contiguous()
+    return out
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 (hex) of a model's base weights: every key of its state dict except LoRA
+    adapters, sorted, with dtype, shape and bytes. What adapter.json records of its base, and
+    what `jobs/serve.py --adapter` checks a base against."""
+    import hashlib
+    from models import lora
+    skip = lora.adapter_keys(model)
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        if k in skip:
+            continue
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_adapter(path: str | Path) -> dict | None:
+    """adapter.json of a checkpoint, or None when it is not a LoRA checkpoint."""
+    f = Path(path) / ADAPTER
+    return json.loads(f.read_text()) if f.is_file() else None
 
 
 def load_train_state(path: str | Path) -> dict[str, Any]:
@@ -76,7 +159,7 @@ def is_checkpoint(p: str | Path) -> bool:
     return storage.is_file(storage.join(p, CONFIG)) and storage.is_file(storage.join(p, WEIGHTS))
 
 
-SERVED = (WEIGHTS, CONFIG, TOKENIZER, META)   # what loading a model needs (not the train state)
+SERVED = (WEIGHTS, CONFIG, TOKENIZER, META, ADAPTER_WEIGHTS, ADAPTER)   # what loading a model needs (not the train state)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -122,24 +205,84 @@ def remote_checkpoint(uri: str) -> str:
                      f"*_best/ or checkpoint_*/ checkpoints" + ("" if names else " (nothing is stored there)"))
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
+def load_model(path: str | Path, device: str | torch.device = "cpu", adapter: str | Path | None = None):
     """(model in eval mode on `device`, tokenizer, meta) from a checkpoint or run directory
     (local, or a URI: see resolve_checkpoint): the model rebuilt from config.json only,
-    weights from model.safetensors (strict), the tokenizer from tokenizer.json. ValueError
-    (ConfigError, TokenizerError, StorageError) when unusable."""
+    weights from model.safetensors (strict), the tokenizer from tokenizer.json. A LoRA
+    checkpoint (adapter.json) comes back merged: a plain model. `adapter`: a LoRA checkpoint
+    (or run dir) whose adapters are merged into `path`'s weights instead — its config and
+    tokenizer, path's weights, which must be the ones it was trained on (check_adapter).
+    ValueError (ConfigError, TokenizerError, StorageError) when unusable."""
     from chimera.data.tokenizers import Tokenizer
-    from models import LLM, ModelConfig
+    from models import LLM, ModelConfig, lora
 
     p = resolve_checkpoint(path)
-    model = LLM(ModelConfig.from_dict(read_config(p)))
-    load_weights(model, p, device)
-    tok = Tokenizer.from_dict(json.loads((p / TOKENIZER).read_text()))
+    if adapter is None:
+        model = LLM(ModelConfig.from_dict(read_config(p)))
+        info = read_adapter(p)
+        if info is not None:
+            lora.apply_lora(model, info["rank"], info["alpha"], info["targets"])
+        load_weights(model, p, device)
+        files = p
+    else:
+        base, _, _ = load_model(p, device)
+        files = resolve_checkpoint(adapter)
+        info = check_adapter(base, files)
+        model = LLM(ModelConfig.from_dict(read_config(files)))
+        lora.apply_lora(model, info["rank"], info["alpha"], info["targets"])
+        load_init_state(model, base.state_dict(), f"{p}")
+        load_adapters(model, files, device)
+        del base
+    lora.merge_lora(model)
+    tok = Tokenizer.from_dict(json.loads((files / TOKENIZER).read_text()))
     if tok.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"{p}: tokenizer vocab {tok.vocab_size} > model vocab {model.cfg.vocab_size}")
-    meta = {**read_meta(p), "path": str(p)}
+        raise ValueError(f"{files}: tokenizer vocab {tok.vocab_size} > model vocab {model.cfg.vocab_size}")
+    meta = {**read_meta(files), "path": str(files)}
+    if adapter is not None:
+        meta["base"] = str(p)
     if storage.is_uri(path):
         meta["source"] = str(path)
     return model.to(device).eval(), tok, meta
+
+
+def check_adapter(base: torch.nn.Module, adapter_dir: str | Path) -> dict:
+    """adapter.json of a LoRA checkpoint, checked against the base model it is to be merged
+    into: the sha256 of the base weights it was trained on must be `base`'s
+    (weights_sha256). ValueError naming both otherwise."""
+    info = read_adapter(adapter_dir)
+    if info is None:
+        raise ValueError(f"adapter {adapter_dir}: not a LoRA checkpoint (no {ADAPTER})")
+    have = weights_sha256(base)
+    if info.get("base_sha256") != have:
+        raise ValueError(f"adapter {adapter_dir} was trained on base weights with sha256 "
+                         f"{str(info.get('base_sha256'))[:16]}... (from {info.get('base')}), but "
+                         f"the base given has sha256 {have[:16]}...: not the same base")
+    return info
+
+
+def load_init_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy a source model's state dict into `model`, whose config may differ from the
+    source's only in block_size (<= the source's: tables of block_size rows, the learned
+    positions, keep their first rows) and dropout. Every key of `model` but its LoRA adapters
+    must be in `state` and nothing else; ValueError naming the key otherwise."""
+    from models import lora
+    skip = lora.adapter_keys(model)
+    own = {k: v for k, v in model.state_dict().items() if k not in skip}
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or extra:
+        raise ValueError(f"{source}: its weights do not fit this model (missing {missing[:5]}, "
+                         f"unexpected {extra[:5]})")
+    T = model.cfg.block_size
+    with torch.no_grad():
+        for k, dst in own.items():
+            src = state[k]
+            if src.shape != dst.shape:
+                if not (src.dim() >= 1 and src.shape[1:] == dst.shape[1:] and dst.shape[0] == T
+                        and src.shape[0] > T):
+                    raise ValueError(f"{source}: {k} has shape {tuple(src.shape)}, this model "
+                                     f"needs {tuple(dst.shape)}")
+                src = src[:T]
+            dst.copy_(src)
 
 
 # --- RNG states as tensors / plain lists (weights_only-loadable) ------------------------------

@@ -134,6 +134,21 @@ class TrainConfig:
         "random seed (init, data order)")
     resume_from: str | None = opt(None,
         "checkpoint folder to start a new run from (same model config)")
+    init_from: str | None = opt(None,
+        "fine-tune: start from these weights with a fresh optimizer and schedule at step 0 (not "
+        "--resume_from, which continues a run): a checkpoint or run dir (local or s3://, as "
+        "jobs/serve.py takes) or hf:PATH (a Hugging Face model folder, chimera.hf). The model "
+        "config is the checkpoint's: of the model flags only block_size (<= its own) and dropout "
+        "may be given; the data's tokenizer must be the checkpoint's")
+    lora_rank: int = opt(0,
+        "LoRA adapters of this rank on the --lora_targets Linears, the only parameters that "
+        "train (the base stays frozen; needs --init_from); 0: off, every parameter trains")
+    lora_alpha: float = opt(16.0,
+        "LoRA scale numerator: the adapter's update is (lora_alpha / lora_rank) B A")
+    lora_targets: str | None = opt(None,
+        "comma-separated Linear names inside the blocks that get adapters: c_attn, c_proj "
+        "(attention output and MLP down), c_fc, and MLA's W_dq, W_uq, W_q, W_dkv, W_uk, W_uv "
+        "(models/lora.py); default: every one of them the model has", "all the model has")
     crash_at_step: int = opt(0,
         "test hook: the last rank exits once at this step (0: never)")
 
@@ -192,6 +207,7 @@ class TrainConfig:
             from chimera.data.tokenizers import TOKENIZERS
             if self.tokenizer not in TOKENIZERS:
                 raise TrainConfigError(f"tokenizer={self.tokenizer!r}: choose one of {', '.join(TOKENIZERS)}")
+        self._check_finetune()
         if self.layer_configs is not None and self.layer_configs_jsonl is not None:
             raise TrainConfigError("give at most one of layer_configs and layer_configs_jsonl")
         try:
@@ -201,6 +217,31 @@ class TrainConfig:
         for k in self.model:
             if k not in mconfig.MODEL_KEYS:
                 raise _unknown(k, mconfig.MODEL_KEYS)
+
+    def _check_finetune(self) -> None:
+        """init_from / resume_from / lora_* on their own (the checkpoint itself: plan_run)."""
+        if self.init_from is not None and self.resume_from is not None:
+            raise TrainConfigError("give init_from (fine-tune from weights: a new run at step 0) "
+                                   "or resume_from (continue a run), not both")
+        if self.init_from is not None and self.init_from.strip() in ("", "hf:"):
+            raise TrainConfigError(f"init_from={self.init_from!r}: give a checkpoint, run dir or hf:PATH")
+        if self.lora_rank < 0:
+            raise TrainConfigError(f"lora_rank={self.lora_rank} must be >= 0 (0: no LoRA)")
+        if not self.lora_alpha > 0:
+            raise TrainConfigError(f"lora_alpha={self.lora_alpha} must be > 0")
+        if self.lora_rank == 0:
+            if self.lora_targets is not None:
+                raise TrainConfigError("lora_targets needs lora_rank >= 1 (LoRA is off at 0)")
+            return
+        if self.init_from is None:
+            raise TrainConfigError(f"lora_rank={self.lora_rank} needs init_from: LoRA adapts a "
+                                   f"trained base (a checkpoint or hf:PATH), it has none to adapt")
+        if self.lora_targets is not None:
+            from models import lora
+            try:
+                lora.parse_targets(self.lora_targets)
+            except lora.LoRAError as e:
+                raise TrainConfigError(str(e)) from None
 
     def extra_resources(self) -> dict[str, float]:
         """worker_resources as a mapping (empty when not given); TrainConfigError naming the

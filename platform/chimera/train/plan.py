@@ -73,9 +73,12 @@ def default_run_name(tc: TrainConfig, model_config: dict) -> str:
                          "run_name", "resume_from", "wandb_log", "wandb_project",
                          "wandb_run_name", "max_failures", "crash_at_step", "num_threads",
                          "in_process", "worker_resources", "resize_interval_s")}
-    for k in ("tokenizer", "min_workers"):     # names from before the key existed stay valid
-        if keep.get(k) is None:
+    for k in ("tokenizer", "min_workers", "init_from", "lora_targets"):
+        if keep.get(k) is None:                # names from before the key existed stay valid
             keep.pop(k, None)
+    if not keep.get("lora_rank"):
+        keep.pop("lora_rank", None)
+        keep.pop("lora_alpha", None)
     blob = json.dumps({"model": _named_model(model_config), "train": keep}, sort_keys=True, default=str)
     return f"{tc.dataset}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
@@ -126,7 +129,12 @@ def plan_run(tc: TrainConfig, world_size: int | None = None,
     if tc.tokenizer is not None and tokenizer.get("name") != tc.tokenizer:
         raise TrainConfigError(f"tokenizer={tc.tokenizer!r} but data_dir {data_dir} was prepared "
                                f"with {tokenizer.get('name')!r}")
-    if model_config is not None:
+    if tc.init_from is not None:                      # fine-tuning: the source's model
+        from chimera.train.finetune import finetune_model, init_source
+        src = init_source(tc)
+        tc = dataclasses.replace(tc, init_from=src.init_from)
+        mc = finetune_model(tc, src, tokenizer)
+    elif model_config is not None:
         try:
             mc = ModelConfig.from_dict(model_config)
         except ConfigError as e:

@@ -4,9 +4,10 @@
     summary = trainer.run()      # build, restore, distribute, open_logs, then the loop:
                                  # step -> (log_metrics, evaluate, record -> checkpoint)
 
-Per worker: build the model from the resolved config; restore the latest checkpoint (Ray's, else
-`resume_from`) *before* the loop so step, optimizer, scaler, data position and RNG continue;
-wrap for DDP (the context's prepare_model); grad accumulation with `no_sync()` on all but the
+Per worker: build the model from the resolved config (with LoRA adapters, the only parameters
+the optimizer holds, when lora_rank is set); restore the latest checkpoint (Ray's, else
+`resume_from`) *before* the loop so step, optimizer, scaler, data position and RNG continue,
+or, in a fresh fine-tuning run, load the `init_from` weights (chimera.train.finetune); wrap for DDP (the context's prepare_model); grad accumulation with `no_sync()` on all but the
 last micro-step; AdamW (fused on CUDA, decay on >=2-D weights only); warmup + cosine lr;
 clipping; bf16 autocast on CUDA (fp16 + GradScaler without bf16), fp32 on CPU. Metrics every
 log_interval, eval every eval_interval (cross-entropy without the MoE terms, which are reported
@@ -47,7 +48,7 @@ from chimera.train.context import RESULT, MetricsLog, checkpoint_at, copy_dir, w
 from chimera.train.hooks import Hook
 from chimera.train.measure import all_mean, eval_losses, peak_flops, state_hash
 from chimera.train.schedule import lr_at
-from models import LLM, ModelConfig
+from models import LLM, ModelConfig, lora
 
 
 class Trainer:
@@ -68,6 +69,8 @@ class Trainer:
             from chimera.train.plan import grad_accum
             self.accum = grad_accum(self.tc, self.mc.block_size, self.world, elastic=True)
         self.iter_num, self.best_val, self.resumed_from = 0, math.inf, None
+        self.init: dict[str, str] = {}                 # init_from, base_sha256 (fine-tuning)
+        self.lora_targets: tuple[str, ...] = ()
         self.history: list[dict] = []
         self.last: dict[str, Any] = {}                 # the latest value of every metric
         self.last_checkpoint: str | None = None
@@ -118,7 +121,8 @@ class Trainer:
         best = (f"{self.run_dir}/{tc.file_name}_best" if tc.save_model and self.best_val < math.inf
                 else None)
         summary = {"step": self.iter_num, "metrics": self.last, "last_checkpoint": self.last_checkpoint,
-                   "best_checkpoint": best, "resumed_from_step": self.resumed_from}
+                   "best_checkpoint": best, "resumed_from_step": self.resumed_from,
+                   **({"init_from": tc.init_from} if tc.init_from else {})}
         if self.rank == 0 and self.history:              # a run resumed at its end adds nothing
             write_run_file(self.run_dir, RESULT, json.dumps(summary, default=str) + "\n")
         return {**summary, "history": self.history}
@@ -134,8 +138,11 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
         torch.manual_seed(tc.seed)                   # same init everywhere; DDP broadcasts anyway
         self.raw = raw = LLM(mc).to(device)
-        decay = [p for p in raw.parameters() if p.dim() >= 2]
-        no_decay = [p for p in raw.parameters() if p.dim() < 2]
+        if tc.lora_rank:                             # the base freezes; adapters train
+            self.lora_targets = lora.apply_lora(raw, tc.lora_rank, tc.lora_alpha, tc.lora_targets)
+        params = [p for p in raw.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}],
                                      lr=tc.learning_rate, betas=(tc.beta1, tc.beta2),
@@ -164,10 +171,18 @@ class Trainer:
         if source is None and self.tc.resume_from:
             source = checkpoint_at(self.tc.resume_from)
         if source is None:
+            if self.tc.init_from:                    # a fresh fine-tuning run: step 0
+                from chimera.train.finetune import load_init
+                self.init = load_init(self.raw, self.tc.init_from)
+                self.print0(f"initialised from {self.tc.init_from} (weights sha256 "
+                            f"{self.init['base_sha256'][:16]})")
             return
         with source.as_directory() as d:
             ckpt.load_weights(self.raw, d, self.device)
             st = ckpt.load_train_state(d)
+            adapter = ckpt.read_adapter(d)
+        if adapter is not None:                      # the base it adapts, as first loaded
+            self.init = {"init_from": adapter["base"], "base_sha256": adapter["base_sha256"]}
         self.opt.load_state_dict(st["optimizer"])
         self.scaler.load_state_dict(st["scaler"])
         self.iter_num, self.best_val = int(st["step"]), float(st["best_val"])
@@ -235,7 +250,8 @@ class Trainer:
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        self.raw.update_moe_biases()
+        if not self.tc.lora_rank:                    # LoRA: the base (and its biases) stays frozen
+            self.raw.update_moe_biases()
         self.iter_num += 1
         self.steps_since += 1
 
@@ -343,7 +359,9 @@ class Trainer:
         if rank == 0:
             ckpt.save_checkpoint(tmp, self.raw, model_config=self.mc.to_dict(),
                                  tokenizer=self.tokenizer, train_state=state,
-                                 meta={**metrics, "run_name": tc.run_name})
+                                 meta={**metrics, "run_name": tc.run_name,
+                                       **({"init_from": tc.init_from} if tc.init_from else {})},
+                                 adapter=self.adapter_info())
             if best:
                 copy_dir(tmp, f"{self.run_dir}/{tc.file_name}_best")
         if periodic:
@@ -353,6 +371,15 @@ class Trainer:
             self.ctx.report(metrics)                                  # report: the row alone
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def adapter_info(self) -> dict | None:
+        """adapter.json of a LoRA run's checkpoints (None without LoRA)."""
+        tc = self.tc
+        if not tc.lora_rank:
+            return None
+        return {"rank": tc.lora_rank, "alpha": tc.lora_alpha, "targets": list(self.lora_targets),
+                "base": self.init.get("init_from", tc.init_from),
+                "base_sha256": self.init.get("base_sha256")}
 
     def print0(self, *a) -> None:
         if self.rank == 0:
