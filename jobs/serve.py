@@ -3,6 +3,7 @@
     python jobs/serve.py --checkpoint runs/my_run                  # a run dir: its best checkpoint
     python jobs/serve.py --checkpoint small=runs/a --checkpoint big=runs/b/checkpoint_002000
     python jobs/serve.py --from_sweep sweeps/s1 --top_k 3 --host 0.0.0.0 --port 8000
+    python jobs/serve.py --checkpoint runs/base --adapter runs/my_lora   # base + LoRA, merged
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/serve.py --checkpoint ...
     serve run serve.app:build_app checkpoint=runs/my_run            # the same app, Serve's CLI
 
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         url = f"http://{args.host}:{args.port}"
         print(f"serving {', '.join(n for n, _ in models)} at {url}  (Ctrl-C to stop)", flush=True)
         for name, path in models:
-            print(f"  {name}: {path}", flush=True)
+            print(f"  {name}: {path}" + (f" + adapter {app_args.adapter}" if app_args.adapter else ""),
+                  flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

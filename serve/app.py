@@ -40,6 +40,10 @@ class AppArgs(BaseModel):
     from_sweep: str | None = Field(None, description="serve the --top_k best trials of this sweep dir",
                                    json_schema_extra={"metavar": "DIR"})
     top_k: int = Field(1, ge=1, le=16, description="with --from_sweep: how many trials")
+    adapter: str | None = Field(None, description=(
+        "a LoRA checkpoint (or run dir) whose adapters are merged into the one --checkpoint at "
+        "load; it must have been trained on exactly those base weights (sha256)"),
+        json_schema_extra={"metavar": "PATH"})
     max_batch: int = Field(16, ge=1, le=512, description="rows of the running batch per replica")
     max_new_tokens_cap: int = Field(1024, ge=1, description="largest max_new_tokens/max_tokens accepted")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body (413 above)")
@@ -68,6 +72,8 @@ class AppArgs(BaseModel):
     def _check(self):
         if not self.checkpoint and not self.from_sweep:
             raise ValueError("give --checkpoint PATH (repeatable) or --from_sweep DIR")
+        if self.adapter is not None and (len(self.checkpoint) != 1 or self.from_sweep):
+            raise ValueError("--adapter needs exactly one --checkpoint (its base) and no --from_sweep")
         if self.max_replicas is not None and (self.min_replicas or 0) > self.max_replicas:
             raise ValueError(f"min_replicas={self.min_replicas} > max_replicas={self.max_replicas}")
         return self
@@ -95,8 +101,11 @@ def add_app_arguments(p) -> list[str]:
 
 
 def resolve_models(args: AppArgs) -> list[tuple[str, Any]]:
-    from serve.loading import parse_models, sweep_models
+    """[(name, checkpoint)]; with --adapter, the adapter is checked against the base here."""
+    from serve.loading import check_adapter, parse_models, sweep_models
     models = parse_models(args.checkpoint)
+    if args.adapter is not None:
+        check_adapter(models[0][1], args.adapter)
     if args.from_sweep:
         models += sweep_models(args.from_sweep, args.top_k)
     names = [n for n, _ in models]
@@ -144,15 +153,17 @@ def resolve_templates(args: AppArgs, names: list[str]) -> dict[str, str]:
 def build_app(args: AppArgs | dict) -> serve.Application:
     """Typed application builder: one model -> ModelIngress (front end and engine in one
     deployment); several -> one LLMServer per model + the Ingress."""
+    from serve.loading import adapter_of
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     models = resolve_models(args)
     templates = resolve_templates(args, [n for n, _ in models])
     threads, health = max(1, int(args.num_cpus)), args.health_check_timeout_s * 0.8
     if len(models) == 1:
         name, path = models[0]
+        adapter = None if args.adapter is None else str(adapter_of(args.adapter))
         return ModelIngress.options(**deployment_options(args, name)).bind(
             name, str(path), args.max_batch, threads, health, args.max_new_tokens_cap,
-            args.max_body_bytes, templates.get(name))
+            args.max_body_bytes, templates.get(name), adapter)
     servers = {name: LLMServer.options(**deployment_options(args, name)).bind(
                    name, str(path), args.max_batch, threads, health)
                for name, path in models}
@@ -184,8 +195,9 @@ class ModelIngress:
     """One model: its front end and its engine in one replica (no hop between them)."""
     def __init__(self, name: str, checkpoint: str, max_batch: int, threads: int,
                  health_timeout_s: float, max_new_tokens_cap: int, max_body_bytes: int,
-                 template: str | None = None):
-        self.server = ModelServer(name, checkpoint, max_batch, threads, health_timeout_s)
+                 template: str | None = None, adapter: str | None = None):
+        self.server = ModelServer(name, checkpoint, max_batch, threads, health_timeout_s,
+                                  adapter=adapter)
         self.front = Frontend({name: Local(self.server)}, max_new_tokens_cap, max_body_bytes,
                               {name: template} if template else None)
 

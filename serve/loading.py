@@ -44,6 +44,19 @@ def checkpoint_of(path: str | Path) -> Path | str:
     return resolve_checkpoint(path)
 
 
+def adapter_of(path: str | Path) -> Path | str:
+    """The concrete LoRA checkpoint of --adapter (a checkpoint or run dir, local or a URI)."""
+    return checkpoint_of(path)
+
+
+def check_adapter(base: Path | str, adapter: str | Path) -> None:
+    """--adapter against its base, before Serve starts: a LoRA checkpoint trained on exactly
+    `base`'s weights (chimera.checkpoint.check_adapter: sha256). ValueError otherwise."""
+    from chimera.checkpoint import check_adapter as check, load_model
+    model, _, _ = load_model(base)
+    check(model, resolve_checkpoint(adapter_of(adapter)))
+
+
 def parse_models(specs: list[str]) -> list[tuple[str, Path | str]]:
     """--checkpoint values, each PATH or NAME=PATH -> [(name, checkpoint dir or URI)]; names
     unique."""

@@ -37,20 +37,23 @@ from serve.metrics import ServeMetrics
 
 class ModelServer:
     def __init__(self, name: str, checkpoint: str, max_batch: int = 16, threads: int = 1,
-                 health_timeout_s: float = 20.0, metrics: bool = True):
+                 health_timeout_s: float = 20.0, metrics: bool = True, adapter: str | None = None):
+        """`adapter`: a LoRA checkpoint merged into `checkpoint`'s weights at load
+        (chimera.checkpoint.load_model)."""
         import torch
 
         from chimera.checkpoint import load_model
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, threads))
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, tok, _ = load_model(checkpoint, device)
+        model, tok, _ = load_model(checkpoint, device, adapter=adapter)
         self.name, self.tok, self.block = name, tok, model.cfg.block_size
         self.engine = Engine(model, tok, max_batch=max_batch)
         self.metrics = ServeMetrics(name, enabled=metrics)
         self.driver = EngineDriver(self.engine, on_step=self.metrics.on_step)
         self.health_timeout_s = health_timeout_s
-        self.about = {"id": name, "checkpoint": checkpoint, "architecture": model.cfg.summary(),
+        self.about = {"id": name, "checkpoint": checkpoint, **({"adapter": adapter} if adapter else {}),
+                      "architecture": model.cfg.summary(),
                       "block_size": self.block, "vocab_size": model.cfg.vocab_size,
                       "tokenizer": tok.name, "device": device, "max_batch": max_batch}
 

@@ -1,0 +1,149 @@
+"""Fine-tuning runs without Ray (in-process, world size 1): --init_from from a Chimera
+checkpoint starts at its val loss and lowers it; a LoRA run trains only the adapters and its
+checkpoint loads merged; every bad combination is refused by the run plan, naming the field."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from chimera import checkpoint as ckpt
+from chimera.train.config import TrainConfigError, load_train_config
+from chimera.train.loop import train_fn_per_worker
+from chimera.train.plan import plan_run
+
+ROOT = Path(__file__).resolve().parents[1]
+# the tiny_checkpoint's run settings (tests/conftest.py) that its val loss depends on
+SAME = {"batch_size": 8, "total_batch_size_str": "8*64", "eval_iters": 2}
+
+
+def _cfg(data, tmp_path, init, name="ft", **kw):
+    return load_train_config({"data_dir": str(data), "storage_path": str(tmp_path), "run_name": name,
+                              "init_from": str(init), **SAME, **kw})
+
+
+def test_bad_combinations_are_refused_by_the_config(tiny_checkpoint):
+    with pytest.raises(TrainConfigError, match="give init_from .* or resume_from .*, not both"):
+        load_train_config({"init_from": str(tiny_checkpoint), "resume_from": str(tiny_checkpoint)})
+    with pytest.raises(TrainConfigError, match="lora_rank=4 needs init_from"):
+        load_train_config({"lora_rank": 4})
+    with pytest.raises(TrainConfigError, match="lora_targets needs lora_rank >= 1"):
+        load_train_config({"lora_targets": "c_fc"})
+    with pytest.raises(TrainConfigError, match="unknown target 'qproj'; valid targets: c_attn"):
+        load_train_config({"lora_rank": 4, "init_from": "x", "lora_targets": "qproj"})
+    with pytest.raises(TrainConfigError, match="'w_up' cannot be a target: MoE experts"):
+        load_train_config({"lora_rank": 4, "init_from": "x", "lora_targets": "w_up"})
+    with pytest.raises(TrainConfigError, match="lora_alpha=0.0 must be > 0"):
+        load_train_config({"lora_rank": 4, "init_from": "x", "lora_alpha": 0})
+
+
+def test_bad_init_is_refused_by_the_plan(tiny_checkpoint, train_char_data, tmp_path):
+    d = train_char_data
+    with pytest.raises(TrainConfigError, match=r"model flags differ from its config: n_head=8 "
+                                               r"\(it has 4\); n_embd=32 \(it has 64\).*only "
+                                               r"block_size and dropout may be given"):
+        plan_run(_cfg(d, tmp_path, tiny_checkpoint, n_head=8, n_embd=32, dropout=0.1))
+    with pytest.raises(TrainConfigError, match="attn='gqa' \\(it has 'mla'\\)"):
+        plan_run(_cfg(d, tmp_path, tiny_checkpoint, attn="gqa"))
+    with pytest.raises(TrainConfigError, match="block_size=128 is larger than the checkpoint's 64"):
+        plan_run(_cfg(d, tmp_path, tiny_checkpoint, block_size=128))
+    with pytest.raises(TrainConfigError, match="the layer stack is the init checkpoint's"):
+        plan_run(_cfg(d, tmp_path, tiny_checkpoint, layer_configs='[{"attn": "mla"}]'))
+    with pytest.raises(TrainConfigError, match="init_from: .*neither a checkpoint directory"):
+        plan_run(_cfg(d, tmp_path, tmp_path / "nothing"))
+    with pytest.raises(TrainConfigError, match=r"lora_targets: c_attn match no module of this "
+                                               r"model \(its targets: c_proj, c_fc, W_dq"):
+        plan_run(_cfg(d, tmp_path, tiny_checkpoint, lora_rank=2, lora_targets="c_attn"))
+    # a flag equal to the checkpoint's, or one of another mechanism (dropped), is fine
+    plan = plan_run(_cfg(d, tmp_path, tiny_checkpoint, n_head=4, n_kv_heads=2, block_size=32,
+                         total_batch_size_str="8*32"))
+    assert plan.model_config["block_size"] == 32 and plan.train.init_from == str(tiny_checkpoint)
+
+
+def test_tokenizer_mismatch_is_refused(tiny_checkpoint, tmp_path):
+    from chimera.data.prepare import prepare
+    text = tmp_path / "t.txt"
+    text.write_text("abcdefgh ijklmnop\n" * 4000)
+    for tok in ("char", "byte"):
+        prepare("shakespeare", sources=[text], tokenizer=tok, out=tmp_path / tok, progress=False,
+                log=lambda *_: None)
+    with pytest.raises(TrainConfigError, match=r"another tokenizer than the checkpoint's "
+                                               r"\(vocab_size: data 18, checkpoint 65\)"):
+        plan_run(_cfg(tmp_path / "char", tmp_path, tiny_checkpoint))
+    with pytest.raises(TrainConfigError, match=r"the data's tokenizer \(byte, vocab 256\) does not "
+                                               r"fit the model's vocab_size=128"):
+        plan_run(_cfg(tmp_path / "byte", tmp_path, tiny_checkpoint))
+
+
+def test_full_finetune_starts_at_the_checkpoint_and_lowers_val_loss(tiny_checkpoint,
+                                                                    train_char_data, tmp_path):
+    start = ckpt.read_meta(tiny_checkpoint)["val_loss"]
+    plan = plan_run(_cfg(train_char_data, tmp_path, tiny_checkpoint, max_iters=20, eval=True,
+                         eval_interval=20, learning_rate=3e-3, warmup_steps=2, save_model=True,
+                         ckpt_interval=20))
+    s = train_fn_per_worker(plan.worker_config)
+    evals = [r for r in s["history"] if "val_loss" in r]
+    assert evals[0]["step"] == 0 and evals[0]["val_loss"] == pytest.approx(start, abs=1e-5)
+    fresh = 4.17                 # ln(65): what an untrained model starts at (not this run)
+    assert start < fresh - 0.5
+    assert evals[-1]["val_loss"] < start - 0.02
+    assert s["init_from"] == str(tiny_checkpoint)
+    meta = json.loads((Path(s["last_checkpoint"]) / "meta.json").read_text())
+    assert meta["init_from"] == str(tiny_checkpoint)
+    assert not (Path(s["last_checkpoint"]) / ckpt.ADAPTER).exists()
+
+
+def test_lora_run_trains_only_the_adapters(tiny_checkpoint, train_char_data, tmp_path):
+    base, _, _ = ckpt.load_model(tiny_checkpoint)
+    sha = ckpt.weights_sha256(base)
+    plan = plan_run(_cfg(train_char_data, tmp_path, tiny_checkpoint, max_iters=20, eval=True,
+                         eval_interval=20, learning_rate=1e-2, warmup_steps=2, save_model=True,
+                         ckpt_interval=20, lora_rank=4, lora_alpha=8,
+                         lora_targets="W_uk,W_uv,c_fc"))
+    s = train_fn_per_worker(plan.worker_config)
+    evals = [r for r in s["history"] if "val_loss" in r]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    out = Path(s["last_checkpoint"])
+    info = json.loads((out / ckpt.ADAPTER).read_text())
+    assert info == {"rank": 4, "alpha": 8.0, "targets": ["c_fc", "W_uk", "W_uv"],
+                    "base": str(tiny_checkpoint), "base_sha256": sha}
+    from safetensors.torch import load_file
+    stored, sd = load_file(str(out / ckpt.WEIGHTS)), base.state_dict()
+    assert set(stored) <= set(sd) and not any("lora" in k for k in stored)
+    for k, v in stored.items():                                   # every base tensor equal
+        assert torch.equal(v, sd[k]), k
+    adapters = load_file(str(out / ckpt.ADAPTER_WEIGHTS))
+    assert len(adapters) == 2 * 3 * 2                             # 2 layers x 3 targets x (A, B)
+    assert all(v.abs().sum() > 0 for k, v in adapters.items() if k.endswith("lora_B"))   # changed
+    merged, _, _ = ckpt.load_model(out)
+    x = torch.randint(0, 65, (2, 32))
+    assert (merged(x)[0] - base(x)[0]).abs().max() > 1e-4         # the adapters do something
+    again, _, _ = ckpt.load_model(tiny_checkpoint, adapter=out)  # base + adapter, as served
+    assert torch.equal(merged.generate(x[:, :4], 16, temperature=0.0),
+                       again.generate(x[:, :4], 16, temperature=0.0))
+
+
+def test_serve_refuses_an_adapter_on_the_wrong_base(tiny_checkpoint, tmp_path):
+    """jobs/serve.py --adapter: the base sha256 is checked before Serve (or Ray) starts."""
+    from models import lora
+    base, tok, _ = ckpt.load_model(tiny_checkpoint)
+    adapted = ckpt.load_model(tiny_checkpoint)[0]
+    lora.apply_lora(adapted, 2, 4.0, "c_fc")
+    other = ckpt.save_checkpoint(tmp_path / "other", adapted, model_config=base.cfg.to_dict(),
+                                 tokenizer=tok.to_dict(),
+                                 adapter={"rank": 2, "alpha": 4.0, "targets": ["c_fc"],
+                                          "base": "elsewhere", "base_sha256": "0" * 64})
+    def serve_job(*args):
+        r = subprocess.run([sys.executable, "jobs/serve.py", *args], cwd=ROOT, capture_output=True,
+                           text=True, timeout=180)
+        assert "Started a local Ray instance" not in r.stderr + r.stdout
+        return r.returncode, r.stderr
+    rc, err = serve_job("--checkpoint", str(tiny_checkpoint), "--adapter", str(other))
+    assert rc == 2 and "was trained on base weights with sha256 0000000000000000..." in err, err
+    rc, err = serve_job("--checkpoint", str(tiny_checkpoint), "--checkpoint", f"b={tiny_checkpoint}",
+                        "--adapter", str(other))
+    assert rc == 2 and "--adapter needs exactly one --checkpoint" in err, err
