@@ -147,3 +147,37 @@ def test_serve_refuses_an_adapter_on_the_wrong_base(tiny_checkpoint, tmp_path):
     rc, err = serve_job("--checkpoint", str(tiny_checkpoint), "--checkpoint", f"b={tiny_checkpoint}",
                         "--adapter", str(other))
     assert rc == 2 and "--adapter needs exactly one --checkpoint" in err, err
+
+
+def test_hf_source_is_imported_at_plan_time_and_on_the_worker(tiny_checkpoint, train_char_data,
+                                                               tmp_path, monkeypatch):
+    """init_from hf:PATH calls chimera.hf.convert.import_hf(PATH, block_size=...) in the plan
+    (its config) and on the worker (its weights). The converter is stood in for here by one
+    that returns the tiny checkpoint's config and weights, so that this tests the wiring only
+    (tests/test_hf_*.py test the converters)."""
+    import types
+    base, _, _ = ckpt.load_model(tiny_checkpoint)
+    calls = []
+
+    def import_hf(path, block_size=None):
+        calls.append((path, block_size))
+        return ({**ckpt.read_config(tiny_checkpoint), "block_size": block_size or 64},
+                base.state_dict(), None)
+    fake = types.ModuleType("chimera.hf.convert")
+    fake.import_hf = import_hf
+    monkeypatch.setitem(sys.modules, "chimera.hf", types.ModuleType("chimera.hf"))
+    monkeypatch.setitem(sys.modules, "chimera.hf.convert", fake)
+    folder = tmp_path / "hf_model"
+    folder.mkdir()
+    plan = plan_run(_cfg(train_char_data, tmp_path, f"hf:{folder}", block_size=32,
+                         total_batch_size_str="8*32", max_iters=4, eval=True, eval_interval=4,
+                         lora_rank=2, save_model=True, ckpt_interval=4))
+    assert plan.train.init_from == f"hf:{folder.resolve()}" and plan.model_config["block_size"] == 32
+    s = train_fn_per_worker(plan.worker_config)
+    assert calls == [(str(folder.resolve()), 32)] * 2
+    info = json.loads((Path(s["last_checkpoint"]) / ckpt.ADAPTER).read_text())
+    assert info["base"] == f"hf:{folder.resolve()}" and info["base_sha256"] == ckpt.weights_sha256(base)
+    monkeypatch.setattr(fake, "import_hf", lambda p, block_size=None: (_ for _ in ()).throw(
+        ValueError("unknown model_type 'bert'; supported: gpt2, llama")))
+    with pytest.raises(TrainConfigError, match="init_from='hf:.*unknown model_type 'bert'"):
+        plan_run(_cfg(train_char_data, tmp_path, f"hf:{folder}"))
