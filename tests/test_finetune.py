@@ -181,3 +181,51 @@ def test_hf_source_is_imported_at_plan_time_and_on_the_worker(tiny_checkpoint, t
         ValueError("unknown model_type 'bert'; supported: gpt2, llama")))
     with pytest.raises(TrainConfigError, match="init_from='hf:.*unknown model_type 'bert'"):
         plan_run(_cfg(train_char_data, tmp_path, f"hf:{folder}"))
+
+
+def test_served_base_plus_adapter_answers_as_the_merged_model(tiny_checkpoint, tmp_path):
+    """The replica's ModelServer(checkpoint=BASE, adapter=LORA) over real HTTP (uvicorn, as
+    tests/test_serve_openai.py serves it): greedy completion == the merged model's greedy."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from chimera.localcluster import free_port
+    from models import lora
+    from serve.frontend import Frontend, Local, make_api
+    from serve.server import ModelServer
+    base, tok, _ = ckpt.load_model(tiny_checkpoint)
+    m, _, _ = ckpt.load_model(tiny_checkpoint)
+    targets = lora.apply_lora(m, 4, 8.0, "W_uk,W_uv,c_fc")
+    torch.manual_seed(0)
+    for _, mod in lora.adapted(m):
+        torch.nn.init.normal_(mod.lora_B, std=0.3)
+    out = ckpt.save_checkpoint(tmp_path / "lora", m, model_config=m.cfg.to_dict(), tokenizer=tok.to_dict(),
+                               adapter={"rank": 4, "alpha": 8.0, "targets": list(targets),
+                                        "base": str(tiny_checkpoint),
+                                        "base_sha256": ckpt.weights_sha256(base)})
+    merged, _, _ = ckpt.load_model(out)
+    front = Frontend({"ft": Local(ModelServer("ft", str(tiny_checkpoint), max_batch=2, metrics=False,
+                                              adapter=str(out)))}, 100, 1 << 16)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(make_api(lambda: front), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        prompt = "ROMEO:\nWhat"
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120,
+                       json={"model": "ft", "prompt": prompt, "max_tokens": 16, "temperature": 0})
+        assert r.status_code == 200, r.text
+        ids = torch.tensor([tok.encode(prompt)])
+        want = [merged.generate(ids, 16, temperature=0.0, vocab_limit=tok.vocab_size)[0, ids.size(1):].tolist(),
+                base.generate(ids, 16, temperature=0.0, vocab_limit=tok.vocab_size)[0, ids.size(1):].tolist()]
+        assert want[0] != want[1]                          # the adapter changes the answer
+        assert r.json()["choices"][0]["text"] == tok.decode(want[0])
+    finally:
+        server.should_exit = True
+        t.join(10)
