@@ -43,8 +43,8 @@ NOT_TARGETS: dict[str, str] = {
     **{n: "MoE experts are stacked parameters (E, C, H), not Linear layers"
        for n in ("w_up", "w_down", "shared_up", "shared_down", "experts")},
     "router": "the MoE router decides expert loads (and the aux-free bias balances them); it is not adapted",
-    "wte": "the token embedding is tied to the LM head and is not a LoRA target",
-    "lm_head": "the LM head is tied to the token embedding and is not a LoRA target",
+    **{n: "the token embedding and the LM head (tied to it unless tie_embeddings is false) are "
+          "not LoRA targets" for n in ("wte", "lm_head")},
 }
 
 
