@@ -34,6 +34,8 @@ def spec(**kw) -> SweepSpec:
     ({"base": {**BASE, "lerning_rate": 1e-3}}, "did you mean 'learning_rate'"),
     ({"base": {**BASE, "batch_size": 0}}, "base: batch_size=0 must be >= 1"),
     ({"base": {**BASE, "run_name": "x"}}, "base.run_name: set by the sweep"),
+    ({"base": {**BASE, "init_from": "runs/x"}}, "base.init_from: sweeps train their trials' own architectures"),
+    ({"space": {"lora_rank": {"grid": [4, 8]}}}, "space.lora_rank: cannot be searched"),
     ({"space": {"learning_rate": {"logunifrom": [1e-4, 1e-2]}}}, "expected a constant or one of"),
     ({"space": {"learning_rate": {"loguniform": [1e-2, 1e-4]}}}, "low < high"),
     ({"space": {"learning_rate": {"loguniform": [0, 1e-2]}}}, "bounds must be > 0"),

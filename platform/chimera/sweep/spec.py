@@ -165,6 +165,10 @@ class SweepSpec:
         for k in ("storage_path", "run_name", "resume_from"):
             if k in base:
                 raise SweepSpecError(f"base.{k}: set by the sweep, not in base")
+        for k in ("init_from", "lora_rank", "lora_alpha", "lora_targets"):
+            if k in base:             # a trial's model is the sweep's; a fine-tuning run's is its source's
+                raise SweepSpecError(f"base.{k}: sweeps train their trials' own architectures; "
+                                     f"fine-tuning runs (init_from, LoRA) are not swept — use jobs/train.py")
         try:
             TrainConfig.from_dict(base)
         except TrainConfigError as e:
@@ -197,7 +201,8 @@ class SweepSpec:
             raise SweepSpecError("stacks: expected a non-empty mapping name -> JSONL path or layer list")
         space = _keys("space", self.space or {}, config_keys())
         for k, v in space.items():
-            if k in ("storage_path", "run_name", "resume_from", "dataset", "vocab_size",
+            if k in ("storage_path", "run_name", "resume_from", "init_from", "lora_rank", "lora_alpha",
+                     "lora_targets", "dataset", "vocab_size",
                      "num_workers", "use_gpu", "num_threads", "layer_configs", "layer_configs_jsonl"):
                 raise SweepSpecError(f"space.{k}: cannot be searched"
                                      + (" (use `stacks` for layer files)" if "layer" in k else ""))

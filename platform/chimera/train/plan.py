@@ -130,6 +130,9 @@ def plan_run(tc: TrainConfig, world_size: int | None = None,
         raise TrainConfigError(f"tokenizer={tc.tokenizer!r} but data_dir {data_dir} was prepared "
                                f"with {tokenizer.get('name')!r}")
     if tc.init_from is not None:                      # fine-tuning: the source's model
+        if model_config is not None:
+            raise TrainConfigError("init_from: a fine-tuning run's model is its source's; it "
+                                   "takes no separate model config (a sweep trial's)")
         from chimera.train.finetune import finetune_model, init_source
         src = init_source(tc)
         tc = dataclasses.replace(tc, init_from=src.init_from)
