@@ -5,8 +5,10 @@ Llama in Chimera terms: gqa / mha / mqa attention with RoPE (rotate half, HF's n
 layout: no row permutation), rmsnorm with norm_eps = rms_norm_eps, a dense swiglu MLP (HF
 hidden_act "silu"), tie_embeddings = tie_word_embeddings, rope_theta / rope_scaling from
 rope_parameters (chimera.hf.rope). Biases: Llama attention_bias (q, k, v, o) = bias "attn",
-attention_bias + mlp_bias = "all"; Qwen2 (q, k, v biases, none on o) = "qkv". Export writes
-LlamaForCausalLM, or Qwen2ForCausalLM for bias "qkv".
+attention_bias + mlp_bias = "all"; Qwen2 (q, k, v biases, none on o) = "qkv". Export always
+writes LlamaForCausalLM; bias "qkv" as attention_bias with a zero o_proj bias (the same
+function): transformers' AutoTokenizer replaces any tokenizer of a "qwen2" folder by its own
+Qwen2Tokenizer (pre-tokenizer included), which would not encode like Chimera's tokenizer.
 
 Weight map (i = layer; HF prefix model.layers.i.):
     model.embed_tokens.weight                 <-> wte.weight
@@ -127,25 +129,22 @@ def from_hf(hf_cfg, state: Mapping[str, torch.Tensor], block_size: int | None = 
 
 
 def to_hf(cfg, state: Mapping[str, torch.Tensor]):
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig
 
     why = misfit(cfg)
     if why:
         raise ValueError("cannot export as llama: " + "; ".join(why))
     b0 = cfg.layers[0]
     H, K, U = b0.attn.n_head, b0.attn.n_kv_heads, b0.ffn.up_dim
-    D = cfg.n_embd // H
-    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=U,
-                  num_hidden_layers=cfg.n_layer, num_attention_heads=H, num_key_value_heads=K,
-                  hidden_act="silu", max_position_embeddings=cfg.block_size,
-                  rms_norm_eps=norm_eps(cfg), tie_word_embeddings=cfg.tie_embeddings,
-                  rope_parameters=rope_to_hf(cfg), attention_dropout=cfg.dropout,
-                  bos_token_id=None, eos_token_id=None)
-    if cfg.bias == "qkv":
-        hf_cfg = Qwen2Config(**common, use_sliding_window=False, architectures=["Qwen2ForCausalLM"])
-    else:
-        hf_cfg = LlamaConfig(**common, head_dim=D, attention_bias=cfg.bias in ("attn", "all"),
-                             mlp_bias=cfg.bias == "all", architectures=["LlamaForCausalLM"])
+    C, D = cfg.n_embd, cfg.n_embd // H
+    hf_cfg = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=C, intermediate_size=U, num_hidden_layers=cfg.n_layer,
+        num_attention_heads=H, num_key_value_heads=K, head_dim=D, hidden_act="silu",
+        max_position_embeddings=cfg.block_size, rms_norm_eps=norm_eps(cfg),
+        tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope_to_hf(cfg),
+        attention_dropout=cfg.dropout, attention_bias=cfg.bias in _ATTN_BIAS,
+        mlp_bias=cfg.bias == "all", bos_token_id=None, eos_token_id=None,
+        architectures=["LlamaForCausalLM"])
     take = Taker(state, "chimera")
     t = lambda k: contiguous(take(k))                                   # noqa: E731
     sd = {"model.embed_tokens.weight": t("wte.weight")}
@@ -169,6 +168,8 @@ def to_hf(cfg, state: Mapping[str, torch.Tensor]):
             down = take.maybe(b + "ffn.c_proj." + suffix)
             if down is not None:
                 sd[h + "mlp.down_proj." + suffix] = contiguous(down)
+        if cfg.bias == "qkv":                   # Llama's attention_bias covers o_proj too
+            sd[h + "self_attn.o_proj.bias"] = torch.zeros(C, dtype=sd[h + "self_attn.o_proj.weight"].dtype)
     sd["model.norm.weight"] = t("ln_f.weight")
     head = take("lm_head.weight")
     sd["lm_head.weight"] = sd["model.embed_tokens.weight"] if cfg.tie_embeddings else contiguous(head)

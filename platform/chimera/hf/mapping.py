@@ -54,9 +54,6 @@ def contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def norm_eps(cfg) -> float:
-    """The eps every norm of the model uses: cfg.norm_eps, or the norm's own default (read from
-    the module models.norms builds, never restated here)."""
-    if cfg.norm_eps is not None:
-        return float(cfg.norm_eps)
-    from models.norms import make_norm
-    return float(make_norm(cfg.norm, 1).eps)
+    """The eps every norm of the model uses: cfg.norm_eps, or the norm's own default."""
+    from models.norms import DEFAULT_EPS
+    return float(DEFAULT_EPS[cfg.norm] if cfg.norm_eps is None else cfg.norm_eps)

@@ -50,7 +50,7 @@ def rope_to_hf(cfg) -> dict[str, Any]:
     """HF rope_parameters for a Chimera ModelConfig (None-valued keys left out: HF infers them)."""
     out: dict[str, Any] = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
     if cfg.rope_scaling:
-        sc = dict(cfg.rope_scaling)
+        sc = cfg.rope_scaling.to_dict()
         out["rope_type"] = sc.pop("type")
         out.update({k: v for k, v in sc.items() if v is not None})
     return out
