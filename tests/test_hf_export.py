@@ -203,3 +203,21 @@ def test_export_job(tmp_path, capsys):
                   str(tmp_path / "busy"), "--overwrite"]) == 0
     assert "as LlamaForCausalLM to" in capsys.readouterr().out
     assert (tmp_path / "busy" / "model.safetensors").is_file()
+
+
+def test_a_missing_family_module_is_skipped_but_a_broken_one_raises(monkeypatch):
+    import importlib
+    from chimera.hf import convert
+
+    real = importlib.import_module
+
+    def fake(name, missing):
+        if name == "chimera.hf.deepseek":
+            raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+        return real(name)
+
+    monkeypatch.setattr(convert.importlib, "import_module", lambda n: fake(n, "chimera.hf.deepseek"))
+    assert [f.__name__ for f in convert.families()] == ["chimera.hf.gpt2", "chimera.hf.llama"]
+    monkeypatch.setattr(convert.importlib, "import_module", lambda n: fake(n, "some_dependency"))
+    with pytest.raises(ModuleNotFoundError, match="some_dependency"):
+        convert.families()
