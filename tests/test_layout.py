@@ -55,13 +55,14 @@ print('ok')
 # models <- data <- checkpoint <- train / serve <- sweep <- benchmarks, eval, paramdocs. A module may
 # import its own folder and the ranks below its own, never above, and no two modules may import
 # each other (directly or round a longer loop). Imports inside functions count too.
+# chimera.hf (HF import/export) sits between checkpoint and train (train's --init_from uses it).
 # chimera.runtime (Ray start-up; it imports only chimera.paths) sits below data: preparation
 # runs its tokenizer workers on Ray (issue 16).
 # chimera.storage (local paths and object-store URIs) is below everything that reads or writes
 # files; chimera.localstore (a SeaweedFS server for tests and benchmarks) uses localcluster's ports.
 RANKS = [("models", 0), ("chimera.storage", 0), ("chimera.paths", 0.25), ("chimera.runtime", 0.5),
          ("chimera.localcluster", 1), ("chimera.localstore", 1.5),
-         ("chimera.data", 1), ("chimera.checkpoint", 2), ("chimera.train", 3), ("serve", 3),
+         ("chimera.data", 1), ("chimera.checkpoint", 2), ("chimera.hf", 2.5), ("chimera.train", 3), ("serve", 3),
          ("chimera.sweep", 4), ("chimera.benchmarks", 5), ("chimera.eval", 5), ("chimera.paramdocs", 5),
          ("chimera", 0)]
 
