@@ -50,7 +50,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from models.config import ROPE_SCALINGS, RopeScaling
+from chimera.hf.rope import rope_from_hf, rope_to_hf
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 _HF_EPS = 1e-6          # HF's MLA latent norms and Chimera's RMSNorm default
@@ -79,25 +79,6 @@ def _fail(field: str, value: Any, why: str) -> ValueError:
     return ValueError(f"HF config {field}={value!r}: {why}")
 
 
-def _rope_from_hf(hf_cfg) -> tuple[float, dict | None]:
-    """(rope_theta, Chimera rope_scaling or None) from HF's rope_parameters."""
-    rp = dict(getattr(hf_cfg, "rope_parameters", None) or {})
-    theta = float(rp.pop("rope_theta", 10000.0))
-    kind = rp.pop("rope_type", rp.pop("type", "default"))
-    if kind == "default":
-        return theta, None
-    if kind not in ROPE_SCALINGS:
-        raise _fail("rope_parameters.rope_type", kind, f"Chimera has default, {', '.join(ROPE_SCALINGS)}")
-    known = RopeScaling._KEYS[kind]                 # the keys Chimera's rope_scaling takes
-    extra = sorted(k for k, v in rp.items() if k not in known and v is not None)
-    if extra:
-        raise _fail("rope_parameters", {k: rp[k] for k in extra}, f"not supported with {kind}")
-    out = {"type": kind, **{k: rp[k] for k in known if rp.get(k) is not None}}
-    if kind == "yarn" and "factor" not in out:        # HF infers it the same way
-        out["factor"] = hf_cfg.max_position_embeddings / out["original_max_position_embeddings"]
-    return theta, out
-
-
 def _config_from_hf(hf_cfg, block_size: int | None) -> tuple[dict, bool]:
     """(Chimera config dict, whether HF's rope rows are interleaved)."""
     mt = getattr(hf_cfg, "model_type", None)
@@ -123,7 +104,7 @@ def _config_from_hf(hf_cfg, block_size: int | None) -> tuple[dict, bool]:
         block_size = max_pos
     elif block_size > max_pos:
         raise ValueError(f"block_size={block_size} exceeds the HF max_position_embeddings={max_pos}")
-    theta, scaling = _rope_from_hf(hf_cfg)
+    theta, scaling = rope_from_hf(hf_cfg)
 
     attn = {"attn": "mla", "n_head": H, "q_latent_dim": hf_cfg.q_lora_rank,
             "kv_latent_dim": hf_cfg.kv_lora_rank, "rope_head_dim": hf_cfg.qk_rope_head_dim,
@@ -313,15 +294,6 @@ def misfit(cfg) -> list[str]:
     return out
 
 
-def _rope_to_hf(cfg) -> dict:
-    rs = cfg.rope_scaling
-    if rs is None:
-        return {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
-    d = rs.to_dict()                                   # models.config.RopeScaling
-    rest = {k: v for k, v in d.items() if k != "type" and v is not None}
-    return {"rope_type": d["type"], "rope_theta": float(cfg.rope_theta), **rest}
-
-
 def to_hf(cfg, state: Mapping[str, Tensor]) -> tuple[Any, dict[str, Tensor]]:
     """Chimera ModelConfig + state dict -> (transformers DeepseekV2Config/V3Config, HF module
     state dict). V3 when the MoE layers route by sigmoid (aux_free) or there are none, V2 for
@@ -343,7 +315,7 @@ def to_hf(cfg, state: Mapping[str, Tensor]) -> tuple[Any, dict[str, Tensor]]:
         qk_rope_head_dim=R, qk_nope_head_dim=Dn, v_head_dim=Dv, hidden_act="silu",
         max_position_embeddings=cfg.block_size,
         rms_norm_eps=_HF_EPS if cfg.norm_eps is None else float(cfg.norm_eps),
-        tie_word_embeddings=bool(cfg.tie_embeddings), rope_parameters=_rope_to_hf(cfg),
+        tie_word_embeddings=bool(cfg.tie_embeddings), rope_parameters=rope_to_hf(cfg),
         attention_bias=False, attention_dropout=0.0, first_k_dense_replace=n_dense,
         # token ids are the tokenizer's business (convert.py); HF's defaults would stop
         # generation at an arbitrary id

@@ -32,6 +32,12 @@ def rope_from_hf(hf_cfg) -> tuple[float, dict | None]:
     theta = float(rp["rope_theta"])
     if rt == "default":
         return theta, None
+    from models.config import RopeScaling
+    known = set(RopeScaling._KEYS[rt]) | {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+    extra = sorted(k for k, v in rp.items() if k not in known and v is not None)
+    if extra:                                # a setting Chimera would silently not apply
+        raise ValueError(f"{hf_cfg.model_type} config rope_parameters {({k: rp[k] for k in extra})!r}: "
+                         f"not supported with rope_type {rt!r}")
     if rt == "llama3":
         return theta, {"type": "llama3", **{k: rp[k] for k in _LLAMA3}}
     orig = rp["original_max_position_embeddings"]
