@@ -149,38 +149,74 @@ def test_serve_refuses_an_adapter_on_the_wrong_base(tiny_checkpoint, tmp_path):
     assert rc == 2 and "--adapter needs exactly one --checkpoint" in err, err
 
 
-def test_hf_source_is_imported_at_plan_time_and_on_the_worker(tiny_checkpoint, train_char_data,
-                                                               tmp_path, monkeypatch):
-    """init_from hf:PATH calls chimera.hf.convert.import_hf(PATH, block_size=...) in the plan
-    (its config) and on the worker (its weights). The converter is stood in for here by one
-    that returns the tiny checkpoint's config and weights, so that this tests the wiring only
-    (tests/test_hf_*.py test the converters)."""
-    import types
-    base, _, _ = ckpt.load_model(tiny_checkpoint)
-    calls = []
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory, train_char_data, shakespeare_path) -> Path:
+    """A tiny Llama trained a little by transformers itself on Tiny Shakespeare's characters
+    (so that its loss is far below a fresh model's ln 65 = 4.17), saved as an HF folder."""
+    import transformers
+    from chimera.data.shards import read_manifest
+    from chimera.data.tokenizers import Tokenizer
+    tok = Tokenizer.from_dict(read_manifest(train_char_data)["tokenizer"])
+    ids = torch.tensor(tok.encode(shakespeare_path.read_text()[:200_000]))
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=64, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        starts = torch.randint(0, len(ids) - 33, (16,), generator=g)
+        x = ids[starts.unsqueeze(1) + torch.arange(33)]
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 3.3
+    out = tmp_path_factory.mktemp("hf_llama")
+    model.save_pretrained(out)
+    return out
 
-    def import_hf(path, block_size=None):
-        calls.append((path, block_size))
-        return ({**ckpt.read_config(tiny_checkpoint), "block_size": block_size or 64},
-                base.state_dict(), None)
-    fake = types.ModuleType("chimera.hf.convert")
-    fake.import_hf = import_hf
-    monkeypatch.setitem(sys.modules, "chimera.hf", types.ModuleType("chimera.hf"))
-    monkeypatch.setitem(sys.modules, "chimera.hf.convert", fake)
-    folder = tmp_path / "hf_model"
-    folder.mkdir()
-    plan = plan_run(_cfg(train_char_data, tmp_path, f"hf:{folder}", block_size=32,
+
+def test_finetune_from_an_imported_hf_model_lowers_val_loss(hf_llama, train_char_data, tmp_path):
+    """--init_from hf:PATH through the real converter: the run starts at the HF model's loss
+    (not at a fresh model's) and lowers it; its checkpoint records the source."""
+    plan = plan_run(_cfg(train_char_data, tmp_path, f"hf:{hf_llama}", block_size=32,
+                         total_batch_size_str="8*32", max_iters=30, eval=True, eval_interval=30,
+                         learning_rate=3e-3, warmup_steps=2, save_model=True, ckpt_interval=30))
+    assert plan.train.init_from == f"hf:{hf_llama}" and plan.model_config["block_size"] == 32
+    assert plan.model_config["tie_embeddings"] is False and plan.model_config["norm"] == "rmsnorm"
+    s = train_fn_per_worker(plan.worker_config)
+    evals = [r for r in s["history"] if "val_loss" in r]
+    fresh = 4.17                 # ln(65): an untrained model's loss
+    assert evals[0]["step"] == 0 and evals[0]["val_loss"] < fresh - 0.8
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.05
+    meta = json.loads((Path(s["last_checkpoint"]) / "meta.json").read_text())
+    assert meta["init_from"] == f"hf:{hf_llama}"
+
+
+def test_lora_from_an_imported_hf_model_keeps_the_base(hf_llama, train_char_data, tmp_path):
+    plan = plan_run(_cfg(train_char_data, tmp_path, f"hf:{hf_llama}", name="ft-lora", block_size=32,
                          total_batch_size_str="8*32", max_iters=4, eval=True, eval_interval=4,
                          lora_rank=2, save_model=True, ckpt_interval=4))
-    assert plan.train.init_from == f"hf:{folder.resolve()}" and plan.model_config["block_size"] == 32
     s = train_fn_per_worker(plan.worker_config)
-    assert calls == [(str(folder.resolve()), 32)] * 2
+    from chimera.hf.convert import import_hf
+    from models import LLM, ModelConfig
+    cfg, state, _ = import_hf(str(hf_llama), block_size=32)
+    base = LLM(ModelConfig.from_dict(cfg))
+    base.load_state_dict(state, strict=True)
     info = json.loads((Path(s["last_checkpoint"]) / ckpt.ADAPTER).read_text())
-    assert info["base"] == f"hf:{folder.resolve()}" and info["base_sha256"] == ckpt.weights_sha256(base)
-    monkeypatch.setattr(fake, "import_hf", lambda p, block_size=None: (_ for _ in ()).throw(
-        ValueError("unknown model_type 'bert'; supported: gpt2, llama")))
-    with pytest.raises(TrainConfigError, match="init_from='hf:.*unknown model_type 'bert'"):
+    assert info["base"] == f"hf:{hf_llama}" and info["base_sha256"] == ckpt.weights_sha256(base)
+
+
+def test_an_hf_folder_of_another_architecture_is_refused_by_the_plan(train_char_data, tmp_path):
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    with pytest.raises(TrainConfigError, match=r"init_from='hf:.*bert.*(gpt2|llama)"):
         plan_run(_cfg(train_char_data, tmp_path, f"hf:{folder}"))
+    with pytest.raises(TrainConfigError, match=r"init_from='hf:"):
+        plan_run(_cfg(train_char_data, tmp_path, f"hf:{tmp_path / 'missing'}"))
 
 
 def test_served_base_plus_adapter_answers_as_the_merged_model(tiny_checkpoint, tmp_path):
