@@ -13,6 +13,13 @@ serve/openai.py's; request bodies serve/schemas.py's.
 Streams send one SSE event per generated token (`data: {...}`), then `data: [DONE]`; a token
 whose text is held back (a possible stop string, an incomplete character) sends an event with
 empty text, so events = tokens, the count chat benchmarks rely on.
+
+A client that leaves (Serve cancels the request: asyncio.CancelledError) gives up its model
+calls wherever it is: a backend call being awaited cancels the model server's call (Serve does
+not: a handle call already on a replica runs on when its caller is cancelled), and an opened
+stream belongs to its response (Stream), which closes it however the response ends — even
+cancelled before its first byte, when the body's own code never ran. The model server then
+frees the row at the engine's next step (serve/driver.py).
 """
 from __future__ import annotations
 
@@ -49,10 +56,14 @@ class Remote:
 
     async def complete(self, call: Generation) -> Done | Error:
         from ray.serve.exceptions import BackPressureError
+        resp = self.h.complete.remote(call)
         try:
-            return await self.h.complete.remote(call)
+            return await resp
         except BackPressureError:
             return OVERLOADED
+        except asyncio.CancelledError:                          # our caller left
+            await self.close(resp)
+            raise
         except Exception as e:                                  # noqa: BLE001 - replica died
             return unavailable(e)
 
@@ -65,15 +76,19 @@ class Remote:
             return await gen.__anext__(), gen
         except BackPressureError:           # never assigned: nothing to cancel
             return OVERLOADED, gen
+        except asyncio.CancelledError:      # our caller left, perhaps once the call was assigned
+            await self.close(gen)
+            raise
         except Exception as e:                                  # noqa: BLE001 - replica died
             return unavailable(e), gen
 
     @staticmethod
-    async def close(gen) -> None:
-        """Best-effort cancel (DeploymentResponseGenerator.cancel re-raises the call's own
-        error, e.g. BackPressureError; the call is over then anyway)."""
+    async def close(call) -> None:
+        """Best-effort cancel of a handle call, streamed or not (idempotent;
+        DeploymentResponse(Generator).cancel re-raises the call's own error, e.g.
+        BackPressureError; the call is over then anyway)."""
         try:
-            gen.cancel()
+            call.cancel()
         except Exception:                                       # noqa: BLE001
             pass
 
@@ -95,10 +110,34 @@ class Local:
 
     @staticmethod
     async def close(gen) -> None:
+        """Idempotent; an unfinished generate() runs its finally: the engine frees the row."""
         try:
-            await gen.aclose()              # its finally: the engine frees the row
+            await gen.aclose()
         except RuntimeError:                # still running in a task being cancelled
             pass
+
+
+class Stream(StreamingResponse):
+    """An SSE response that owns the backend streams it sends: it closes them however it ends
+    — sent to the end, the client gone, or cancelled before its body started (a body generator
+    that never started never runs its own finally). The body is closed first (its finally
+    stops whatever reads the streams), then the streams."""
+    def __init__(self, body, backend, gens: list):
+        super().__init__(body, media_type="text/event-stream")
+        self.backend, self.gens = backend, gens
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        try:
+            await self.body_iterator.aclose()
+        finally:
+            for g in self.gens:
+                await self.backend.close(g)
 
 
 def _err(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -242,21 +281,19 @@ class Frontend:
             return _answer(out) if isinstance(out, Error) else summary(out, out.text)
         first, gen = await backend.open(call)
         if isinstance(first, Error):
+            await backend.close(gen)
             return _answer(first)
 
         async def events():
-            try:
-                async for m in gen:
-                    if isinstance(m, Error):
-                        yield _sse(m.body())
-                        break
-                    # every event: the new text; the last one also the summary (text = delta)
-                    yield _sse({"text": m.text, "tokens": m.tokens} if not isinstance(m, Done)
-                               else {**summary(m, ""), "text": m.text, "tokens": m.tokens})
-                yield _sse("[DONE]")
-            finally:
-                await backend.close(gen)
-        return StreamingResponse(events(), media_type="text/event-stream")
+            async for m in gen:
+                if isinstance(m, Error):
+                    yield _sse(m.body())
+                    break
+                # every event: the new text; the last one also the summary (text = delta)
+                yield _sse({"text": m.text, "tokens": m.tokens} if not isinstance(m, Done)
+                           else {**summary(m, ""), "text": m.text, "tokens": m.tokens})
+            yield _sse("[DONE]")
+        return Stream(events(), backend, [gen])
 
     async def completions(self, request: Request):
         req = await self._parse(request, CompletionRequest)
@@ -312,16 +349,29 @@ class Frontend:
             outs = await asyncio.gather(*(backend.complete(c) for c in calls))
             bad = next((o for o in outs if isinstance(o, Error)), None)
             return _answer(bad) if bad else shape.response(outs, oai.usage(outs, n))
-        opened = await asyncio.gather(*(backend.open(c) for c in calls))
+        opened = await self._open_all(backend, calls)
         bad = next((f for f, _ in opened if isinstance(f, Error)), None)
         if bad:
             for _, g in opened:
                 await backend.close(g)
             return _answer(bad)
-        return StreamingResponse(self._merged(backend, opened, shape, include_usage, n),
-                                 media_type="text/event-stream")
+        return Stream(self._merged(opened, shape, include_usage, n), backend,
+                      [g for _, g in opened])
 
-    async def _merged(self, backend, opened, shape, include_usage: bool, n: int):
+    @staticmethod
+    async def _open_all(backend, calls: list[Generation]) -> list[tuple[Any, Any]]:
+        """backend.open() of every call at once; cancelled, it closes those already open (each
+        open() still running closes its own)."""
+        tasks = [asyncio.ensure_future(backend.open(c)) for c in calls]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for t in tasks:
+                if t.done() and not t.cancelled() and t.exception() is None:
+                    await backend.close(t.result()[1])
+            raise
+
+    async def _merged(self, opened, shape, include_usage: bool, n: int):
         """Interleave the choices' streams into SSE chunks (one per token), then [DONE]."""
         q: asyncio.Queue = asyncio.Queue()
 
@@ -350,12 +400,10 @@ class Frontend:
                 if include_usage:
                     yield _sse(shape.usage_chunk(oai.usage(finals, n)))
                 yield _sse("[DONE]")
-        finally:
+        finally:                            # the response (Stream) then closes the streams
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)   # stopped: the streams are free
-            for _, g in opened:
-                await backend.close(g)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def make_api(get_front: Callable[[], Frontend]) -> FastAPI:
