@@ -36,11 +36,21 @@ FAMILIES = {   # name: (model config, tokenizer, HF architecture, optimizer step
     "llama-all-yarn-untied-byte": ({**LLAMA_LIKE, "bias": "all", "rope_scaling": YARN,
                                     "tie_embeddings": False, "attn": "mqa"}, "byte", "LlamaForCausalLM", 0),
     "qwen2-qkv-char": ({**LLAMA_LIKE, "bias": "qkv"}, "char", "LlamaForCausalLM", 0),
-    # chimera.hf.deepseek's own tests cover that family; this checks export_hf dispatches to it
-    "deepseek-v3-byte": ({**LLAMA_LIKE, "attn": "mla", "q_latent_dim": 16,
-                          "kv_latent_dim": 16, "rope_head_dim": 8, "moe": True, "n_exp": 5,
-                          "n_shared": 1, "n_act": 3, "aux_free": True, "up_dim": 32},
-                         "byte", "DeepseekV3ForCausalLM", 0),
+    # chimera.hf.deepseek's own tests cover that family in depth; these check that export_hf
+    # dispatches trained MLA+MoE checkpoints to it: V3 (sigmoid routing, a dense first layer)
+    # and V2 (softmax routing, no renormalisation, routed scaling, group-limited)
+    "deepseek-v3-byte-trained": ({**LLAMA_LIKE, "attn": "mla", "q_latent_dim": 16, "kv_latent_dim": 16,
+                                  "rope_head_dim": 8, "n_layer": None, "layers": [
+                                      {"moe": False, "up_dim": 48},
+                                      {"moe": True, "n_exp": 5, "n_shared": 1, "n_act": 3,
+                                       "aux_free": True, "up_dim": 32}]},
+                                 "byte", "DeepseekV3ForCausalLM", 5),
+    "deepseek-v2-char-trained": ({**LLAMA_LIKE, "attn": "mla", "q_latent_dim": None, "kv_latent_dim": 16,
+                                  "rope_head_dim": 8, "qk_nope_head_dim": 12, "v_head_dim": 20,
+                                  "moe": True, "n_exp": 9, "n_shared": 1, "n_act": 3, "aux_free": False,
+                                  "norm_topk_prob": False, "routed_scaling_factor": 2.0, "n_group": 4,
+                                  "topk_group": 2, "up_dim": 32, "tie_embeddings": False},
+                                 "char", "DeepseekV2ForCausalLM", 5),
 }
 
 
@@ -57,6 +67,7 @@ def _checkpoint(path: Path, cfg: dict, tok, steps: int = 0):
     from models.config import pad_vocab
 
     torch.manual_seed(0)
+    cfg = {k: v for k, v in cfg.items() if v is not None}           # n_layer None: from `layers`
     model = randomize(LLM(ModelConfig.from_dict({**cfg, "vocab_size": pad_vocab(tok.vocab_size)})))
     if steps:
         model.train()
@@ -95,8 +106,6 @@ def test_export_loads_in_transformers_with_the_same_logits_and_greedy_tokens(cas
     assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text)
     assert hf_tok.decode(tok.encode(text)) == text
     assert "Tokenizer: Chimera's" in (out / "README.md").read_text()
-    if arch.startswith("Deepseek"):
-        return
     # and back: the same config and weights (import of our own export)
     back_cfg, back_state, back_tok = import_hf(str(out))
     from models import ModelConfig
