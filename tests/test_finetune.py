@@ -205,8 +205,24 @@ def test_lora_from_an_imported_hf_model_keeps_the_base(hf_llama, train_char_data
     cfg, state, _ = import_hf(str(hf_llama), block_size=32)
     base = LLM(ModelConfig.from_dict(cfg))
     base.load_state_dict(state, strict=True)
-    info = json.loads((Path(s["last_checkpoint"]) / ckpt.ADAPTER).read_text())
+    last = Path(s["last_checkpoint"])
+    info = json.loads((last / ckpt.ADAPTER).read_text())
     assert info["base"] == f"hf:{hf_llama}" and info["base_sha256"] == ckpt.weights_sha256(base)
+    # the export of the LoRA checkpoint (merged weights) answers as the unmerged adapter model
+    from transformers import AutoModelForCausalLM
+    from chimera.hf.convert import export_hf
+    from models import lora
+    adapted = LLM(ModelConfig.from_dict(ckpt.read_config(last)))
+    lora.apply_lora(adapted, info["rank"], info["alpha"], info["targets"])
+    ckpt.load_weights(adapted, last)
+    adapted.eval()
+    assert any(b.abs().sum() > 0 for n, b in adapted.named_parameters() if n.endswith("lora_B"))
+    export_hf(str(last), str(tmp_path / "merged_hf"))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "merged_hf", dtype=torch.float32).eval()
+    ids = torch.randint(0, 65, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(ids).logits - adapted(ids)[0]).abs().max().item() <= 1e-4
+        assert (hf(ids).logits - base(ids)[0]).abs().max().item() > 1e-3     # the adapters matter
 
 
 def test_an_hf_folder_of_another_architecture_is_refused_by_the_plan(train_char_data, tmp_path):
