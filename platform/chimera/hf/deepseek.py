@@ -50,6 +50,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from chimera.hf.mapping import Taker
 from chimera.hf.rope import rope_from_hf, rope_to_hf
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
@@ -142,25 +143,6 @@ def _moe_from_hf(hf_cfg, v3: bool) -> dict:
             "n_group": n_group, "topk_group": topk_group}
 
 
-class _Taker:
-    """Reads a state dict key by key; `check_all_read()` refuses keys never read."""
-
-    def __init__(self, state: Mapping[str, Tensor], side: str):
-        self.state, self.side, self.seen = state, side, set()
-
-    def __call__(self, key: str) -> Tensor:
-        if key not in self.state:
-            raise ValueError(f"{self.side} state dict lacks {key!r}")
-        self.seen.add(key)
-        return self.state[key]
-
-    def check_all_read(self, ignore=()) -> None:
-        left = sorted(k for k in self.state if k not in self.seen and k not in ignore)
-        if left:
-            raise ValueError(f"{self.side} state dict has keys this mapping does not know: "
-                             f"{', '.join(left[:8])}{' ...' if len(left) > 8 else ''}")
-
-
 def from_hf(hf_cfg, state: Mapping[str, Tensor], block_size: int | None = None
             ) -> tuple[dict, dict[str, Tensor]]:
     """HF DeepSeek-V2/V3 config + module state dict -> (Chimera config dict, Chimera state dict)."""
@@ -168,11 +150,10 @@ def from_hf(hf_cfg, state: Mapping[str, Tensor], block_size: int | None = None
     H, R = hf_cfg.num_attention_heads, hf_cfg.qk_rope_head_dim
     Dn, Dv, Lkv = hf_cfg.qk_nope_head_dim, hf_cfg.v_head_dim, hf_cfg.kv_lora_rank
     rope = _rope_rows(R, _half_from_pairs(R) if interleaved else None)
-    take = _Taker(state, "HF")
+    take = Taker(state, "HF state dict")
     sd: dict[str, Tensor] = {}
     sd["wte.weight"] = take("model.embed_tokens.weight")
-    # tied: lm_head.weight IS wte.weight, so both keys get the one tensor (never HF's lm_head copy)
-    sd["lm_head.weight"] = sd["wte.weight"] if cfg["tie_embeddings"] else take("lm_head.weight")
+    take.lm_head(sd, cfg["tie_embeddings"])
     sd["ln_f.weight"] = take("model.norm.weight")
     for i, layer in enumerate(cfg["layers"]):
         hf, ch = f"model.layers.{i}.", f"blocks.{i}."
@@ -212,8 +193,7 @@ def from_hf(hf_cfg, state: Mapping[str, Tensor], block_size: int | None = None
             sd[f + "shared_up"] = torch.cat([up.reshape(S, I, C), gate.reshape(S, I, C)],
                                             dim=1).transpose(1, 2)          # (S, C, 2I)
             sd[f + "shared_down"] = down.t().reshape(S, I, C)
-    # with tied embeddings HF's lm_head.weight is the embedding again; nothing else is left over
-    take.check_all_read(ignore=("lm_head.weight",) if cfg["tie_embeddings"] else ())
+    take.done()
     return cfg, {k: v.contiguous() for k, v in sd.items()}
 
 
@@ -345,14 +325,11 @@ def to_hf(cfg, state: Mapping[str, Tensor]) -> tuple[Any, dict[str, Tensor]]:
 def _state_to_hf(cfg, state: Mapping[str, Tensor], order: Tensor | None, dims: tuple,
                  v3: bool) -> dict[str, Tensor]:
     H, Lq, Lkv, R, Dn, Dv = dims
-    take = _Taker(state, "Chimera")
+    take = Taker(state, "Chimera state dict")
     rope = _rope_rows(R, order)
     sd: dict[str, Tensor] = {}
     sd["model.embed_tokens.weight"] = take("wte.weight")
-    if cfg.tie_embeddings:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    else:
-        sd["lm_head.weight"] = take("lm_head.weight")
+    take.lm_head(sd, cfg.tie_embeddings, embedding="model.embed_tokens.weight")
     sd["model.norm.weight"] = take("ln_f.weight")
     for i, b in enumerate(cfg.layers):
         hf, ch = f"model.layers.{i}.", f"blocks.{i}."
@@ -391,8 +368,8 @@ def _state_to_hf(cfg, state: Mapping[str, Tensor], order: Tensor | None, dims: t
             sd[s + "gate_proj.weight"] = su[..., I:].transpose(1, 2).reshape(S * I, C)
             sd[s + "down_proj.weight"] = sdn.reshape(S * I, C).t()
         else:               # HF builds a zero-width shared MLP
-            ref = take(f + "router.weight")
+            ref = sd[m + "gate.weight"]                           # its dtype and device
             for k, shape in (("up_proj", (0, C)), ("gate_proj", (0, C)), ("down_proj", (C, 0))):
                 sd[s + k + ".weight"] = ref.new_zeros(shape)
-    take.check_all_read(ignore=("lm_head.weight",) if cfg.tie_embeddings else ())
+    take.done()
     return {k: v.contiguous() for k, v in sd.items()}

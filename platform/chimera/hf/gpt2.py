@@ -93,11 +93,7 @@ def from_hf(hf_cfg, state: Mapping[str, torch.Tensor], block_size: int | None = 
                        ("mlp.c_fc", "ffn.c_fc"), ("mlp.c_proj", "ffn.c_proj")):
             sd[b + cn + ".weight"], sd[b + cn + ".bias"] = tt(h + hn + ".weight"), t(h + hn + ".bias")
     sd["ln_f.weight"], sd["ln_f.bias"] = t("transformer.ln_f.weight"), t("transformer.ln_f.bias")
-    if tied:
-        take.drop("lm_head.weight")            # the embedding itself: mapping it too would be a 2nd copy
-        sd["lm_head.weight"] = sd["wte.weight"]
-    else:
-        sd["lm_head.weight"] = t("lm_head.weight")
+    take.lm_head(sd, tied)
     take.done()
     return cfg, sd
 

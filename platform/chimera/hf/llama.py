@@ -119,11 +119,7 @@ def from_hf(hf_cfg, state: Mapping[str, torch.Tensor], block_size: int | None = 
             sd[b + "ffn.c_fc.bias"] = cat(h + "mlp.up_proj.bias", h + "mlp.gate_proj.bias")
             sd[b + "ffn.c_proj.bias"] = t(h + "mlp.down_proj.bias")
     sd["ln_f.weight"] = t("model.norm.weight")
-    if tied:
-        take.drop("lm_head.weight")            # the embedding itself: mapping it too would be a 2nd copy
-        sd["lm_head.weight"] = sd["wte.weight"]
-    else:
-        sd["lm_head.weight"] = t("lm_head.weight")
+    take.lm_head(sd, tied)
     take.done()
     return cfg, sd
 

@@ -30,6 +30,17 @@ class Taker:
         """Consume a key on purpose (e.g. the tied lm_head.weight, which *is* the embedding)."""
         self._left.pop(key, None)
 
+    def lm_head(self, sd: dict, tied: bool, hf_key: str = "lm_head.weight",
+                embedding: str = "wte.weight") -> None:
+        """sd["lm_head.weight"]: with tied embeddings the embedding itself (sd[embedding]),
+        consuming HF's `hf_key` copy unread (mapping it too would be a second copy that could
+        overwrite the first: the tied-embedding trap); else HF's own head."""
+        if tied:
+            self.drop(hf_key)
+            sd["lm_head.weight"] = sd[embedding]
+        else:
+            sd["lm_head.weight"] = self(hf_key)
+
     def done(self) -> None:
         if self._left:
             names = sorted(self._left)
