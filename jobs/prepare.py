@@ -3,10 +3,12 @@
     python jobs/prepare.py --dataset shakespeare --source ../shared/data/tinyshakespeare/input.txt
     python jobs/prepare.py --dataset shakespeare --tokenizer char      # downloads the text
     python jobs/prepare.py --dataset fineweb-edu --source my_parquet_dir/ --shard_size 100M
+    python jobs/prepare.py --dataset shakespeare --tokenizer bpe --vocab_size 8192   # trained
 
 Datasets: shakespeare, wikitext, tinystories, fineweb-edu. Without --source the default source
 is downloaded (needs network); --source takes .txt/.jsonl/.parquet files or folders. The gpt2
-tokenizer reads its BPE files from $TIKTOKEN_CACHE_DIR when offline (see docs/data.md).
+tokenizer reads its BPE files from $TIKTOKEN_CACHE_DIR when offline (see docs/data.md); the bpe
+tokenizer is trained on the train split (--vocab_size) and saved in manifest.json.
 Output: data/<dataset>_<tokenizer> under the repository (what jobs/train.py --dataset
 --tokenizer reads by default), or --out.
 --out s3://BUCKET/data/NAME (gs://, ... : any store pyarrow opens) prepares in a local staging
@@ -35,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help=f"one of: {', '.join(DATASETS)}")
     p.add_argument("--source", nargs="+", help="local .txt/.jsonl/.parquet files or folders (default: download)")
     p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help=f"one of: {', '.join(TOKENIZERS)}")
+    p.add_argument("--vocab_size", type=int, help="vocabulary of --tokenizer bpe, trained on the train split (258..65535, <|endoftext|> included)")
     p.add_argument("--out", help="output folder or object-store URI, e.g. s3://BUCKET/data/x (default: <repo>/data/<dataset>_<tokenizer>)")
     p.add_argument("--text_column", default="text", help="text column of jsonl/parquet sources")
     p.add_argument("--shard_size", type=parse_count, default=DEFAULT_SHARD_SIZE, help="tokens per shard (e.g. 100M)")
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                     text_column=args.text_column, shard_size=args.shard_size,
                     val_fraction=args.val_fraction, num_proc=args.num_proc,
                     num_workers=args.num_workers, stage_dir=args.stage_dir,
-                    overwrite=args.overwrite, command=command, progress=not args.no_progress)
+                    overwrite=args.overwrite, command=command, progress=not args.no_progress,
+                    vocab_size=args.vocab_size)
     except (DataError, TokenizerError, StorageError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""chimera.hf.tokenizer: Chimera's gpt2 / char / byte tokenizers as HF tokenizer files that
+"""chimera.hf.tokenizer: Chimera's gpt2 / char / byte / bpe tokenizers as HF tokenizer files that
 AutoTokenizer loads and that encode and decode exactly like Chimera's; only Chimera's gpt2 is
 recognised back as a Chimera tokenizer."""
 from __future__ import annotations
@@ -11,11 +11,13 @@ MORE = " ünïcödé 你好 😀 <endoftext> \x00\x7f"
 
 
 def _tok(name):
-    from chimera.data.tokenizers import CharTokenizer, get_tokenizer
+    from chimera.data.tokenizers import BPETokenizer, CharTokenizer, get_tokenizer
+    if name == "bpe":
+        return BPETokenizer.train([TEXT * 3 + MORE], vocab_size=300)
     return CharTokenizer.from_text(TEXT + MORE) if name == "char" else get_tokenizer(name)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "char", "byte"])
+@pytest.mark.parametrize("name", ["gpt2", "char", "byte", "bpe"])
 def test_written_tokenizer_loads_and_matches_chimera(name, tmp_path, tiktoken_cache):
     from transformers import AutoTokenizer
     from chimera.hf.tokenizer import chimera_tokenizer, write_tokenizer

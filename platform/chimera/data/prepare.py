@@ -23,7 +23,10 @@ Pipeline (streaming; memory is bounded by a few task batches whatever the corpus
   5. manifest.json is written last, then progress.json is removed. Re-running a finished
      preparation does nothing; other settings into a finished folder need overwrite=True.
 Local sources and the char tokenizer first take a scan pass (character count for the split
-and the progress bar's total; the char vocabulary).
+and the progress bar's total; the char vocabulary). The bpe tokenizer is trained here, once,
+on the driver, on the train split's pieces (a second pass over the sources; val text never
+seen), before step 3: the workers get the trained tokenizer (Tokenizer.to_dict) and progress.json
+keeps it, so a resumed run encodes with the same one.
 An object-store `out` (s3://, gs://, ...: chimera.storage) runs the same pipeline in a local
 staging folder and uploads shards as they finish, the manifest last (publish.py).
 
@@ -50,7 +53,8 @@ from chimera.data.sources import (HARD_PIECE_CHARS, PIECE_CHARS, DataError, Sour
 from chimera.data.shards import (FORMAT, MANIFEST, MAX_VOCAB, PROGRESS, SPLITS, VERSION,
                                  ShardError, ShardWriter, is_shard_file, read_manifest,
                                  verify_shards, write_json_atomic)
-from chimera.data.tokenizers import TOKENIZERS, CharTokenizer, Tokenizer, get_tokenizer
+from chimera.data.tokenizers import (TOKENIZERS, BPETokenizer, CharTokenizer, Tokenizer,
+                                     TokenizerError, check_bpe_vocab_size, get_tokenizer)
 
 DEFAULT_SHARD_SIZE = 100_000_000
 
@@ -85,17 +89,26 @@ def prepare(dataset: str, *, out: str | Path, sources: Sequence[str | Path] | No
             num_proc: int | None = None, num_workers: int | None = None,
             stage_dir: str | Path | None = None, overwrite: bool = False,
             command: str | None = None, progress: bool = True,
-            log: Callable[[str], None] = print) -> PrepareResult:
+            log: Callable[[str], None] = print, vocab_size: int | None = None) -> PrepareResult:
     """Tokenize `dataset` into shards under `out` (a folder or an object-store URI); see the
     module docstring. `num_proc` tokenizer threads here, or `num_workers` Ray workers;
-    `stage_dir`: the local staging folder of a URI `out`. Raises DataError (bad name, source,
-    column, setting), TokenizerError (gpt2 BPE files unavailable) or StorageError (a URI that
-    cannot be opened or written)."""
+    `stage_dir`: the local staging folder of a URI `out`; `vocab_size`: the bpe tokenizer's
+    (required with it, refused with the others). Raises DataError (bad name, source, column,
+    setting), TokenizerError (gpt2 BPE files unavailable, bad vocab_size) or StorageError (a
+    URI that cannot be opened or written)."""
     spec = get_dataset(dataset)
     if tokenizer not in TOKENIZERS:
         raise DataError(f"unknown tokenizer {tokenizer!r}; choose from {', '.join(TOKENIZERS)}")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise DataError(f"shard_size must be a positive number of tokens, got {shard_size!r}")
+    if tokenizer == BPETokenizer.name:
+        if vocab_size is None:
+            raise TokenizerError("--tokenizer bpe needs --vocab_size N: the size of the "
+                                 "vocabulary to train (e.g. 8192)")
+        check_bpe_vocab_size(vocab_size)
+    elif vocab_size is not None:
+        raise TokenizerError(f"--vocab_size={vocab_size} is for --tokenizer bpe (the trained "
+                             f"tokenizer); the {tokenizer} tokenizer's vocabulary is not chosen")
     frac = spec.val_fraction if val_fraction is None else float(val_fraction)
     if not 0.0 <= frac < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
@@ -124,6 +137,8 @@ def prepare(dataset: str, *, out: str | Path, sources: Sequence[str | Path] | No
                 "split_method": source.split_method,
                 "val_fraction": None if source.split_method == "hub" else frac,
                 "piece_chars": [PIECE_CHARS, HARD_PIECE_CHARS]}
+    if vocab_size is not None:                    # bpe only (other settings keep their keys)
+        settings["vocab_size"] = vocab_size
     run = dict(spec=spec, source=source, settings=settings, tokenizer=tokenizer, frac=frac,
                num_proc=num_proc, num_workers=num_workers, command=command,
                progress=progress, log=log)
@@ -159,7 +174,8 @@ def _prepare_dir(out: Path, *, spec, source: Source, settings: dict, tokenizer: 
         return done
     state = done  # progress.json of an interrupted run with these settings, or None
 
-    tok = None if tokenizer == "char" else get_tokenizer(tokenizer)   # fails early if offline
+    trained = tokenizer in ("char", "bpe")      # built from the data below
+    tok = None if trained else get_tokenizer(tokenizer)   # gpt2 fails early if offline
     # scan pass: character count (tail split, progress total) and the char vocabulary
     if state is not None:
         scan = state["scan"]
@@ -167,14 +183,18 @@ def _prepare_dir(out: Path, *, spec, source: Source, settings: dict, tokenizer: 
         scan = _scan(source, want_chars=tokenizer == "char", log=log)
     else:
         scan = {"chars": None, "vocab": None}
-    if tok is None:
-        tok = CharTokenizer(state["tokenizer"]["vocab"] if state else scan["vocab"])
-    if tok.vocab_size > MAX_VOCAB:
-        raise DataError(f"the {tok.name} vocabulary has {tok.vocab_size} symbols: uint16 shards "
-                        f"hold ids below 65536, so a vocabulary >= 65536 is refused")
     split_at = None
     if source.split_method == "tail":
         split_at = int(scan["chars"] * (1.0 - frac))
+    if state is not None and trained:
+        tok = Tokenizer.from_dict(state["tokenizer"])       # the interrupted run's own
+    elif tokenizer == "char":
+        tok = CharTokenizer(scan["vocab"])
+    elif tokenizer == "bpe":
+        tok = _train_bpe(source, frac, split_at, settings["vocab_size"], log)
+    if tok.vocab_size > MAX_VOCAB:
+        raise DataError(f"the {tok.name} vocabulary has {tok.vocab_size} symbols: uint16 shards "
+                        f"hold ids below 65536, so a vocabulary >= 65536 is refused")
     scan["split_at"] = split_at
 
     writers: dict[str, ShardWriter] = {}
@@ -231,7 +251,7 @@ def _prepare_dir(out: Path, *, spec, source: Source, settings: dict, tokenizer: 
                     enc_chars += chars
                     enc_tokens += len(toks)
                     bar.update(len(toks))
-                if total_est and scan.get("chars") and enc_chars and tok.name == "gpt2":
+                if total_est and scan.get("chars") and enc_chars and tok.name in ("gpt2", "bpe"):
                     bar.total = max(bar.n, int(scan["chars"] * enc_tokens / enc_chars))
                 if throttle:
                     time.sleep(throttle)
@@ -387,6 +407,19 @@ def _items(source: Source, frac: float, split_at: int | None
             for split, t, e in out:
                 yield idx, split, t, e
                 idx += 1
+
+
+def _train_bpe(source: Source, frac: float, split_at: int | None, vocab_size: int,
+               log) -> BPETokenizer:
+    """The bpe tokenizer trained on the train split's pieces (the item stream's order)."""
+    log(f"training a bpe tokenizer (vocab {vocab_size}) on the train split")
+    t0 = time.perf_counter()
+    tok = BPETokenizer.train((text for _i, split, text, _e in _items(source, frac, split_at)
+                              if split == "train"), vocab_size)
+    short = (f"; the train split has pairs for {tok.vocab_size} tokens only"
+             if tok.vocab_size < vocab_size else "")
+    log(f"trained bpe (vocab {tok.vocab_size}) in {time.perf_counter() - t0:.1f} s{short}")
+    return tok
 
 
 def _scan(source: Source, want_chars: bool, log) -> dict[str, Any]:

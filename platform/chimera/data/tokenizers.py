@@ -1,10 +1,12 @@
-"""Tokenizers: `gpt2` (tiktoken BPE), `char` (vocabulary built from text) and `byte` (UTF-8).
+"""Tokenizers: `gpt2` (tiktoken BPE), `char` (vocabulary built from text), `byte` (UTF-8) and
+`bpe` (a byte-level BPE trained on the data).
 
     from chimera.data.tokenizers import get_tokenizer, Tokenizer
     tok = get_tokenizer("gpt2")                  # vocab 50257, eot_id 50256
     tok = get_tokenizer("char", vocab="abc\\n")   # vocab = the symbols, in id order
     tok = CharTokenizer.from_text(text)          # sorted set of the text's characters
     tok = get_tokenizer("byte")                  # vocab 256
+    tok = BPETokenizer.train(texts, vocab_size=8192)   # eot_id 8191 (the last id)
     ids = tok.encode("Hello world"); text = tok.decode(ids)
     info = tok.to_dict(); tok = Tokenizer.from_dict(info)   # travels in manifests/checkpoints
 
@@ -18,14 +20,24 @@ Bytes per token (bits per byte, chimera.train.measure): `token_bytes(info)` is t
 table of how many UTF-8 bytes of text each id stands for, built once per process and tokenizer
 from a manifest's / checkpoint's tokenizer dict: gpt2 the length of each BPE token's bytes
 (its byte-level tokens concatenate to exactly the text's UTF-8), char len(ch.encode('utf-8')),
-byte 1. Ids that are no text count 0 bytes: gpt2's `<|endoftext|>` (50256, its only special
-id); char and byte have no such ids. Padded model vocabularies (ids >= vocab_size) never occur
+byte 1, bpe the length of each token's bytes. Ids that are no text count 0 bytes: gpt2's and
+bpe's `<|endoftext|>` (their only special id); char and byte have no such ids. Padded model vocabularies (ids >= vocab_size) never occur
 in data.
 
-End of text: gpt2 has `<|endoftext|>` = 50256. char and byte have none (`eot_id is None`):
+End of text: gpt2 has `<|endoftext|>` = 50256, bpe `<|endoftext|>` = its last id (as gpt2's:
+prepare appends it after every document). char and byte have none (`eot_id is None`):
 their vocabularies are exactly the text's symbols / the 256 byte values, as in nanoGPT's
 shakespeare_char, so documents are simply concatenated when prepared with them.
 `encode` never turns the literal text "<|endoftext|>" into the special token (ordinary encoding).
+
+bpe: HF `tokenizers` (the Rust library behind transformers' fast tokenizers) trains and runs
+it, rather than rustbpe or code of our own: its trainer is fast Rust, deterministic (no seed: the
+same text and vocab_size give a byte-identical JSON; tests/test_bpe.py), its byte-level
+pre-tokenizer (GPT-2's split pattern, so prepare's piece cuts stay neutral) maps every byte to a
+symbol, so any text round-trips, and its tokenizer JSON is what transformers
+(PreTrainedTokenizerFast) and vLLM load, so an HF export ships it as it is. rustbpe trains but
+does not encode or serialise to a format others load. `to_dict()` carries that JSON (and its
+sha256), so manifests, progress.json and every checkpoint's tokenizer.json rebuild it exactly.
 
 gpt2 offline: tiktoken reads its BPE files from $TIKTOKEN_CACHE_DIR (see
 ../shared/data/SOURCES.md); without them and without network `get_tokenizer("gpt2")` raises a
@@ -34,6 +46,8 @@ TokenizerError that says how to fix it.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
@@ -85,7 +99,10 @@ class Tokenizer:
         """Rebuild a tokenizer from `to_dict()` output (manifest or checkpoint config)."""
         if not isinstance(d, Mapping) or "name" not in d:
             raise TokenizerError(f"tokenizer info must be a dict with a 'name', got {d!r}")
-        tok = get_tokenizer(d["name"], vocab=d.get("vocab"))
+        if d["name"] == BPETokenizer.name:            # trained: rebuilt from its own JSON
+            tok: Tokenizer = BPETokenizer.from_info(d)
+        else:
+            tok = get_tokenizer(d["name"], vocab=d.get("vocab"))
         for key in ("vocab_size", "eot_id"):
             if key in d and d[key] != getattr(tok, key):
                 raise TokenizerError(f"tokenizer info says {key}={d[key]!r} but the {d['name']} "
@@ -223,8 +240,134 @@ class ByteTokenizer(Tokenizer):
         return bytes([int(i)])
 
 
+class BPETokenizer(Tokenizer):
+    """A byte-level BPE trained on the data (HF `tokenizers`; see the module docstring): ids
+    0..vocab_size-2 are the 256 byte symbols and the merges, vocab_size-1 is `<|endoftext|>`."""
+
+    name = "bpe"
+    EOT = "<|endoftext|>"
+
+    def __init__(self, json_str: str) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            conf = json.loads(json_str)
+            hf = HFTokenizer.from_str(json_str)
+        except Exception as e:  # json.JSONDecodeError, TypeError, the Rust parser's Exception
+            raise TokenizerError(f"not a tokenizers JSON: {type(e).__name__}: "
+                                 f"{str(e)[:200]}") from None
+        model = conf.get("model") or {}
+        if (model.get("type") != "BPE" or (conf.get("pre_tokenizer") or {}).get("type") != "ByteLevel"
+                or conf.get("normalizer") is not None):
+            raise TokenizerError("a bpe tokenizer JSON must be a byte-level BPE without a "
+                                 "normalizer (what BPETokenizer.train writes)")
+        self.json = json_str
+        self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
+        self.eot_id = hf.token_to_id(self.EOT)
+        if self.eot_id != self.vocab_size - 1:
+            raise TokenizerError(f"a bpe tokenizer's {self.EOT} must be its last id "
+                                 f"{self.vocab_size - 1}, got {self.eot_id}")
+        hf.encode_special_tokens = True               # ordinary encoding: the text stays text
+        self._hf = hf
+        sym = {c: b for b, c in _byte_symbols().items()}
+        pieces = [hf.id_to_token(i) for i in range(self.vocab_size - 1)]
+        try:
+            self._bytes = [bytes(sym[c] for c in p) for p in pieces] + [self.EOT.encode()]
+        except (KeyError, TypeError):
+            raise TokenizerError("a bpe tokenizer's vocabulary must be byte-level symbols "
+                                 "without gaps in its ids") from None
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
+        """Train on `texts` (an iterable of strings, streamed): vocab_size - 1 byte symbols and
+        merges, then `<|endoftext|>`. Fewer when the text has fewer distinct pairs to merge."""
+        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+        check_bpe_vocab_size(vocab_size)
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        hf.train_from_iterator(texts, trainer)
+        hf.add_special_tokens([cls.EOT])
+        return cls(hf.to_str())
+
+    @classmethod
+    def from_info(cls, d: Mapping[str, Any]) -> "BPETokenizer":
+        if not isinstance(d.get("json"), str):
+            raise TokenizerError("bpe tokenizer info needs its 'json' (the trained tokenizer): "
+                                 "prepare stores it in manifest.json")
+        if "sha256" in d and d["sha256"] != _sha256(d["json"]):
+            raise TokenizerError("bpe tokenizer info: the sha256 of its json does not match")
+        return cls(d["json"])
+
+    def encode_to_numpy(self, text: str) -> np.ndarray:
+        # the batch call releases the GIL (threads scale) and skips the offsets
+        return np.array(self.encode_batch([text])[0], dtype=np.uint32)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        try:
+            return [e.ids for e in self._hf.encode_batch_fast(list(texts), add_special_tokens=False)]
+        except TypeError as e:              # a lone surrogate has no UTF-8
+            raise TokenizerError(f"bpe cannot encode this text: {e}") from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise TokenizerError(f"bpe ids must be in [0, {self.vocab_size}), got {bad[:5]}")
+        return b"".join(map(self._bytes.__getitem__, ids)).decode("utf-8", errors="replace")
+
+    def token_bytes(self) -> np.ndarray:
+        n = np.array([len(b) for b in self._bytes], dtype=np.int64)
+        n[self.eot_id] = 0
+        return n
+
+    def id_bytes(self, i: int) -> bytes:
+        return self._bytes[int(i)]
+
+    def encode_with_special(self, text: str) -> list[int]:
+        parts = text.split(self.EOT)
+        out = self.encode(parts[0])
+        for p in parts[1:]:
+            out += [self.eot_id] + self.encode(p)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "sha256": _sha256(self.json), "json": self.json}
+
+    def __getstate__(self) -> dict:     # the JSON only (Ray, pickles): rebuilt on arrival
+        return {"json": self.json}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["json"])
+
+
+
+def check_bpe_vocab_size(vocab_size: Any, flag: str = "--vocab_size") -> None:
+    """bpe's vocabulary: > 256 byte symbols + `<|endoftext|>`, and ids that fit uint16 shards."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 258 <= vocab_size <= 65535:
+        raise TokenizerError(f"{flag}={vocab_size!r}: a bpe vocabulary needs an integer in "
+                             f"[258, 65535] (256 byte symbols, at least one merge and "
+                             f"<|endoftext|>; ids must fit uint16 shards)")
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_symbols() -> dict[int, str]:
+    """GPT-2's byte-to-symbol map (what tokenizers' ByteLevel uses): printable bytes stand for
+    themselves, the other 68 are shifted to 256 + k so that no symbol is whitespace/control."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    extra = iter(range(256, 512))
+    return {b: chr(b) if b in keep else chr(next(extra)) for b in range(256)}
+
+
 TOKENIZERS: dict[str, type[Tokenizer]] = {"gpt2": GPT2Tokenizer, "char": CharTokenizer,
-                                          "byte": ByteTokenizer}
+                                          "byte": ByteTokenizer, "bpe": BPETokenizer}
 
 
 def get_tokenizer(name: str, vocab: str | Sequence[str] | None = None) -> Tokenizer:
@@ -236,6 +379,10 @@ def get_tokenizer(name: str, vocab: str | Sequence[str] | None = None) -> Tokeni
             raise TokenizerError("the char tokenizer needs its vocabulary: prepare builds it from "
                                  "the training text and stores it in manifest.json")
         return CharTokenizer(vocab)
+    if name == "bpe":
+        raise TokenizerError("the bpe tokenizer is trained on the data: prepare trains it "
+                             "(--tokenizer bpe --vocab_size N) and stores it in manifest.json; "
+                             "rebuild it with Tokenizer.from_dict(manifest['tokenizer'])")
     if vocab is not None:
         raise TokenizerError(f"the {name} tokenizer has a fixed vocabulary; do not pass vocab")
     return TOKENIZERS[name]()
@@ -247,7 +394,7 @@ def token_bytes(info: Mapping[str, Any]) -> np.ndarray:
     Built once per process and tokenizer (gpt2 needs its BPE files, as preparing did)."""
     if not isinstance(info, Mapping) or "name" not in info:
         raise TokenizerError(f"tokenizer info must be a dict with a 'name', got {info!r}")
-    return _token_bytes(tuple(sorted((k, info[k]) for k in ("name", "vocab", "vocab_size", "eot_id")
+    return _token_bytes(tuple(sorted((k, info[k]) for k in ("name", "vocab", "vocab_size", "eot_id", "json")
                                      if k in info)))
 
 

@@ -23,6 +23,9 @@ NOTES = {
             "tokenizer drops it (there is no unknown token).",
     "byte": "byte level: the 256 byte values are ids 0..255 (GPT-2's byte-to-unicode alphabet, no "
             "merges); decoding invalid UTF-8 gives U+FFFD, as Chimera's decode does.",
+    "bpe": "the byte-level BPE trained on the dataset, its `tokenizers` JSON as trained (the "
+           "manifest's): the same ids as Chimera's encode_with_special (the text "
+           "'<|endoftext|>' becomes the last id).",
 }
 PADDING_NOTE = ("The model's vocab_size may exceed the tokenizer's (Chimera pads it to a multiple "
                 "of 64); the extra ids are never text.")
@@ -70,11 +73,14 @@ def hf_tokenizer(tok) -> Any:
         return _char_hf(tok.chars)
     if tok.name == "byte":
         return _byte_hf()
+    if tok.name == "bpe":
+        from tokenizers import Tokenizer
+        return Tokenizer.from_str(tok.json)
     raise ValueError(f"no HF tokenizer for Chimera tokenizer {tok.name!r}")
 
 
 def special_ids(tok) -> dict[str, int | None]:
-    """bos/eos/pad ids for the HF model config (gpt2: all <|endoftext|>; char/byte: none)."""
+    """bos/eos/pad ids for the HF model config (gpt2, bpe: <|endoftext|>; char/byte: none)."""
     return {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id, "pad_token_id": None}
 
 
