@@ -227,6 +227,34 @@ def test_another_vocab_size_is_another_preparation(bpe_data, shakespeare_path):
                 out=bpe_data, progress=False, log=lambda *_: None)
 
 
+def test_an_interrupted_preparation_resumes_with_its_tokenizer_not_a_new_one(
+        tmp_path, shakespeare_path, monkeypatch):
+    import chimera.data.prepare as prep
+
+    kw = dict(sources=[shakespeare_path], tokenizer="bpe", vocab_size=VOCAB, progress=False,
+              shard_size=100_000, log=lambda *_: None)
+    ref = prepare("shakespeare", out=tmp_path / "ref", **kw)
+    calls = []
+
+    def crash(_s):                     # the throttle's sleep after each batch: die at the 3rd
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+    monkeypatch.setenv("CHIMERA_PREPARE_THROTTLE_S", "1")
+    monkeypatch.setattr(prep.time, "sleep", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prepare("shakespeare", out=tmp_path / "o", **kw)
+    monkeypatch.delenv("CHIMERA_PREPARE_THROTTLE_S")
+
+    def no_training(*a, **k):
+        raise AssertionError("a resumed preparation must not train again")
+    monkeypatch.setattr(BPETokenizer, "train", no_training)
+    r = prepare("shakespeare", out=tmp_path / "o", **kw)
+    assert r.resumed_shards >= 1
+    assert r.manifest["tokenizer"] == ref.manifest["tokenizer"]
+    assert r.manifest["splits"] == ref.manifest["splits"]
+
+
 @pytest.mark.ray
 def test_ray_workers_and_the_object_store_give_the_shards_of_threads(
         ray_cluster, tmp_path, s3_prefix, shakespeare_path, bpe_data):

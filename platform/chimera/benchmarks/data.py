@@ -5,6 +5,12 @@ The ratios are measured side by side in one run:
     write shards with sha256, manifest) on a corpus of real documents vs
     `encode_ordinary_batch` on the same documents with the same thread count (gpt2 tokens/s,
     best of --repeats). Target >= 0.8: the tokenizer is the limit, the rest must not cost.
+  * bpe (the trained tokenizer, --bpe_vocab): training throughput (the corpus's bpe tokens per
+    second of `BPETokenizer.train` on its documents), shown beside tiktoken's encode throughput
+    (information, no target: training runs once per dataset), and bpe encode ÷ tiktoken gpt2
+    encode: `encode_batch` of both on the same documents with all threads (tokens/s, each its
+    own tokens; best of --repeats, alternated). Target >= 0.5: preparing with bpe then takes at
+    most twice as long as with gpt2.
   * N Ray workers ÷ 1 Ray worker (`prepare(num_workers=...)`, gpt2 tokens/s, best of --repeats,
     alternated) on a corpus of --workers_mb megabytes. Ray is started (or joined: RAY_ADDRESS)
     once before both, as on a running cluster; each preparation's own worker start-up is
@@ -55,7 +61,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=5, help="train steps timed (median)")
     p.add_argument("--workers", type=int, default=2, help="Ray workers of the parallel-preparation row")
     p.add_argument("--workers_mb", type=float, default=64.0, help="corpus size in MB of the parallel-preparation row")
-    p.add_argument("--skip", nargs="*", default=[], choices=["prepare", "workers", "loader", "store"],
+    p.add_argument("--bpe_vocab", type=int, default=8192, help="vocabulary of the bpe rows' trained tokenizer")
+    p.add_argument("--skip", nargs="*", default=[], choices=["prepare", "bpe", "workers", "loader", "store"],
                    help="sections to leave out")
 
 
@@ -133,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
                          f"{n_tokens / t_prep / 1e6:.2f} Mtok/s",
                          f"{n_tokens / t_tik / 1e6:.2f} Mtok/s", t_tik / t_prep, ">= 0.8"))
 
+        if "bpe" not in args.skip:
+            rows += _bpe_rows(docs, tok, args.bpe_vocab, args.repeats, threads)
+
         if "workers" not in args.skip:
             rows.append(_workers_row(paths, Path(tmp), args))
 
@@ -145,10 +155,36 @@ def run(args: argparse.Namespace) -> int:
     w = max(len(r[0]) for r in rows) if rows else 40
     print(f"{'measurement':<{w}}  {'measured':>14}  {'reference':>14}  {'ratio':>8}  target")
     for name, a, b, ratio, target in rows:
+        if target == "-":                          # information: no target
+            print(f"{name:<{w}}  {a:>14}  {b:>14}  {ratio:>8.3g}  -")
+            continue
         bound = float(target.split()[1])
         ok = ratio >= bound if target.startswith(">=") else ratio <= bound
         print(f"{name:<{w}}  {a:>14}  {b:>14}  {ratio:>8.3g}  {target} {'ok' if ok else 'MISSED'}")
     return 0
+
+
+def _bpe_rows(docs: list[str], gpt2, vocab: int, repeats: int, threads: int) -> list:
+    """bpe training tokens/s (beside tiktoken's encode), bpe encode ÷ tiktoken encode."""
+    from chimera.data.tokenizers import BPETokenizer
+
+    t_train = t_bpe = t_tik = float("inf")
+    bpe = None
+    for _ in range(repeats):                 # alternated: load changes hit all three alike
+        t0 = time.perf_counter()
+        bpe = BPETokenizer.train(docs, vocab)
+        t_train = min(t_train, time.perf_counter() - t0)
+        t_bpe = min(t_bpe, _seconds(lambda: bpe.encode_batch(docs)))
+        t_tik = min(t_tik, _seconds(lambda: gpt2.encode_batch(docs, num_threads=threads)))
+    n_bpe = sum(map(len, bpe.encode_batch(docs)))
+    n_tik = sum(map(len, gpt2.encode_batch(docs, num_threads=threads)))
+    mb = sum(map(len, docs)) / 1e6
+    tik = f"{n_tik / t_tik / 1e6:.2f} Mtok/s"
+    return [(f"bpe training, vocab {bpe.vocab_size} ({mb:.0f} MB; ratio ÷ tiktoken encode)",
+             f"{n_bpe / t_train / 1e6:.2f} Mtok/s", tik, (n_bpe / t_train) / (n_tik / t_tik), "-"),
+            (f"bpe encode_batch ÷ tiktoken gpt2 encode_ordinary_batch ({mb:.0f} MB, "
+             f"{n_bpe / n_tik:.2f}× gpt2's tokens)", f"{n_bpe / t_bpe / 1e6:.2f} Mtok/s", tik,
+             (n_bpe / t_bpe) / (n_tik / t_tik), ">= 0.5")]
 
 
 _BUSY = re.compile(r"in [0-9.]+ s: ([0-9.]+) of [0-9]+ CPUs busy")   # RayEncoder.stats()

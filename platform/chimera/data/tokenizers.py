@@ -21,8 +21,8 @@ table of how many UTF-8 bytes of text each id stands for, built once per process
 from a manifest's / checkpoint's tokenizer dict: gpt2 the length of each BPE token's bytes
 (its byte-level tokens concatenate to exactly the text's UTF-8), char len(ch.encode('utf-8')),
 byte 1, bpe the length of each token's bytes. Ids that are no text count 0 bytes: gpt2's and
-bpe's `<|endoftext|>` (their only special id); char and byte have no such ids. Padded model vocabularies (ids >= vocab_size) never occur
-in data.
+bpe's `<|endoftext|>` (their only special id); char and byte have no such ids. Padded model
+vocabularies (ids >= vocab_size) never occur in data.
 
 End of text: gpt2 has `<|endoftext|>` = 50256, bpe `<|endoftext|>` = its last id (as gpt2's:
 prepare appends it after every document). char and byte have none (`eot_id is None`):
@@ -35,9 +35,11 @@ it, rather than rustbpe or code of our own: its trainer is fast Rust, determinis
 same text and vocab_size give a byte-identical JSON; tests/test_bpe.py), its byte-level
 pre-tokenizer (GPT-2's split pattern, so prepare's piece cuts stay neutral) maps every byte to a
 symbol, so any text round-trips, and its tokenizer JSON is what transformers
-(PreTrainedTokenizerFast) and vLLM load, so an HF export ships it as it is. rustbpe trains but
-does not encode or serialise to a format others load. `to_dict()` carries that JSON (and its
-sha256), so manifests, progress.json and every checkpoint's tokenizer.json rebuild it exactly.
+(PreTrainedTokenizerFast) and vLLM load, so an HF export ships it as it is. rustbpe
+(nanochat's) only trains: encoding then needs a tiktoken Encoding built from its ranks, a
+second library and a second format to keep equal; hand-written Python would be orders of
+magnitude slower to train. `to_dict()` carries that JSON (and its sha256), so manifests,
+progress.json and every checkpoint's tokenizer.json rebuild it exactly.
 
 gpt2 offline: tiktoken reads its BPE files from $TIKTOKEN_CACHE_DIR (see
 ../shared/data/SOURCES.md); without them and without network `get_tokenizer("gpt2")` raises a
