@@ -231,7 +231,8 @@ def test_a_loss_per_token_across_tokenizers_is_refused(two_tokenizers, metric):
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"space": {"tokenizer": {"grid": ["char", "bpe"]}}}, r"space.tokenizer: 'bpe' is not a tokenizer"),
+    ({"space": {"tokenizer": {"grid": ["char", "wordpiece"]}}},
+     r"space.tokenizer: 'wordpiece' is not a tokenizer"),
     ({"base": {**BASE, "data_dir": "x"}, "space": {"tokenizer": {"grid": ["char", "byte"]}}},
      "base.data_dir fixes one tokenizer"),
     ({"space": {"tokenizer": {"grid": ["char"]}, "data_dir": {"grid": ["x"]}}}, "at most one of tokenizer and data_dir"),

@@ -78,8 +78,9 @@ def test_gpt2_data_of_an_older_version_is_pointed_at(repo, tmp_path):
 
 
 def test_unknown_tokenizer_is_refused():
-    with pytest.raises(TrainConfigError, match="tokenizer='bpe': choose one of gpt2, char, byte"):
-        TrainConfig(tokenizer="bpe")
+    with pytest.raises(TrainConfigError, match="tokenizer='wordpiece': choose one of gpt2, char, "
+                                               "byte, bpe"):
+        TrainConfig(tokenizer="wordpiece")
 
 
 def test_storage_path_resolution(monkeypatch, tmp_path):

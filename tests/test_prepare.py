@@ -348,8 +348,9 @@ def test_bad_input_errors(tmp_path, shakespeare_path, monkeypatch):
     with pytest.raises(DataError, match="unknown dataset 'shakespear'; choose from shakespeare, "
                                         "wikitext, tinystories, fineweb-edu"):
         p("shakespear", sources=[shakespeare_path])
-    with pytest.raises(DataError, match="unknown tokenizer 'bpe'; choose from gpt2, char, byte"):
-        p("shakespeare", sources=[shakespeare_path], tokenizer="bpe")
+    with pytest.raises(DataError, match="unknown tokenizer 'wordpiece'; choose from gpt2, char, "
+                                        "byte, bpe"):
+        p("shakespeare", sources=[shakespeare_path], tokenizer="wordpiece")
     with pytest.raises(DataError, match=r"source .*nope.txt does not exist"):
         p("shakespeare", sources=[tmp_path / "nope.txt"])
     empty = tmp_path / "empty.txt"
@@ -456,8 +457,10 @@ def test_cli_bad_input_is_one_line(cli_main, capsys, tmp_path, shakespeare_path)
     cases = [
         (["--dataset", "nope"], "unknown dataset 'nope'"),
         (["--dataset", "shakespeare", "--source", str(tmp_path / "missing.txt")], "does not exist"),
+        (["--dataset", "shakespeare", "--source", str(shakespeare_path), "--tokenizer", "wordpiece"],
+         "unknown tokenizer 'wordpiece'"),
         (["--dataset", "shakespeare", "--source", str(shakespeare_path), "--tokenizer", "bpe"],
-         "unknown tokenizer 'bpe'"),
+         "--tokenizer bpe needs --vocab_size N"),
         (["--dataset", "tinystories", "--source", str(shakespeare_path), "--val_fraction", "2"],
          "val_fraction must be in"),
     ]

@@ -94,8 +94,8 @@ def test_byte_round_trip():
 
 
 def test_bad_tokenizer_requests():
-    with pytest.raises(TokenizerError, match="unknown tokenizer 'bpe'; choose from gpt2, char, byte"):
-        get_tokenizer("bpe")
+    with pytest.raises(TokenizerError, match="unknown tokenizer 'wordpiece'; choose from gpt2, char, byte, bpe"):
+        get_tokenizer("wordpiece")
     with pytest.raises(TokenizerError, match="char tokenizer needs its vocabulary"):
         get_tokenizer("char")
     with pytest.raises(TokenizerError, match="fixed vocabulary"):
