@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 
 # --- names that are valid in one place only ---------------------------------------------------
 ATTN_TYPES = ("mha", "mqa", "gqa", "mla")
-POS_EMBS = ("learn", "sin", "rope")
+POS_EMBS = ("learn", "sin", "rope", "alibi")
 NORMS = ("layernorm", "rmsnorm")
 _NORM_ALIASES = {"layer": "layernorm", "ln": "layernorm", "rms": "rmsnorm"}
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swish", "mish", "selu", "celu", "elu", "lrelu",
@@ -102,6 +102,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("routed_scaling_factor", float, 1.0, "moe: routed experts' gates are multiplied by this", "ffn"),
     Flag("n_group", int, 1, "moe: routed experts form this many groups (group-limited routing)", "ffn"),
     Flag("topk_group", int, 1, "moe: each token picks its experts from its best topk_group groups", "ffn"),
+    Flag("window", int, None, "sliding-window attention on gqa-family layers: a query sees its last `window` "
+         "positions and the layer caches only those (null: full attention; not on mla)", "attn", nullable=True),
 )
 
 
@@ -183,9 +185,16 @@ class AttnConfig:
     rope_head_dim: int | None = None
     qk_nope_head_dim: int | None = None
     v_head_dim: int | None = None
+    window: int | None = None                 # sliding window (gqa family); None: full attention
 
     def __post_init__(self) -> None:
         w = "attn: "
+        if self.window is not None:
+            if self.attn == "mla":
+                raise ConfigError(f"{w}window={self.window} is for gqa-family layers (mha, mqa, gqa); an mla "
+                                  f"layer attends over its whole latent cache (use window=null)")
+            if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+                raise ConfigError(f"{w}window={self.window!r} must be an int >= 1 (null: full attention)")
         if self.attn not in ATTN_TYPES:
             raise ConfigError(f"{w}unknown attention {self.attn!r}; choose one of {', '.join(ATTN_TYPES)}")
         _positive(w, n_head=self.n_head)
@@ -334,6 +343,8 @@ class BlockConfig:
         """Short label, e.g. `mla+moe8/2`, `gqa2+mlp`, `mha+mlp`."""
         a = self.attn
         att = f"gqa{a.n_kv_heads}" if a.attn == "gqa" else a.attn
+        if a.window is not None:
+            att += f"/w{a.window}"
         f = self.ffn
         ffn = f"moe{f.n_exp}/{f.n_act}" if f.moe else "mlp"
         return f"{att}+{ffn}"
@@ -478,6 +489,10 @@ class ModelConfig:
                 raise ConfigError(f"{w}attn: n_embd={self.n_embd} is not divisible by n_head={a.n_head}")
             head_dim = self.n_embd // a.n_head
             if a.attn == "mla":
+                if self.pos_emb == "alibi":
+                    raise ConfigError(f"{w}attn: pos_emb='alibi' is not defined for mla layers: DeepSeek's MLA "
+                                      f"carries positions in its decoupled RoPE (use pos_emb='rope', or "
+                                      f"gqa-family layers with alibi)")
                 if self.pos_emb == "rope" and a.rope_head_dim < 2:
                     raise ConfigError(f"{w}attn: mla with pos_emb='rope' needs rope_head_dim >= 2 "
                                       f"(decoupled RoPE), got {a.rope_head_dim}")
@@ -626,10 +641,11 @@ def _build_block(i: int, defaults: dict, ld: Any, glob: dict) -> BlockConfig:
                               kv_latent_dim=m["kv_latent_dim"],
                               rope_head_dim=m["rope_head_dim"] if glob["pos_emb"] == "rope" else 0,
                               qk_nope_head_dim=dflt if m["qk_nope_head_dim"] is None else m["qk_nope_head_dim"],
-                              v_head_dim=dflt if m["v_head_dim"] is None else m["v_head_dim"])
+                              v_head_dim=dflt if m["v_head_dim"] is None else m["v_head_dim"],
+                              window=m["window"])
         else:
             kv = {"mha": m["n_head"], "mqa": 1}.get(kind, m["n_kv_heads"])
-            attn = AttnConfig(attn=kind, n_head=m["n_head"], n_kv_heads=kv)
+            attn = AttnConfig(attn=kind, n_head=m["n_head"], n_kv_heads=kv, window=m["window"])
         if m["moe"]:
             bal = dict(alpha=m["alpha"], gamma=m["gamma"]) if m["aux_free"] else dict(coeff=m["coeff"])
             ffn = FFNConfig(moe=True, up_dim=m["up_dim"], non_linearity=m["non_linearity"],

@@ -36,9 +36,9 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps)
         self.ffn = build_ffn(cfg, index)
 
-    def forward(self, x: torch.Tensor, cache: dict | None = None,
-                start: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.attn(self.ln_1(x), cache, start)               # (B, T, C)
+    def forward(self, x: torch.Tensor, cache: dict | None = None, start: int | torch.Tensor = 0,
+                ends: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.ln_1(x), cache, start, ends)         # (B, T, C)
         y, aux = self.ffn(self.ln_2(x))
         return x + y, aux
 
@@ -79,8 +79,10 @@ class LLM(nn.Module):
                         nn.init.normal_(p, 0.0, resid_std if name in residual else 0.02)
 
     # --- forward ------------------------------------------------------------------------------
-    def _trunk(self, idx: torch.Tensor, cache: KVCache | None, start: int | torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _trunk(self, idx: torch.Tensor, cache: KVCache | None, start: int | torch.Tensor,
+               last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states (B, T, C) and MoE terms; `last` (B,): each row's last real token in a
+        right-padded pass (sliding-window caches keep nothing after it)."""
         B, T = idx.shape
         end = (int(start.max()) if isinstance(start, torch.Tensor) else start) + T
         if end > self.cfg.block_size:
@@ -91,13 +93,14 @@ class LLM(nn.Module):
         if self.pos is not None:
             x = x + self.pos(position_ids(start, T, idx.device))   # (T, C) or (B, T, C)
         x = self.drop(x)
+        ends = None if last is None or cache is None else start + last.to(idx.device) + 1   # (B,)
         aux = x.new_zeros(())
         for i, block in enumerate(self.blocks):
             layer_cache = cache.layers[i] if cache is not None else None
             if self.cfg.act_recomp and self.training and cache is None:
                 x, a = checkpoint(block, x, use_reentrant=False)
             else:
-                x, a = block(x, layer_cache, start)
+                x, a = block(x, layer_cache, start, ends)
             aux = aux + a
         if cache is not None:
             cache.length = start + T
@@ -127,7 +130,7 @@ class LLM(nn.Module):
         """Logits (B, V) for the last position (or, with `last` (B,), for position last[b] of
         row b: a right-padded batch). With a cache, idx are the tokens at positions start..
         (an int, or per-row starts (B,), see models/attention/cache.py), written to the cache."""
-        h, _ = self._trunk(idx, cache, start)
+        h, _ = self._trunk(idx, cache, start, last)
         return self._last_logits(h, last)
 
     def _last_logits(self, h: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
@@ -143,7 +146,7 @@ class LLM(nn.Module):
         """next_logits' (B, V), and the final hidden states (lens[i], C) of rows `rows` (prompt
         scoring: one trunk pass; the caller applies lm_head to them in chunks, so that a
         batch of long prompts never holds all (T, V) logits at once)."""
-        h, _ = self._trunk(idx, cache, start)                       # (B, T, C)
+        h, _ = self._trunk(idx, cache, start, last)                 # (B, T, C)
         return self._last_logits(h, last), [h[r, :n] for r, n in zip(rows, lens)]
 
     # --- KV cache and generation ----------------------------------------------------------------
@@ -151,7 +154,8 @@ class LLM(nn.Module):
                   device: torch.device | str | None = None) -> KVCache:
         p = next(self.parameters())
         return KVCache([b.attn.cache_shapes() for b in self.blocks], batch, self.cfg.block_size,
-                       dtype or p.dtype, device or p.device)
+                       dtype or p.dtype, device or p.device,
+                       layer_lens=[b.attn.cache_len for b in self.blocks])
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
@@ -185,11 +189,19 @@ class LLM(nn.Module):
         attn = sum(b.attn.attn_flops_per_token(self.cfg.block_size) for b in self.blocks)
         return 6 * n + attn
 
-    def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.float32) -> int:
-        """Bytes cached per token across all layers: GQA family 2*n_kv_heads*head_dim,
-        MLA kv_latent_dim + rope_head_dim values per layer."""
+    def kv_cache_bytes(self, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes one row of the KV cache allocates (a full block_size context): per layer,
+        values per position (GQA family 2*n_kv_heads*head_dim, MLA kv_latent_dim + rope_head_dim)
+        times the positions it keeps (block_size; a sliding-window layer min(window, block_size))."""
         elem = torch.empty((), dtype=dtype).element_size()
-        return elem * sum(b.attn.kv_values_per_token() for b in self.blocks)
+        return elem * sum(b.attn.kv_values_per_token() * b.attn.cache_len for b in self.blocks)
+
+    def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.float32) -> int | float:
+        """kv_cache_bytes ÷ block_size: the bytes per token of a full context. Without windows,
+        the bytes each token caches across all layers (an int); a windowed layer contributes
+        its per-position bytes times min(window, block_size) / block_size."""
+        total, block = self.kv_cache_bytes(dtype), self.cfg.block_size
+        return total // block if total % block == 0 else total / block
 
     # --- MoE balancing --------------------------------------------------------------------------
     def moe_layers(self) -> list[tuple[int, nn.Module]]:

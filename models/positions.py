@@ -1,5 +1,6 @@
-"""Positions: learned and sinusoidal absolute embeddings (added to token embeddings) and RoPE
-(rotary, applied to queries and keys inside attention).
+"""Positions: learned and sinusoidal absolute embeddings (added to token embeddings), RoPE
+(rotary, applied to queries and keys inside attention) and ALiBi's per-head slopes (a score
+bias -slope * (q_pos - k_pos), added to the attention mask: models/attention/masks.py).
 
 RoPE uses the "rotate half" layout: a head vector (..., d) is split into two halves that are
 rotated as the real and imaginary parts of d/2 complex numbers. Its frequencies take a base
@@ -109,6 +110,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """(n_head,) float64 ALiBi slopes (Press et al. 2022, "Train Short, Test Long"): for n heads a
+    power of two, the geometric sequence 2^(-8/n), 2^(-16/n), ..., 2^(-8); otherwise the slopes of
+    the closest smaller power of two m, followed by every other slope of 2m heads (the odd
+    terms 2^(-4/m), 2^(-12/m), ...) until there are n_head of them."""
+    if n_head < 1:
+        raise ValueError(f"alibi needs n_head >= 1, got {n_head}")
+
+    def geometric(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+    m = 2 ** math.floor(math.log2(n_head))
+    slopes = geometric(m) + geometric(2 * m)[0::2][:n_head - m]
+    return torch.tensor(slopes, dtype=torch.float64)
 
 
 def position_ids(start: int | torch.Tensor, T: int, device) -> torch.Tensor:

@@ -77,7 +77,7 @@ def test_configs_are_frozen():
     ({"layers": [{**SEED_GQA, "up_dimm": 3}]}, r"layers\[0\]: unknown key 'up_dimm' \(did you mean 'up_dim'\?\)"),
     ({"attn": "flash"}, r"layers\[0\]\.attn: unknown attention 'flash'; choose one of mha, mqa, gqa, mla"),
     ({"non_linearity": "swishy"}, r"layers\[0\]\.ffn: unknown non_linearity 'swishy'"),
-    ({"pos_emb": "alibi"}, r"unknown pos_emb 'alibi'; choose one of learn, sin, rope"),
+    ({"pos_emb": "xpos"}, r"unknown pos_emb 'xpos'; choose one of learn, sin, rope, alibi"),
     ({"norm": "batch"}, r"unknown norm 'batch'"),
     ({"n_layer": 0}, r"n_layer=0 must be >= 1"),
     ({"dropout": 1.5}, r"dropout=1.5 must be in \[0, 1\)"),
@@ -125,6 +125,15 @@ def test_configs_are_frozen():
     ({"moe": True, "n_exp": 9, "n_act": 4, "n_group": 4, "topk_group": 1},
      r"top-k=3 routed experts \(n_act - n_shared\) do not fit in topk_group=1 groups of 2"),
     ({"moe": True, "n_group": 0}, r"n_group=0 must be >= 1"),
+    # sliding windows and ALiBi (issue 18)
+    ({"attn": "gqa", "window": 0}, r"layers\[0\]\.attn: window=0 must be an int >= 1 \(null: full attention\)"),
+    ({"attn": "mqa", "window": -4}, r"layers\[0\]\.attn: window=-4 must be an int >= 1"),
+    ({"attn": "gqa", "window": 2.5}, r"layers\[0\]\.window=2.5 must be of type int, got float"),
+    ({"attn": "gqa", "window": True}, r"layers\[0\]\.window=True must be of type int, got bool"),
+    ({"layers": [{"attn": "gqa", "n_kv_heads": 2, "window": 8}, {"attn": "mla", "window": 8}]},
+     r"layers\[1\]\.attn: window=8 is for gqa-family layers \(mha, mqa, gqa\); an mla layer"),
+    ({"pos_emb": "alibi", "layers": [{"attn": "gqa", "n_kv_heads": 2}, {"attn": "mla"}]},
+     r"layers\[1\]\.attn: pos_emb='alibi' is not defined for mla layers"),
 ])
 def test_errors_name_the_path_and_values(d, msg):
     if msg is None:                  # MLA-only keys on gqa layers are dropped like the latent dims

@@ -78,7 +78,34 @@ KNOBS = {
                                routed_scaling_factor=2.5, n_group=4, topk_group=2),
     "moe_sigmoid_groups": dict(attn="mla", **_MOE, aux_free=True, norm_topk_prob=True,
                                routed_scaling_factor=1.5, n_group=2, topk_group=1),
+    # issue 18: ALiBi (6 heads: the slopes' non-power-of-two rule) and sliding windows smaller
+    # than the prompt (5 tokens) and than block_size, with every position type
+    "alibi_gqa": dict(attn="gqa", pos_emb="alibi"),
+    "alibi_6_heads_mha": dict(attn="mha", pos_emb="alibi", n_embd=24, n_head=6),
+    "window3_gqa": dict(attn="gqa", window=3),
+    "window4_mqa_alibi": dict(attn="mqa", window=4, pos_emb="alibi"),
+    "window6_mha_learn": dict(attn="mha", window=6, pos_emb="learn"),
+    "window1_gqa_sin": dict(attn="gqa", window=1, pos_emb="sin"),
 }
+
+# local/global: windowed and full gqa-family layers next to an MLA layer (issue 18)
+LOCAL_GLOBAL = [
+    {"attn": "gqa", "n_head": 4, "n_kv_heads": 2, "window": 3, "up_dim": 24},
+    {"attn": "mla", "n_head": 4, "q_latent_dim": 12, "kv_latent_dim": 10, "up_dim": 24},
+    {"attn": "mqa", "n_head": 2, "window": 5, "moe": True, "n_exp": 4, "n_shared": 0, "n_act": 2,
+     "aux_free": True, "up_dim": 20},
+    {"attn": "mha", "n_head": 4, "up_dim": 24},
+]
+
+
+def local_global(pos_emb="rope") -> LLM:
+    layers = [dict(l, rope_head_dim=4 if pos_emb == "rope" else 0) if l["attn"] == "mla" else l
+              for l in LOCAL_GLOBAL]
+    if pos_emb == "alibi":
+        layers[1] = {"attn": "gqa", "n_head": 4, "n_kv_heads": 1, "window": 16, "up_dim": 24}
+    torch.manual_seed(2)
+    return _varied(LLM(ModelConfig.from_dict({"vocab_size": V, "block_size": BLOCK, "n_embd": 32,
+                                              "pos_emb": pos_emb, "layers": layers})))
 
 
 def build_knob(name: str) -> LLM:
@@ -226,3 +253,84 @@ def test_generate_rejects_bad_prompts():
         m.generate(torch.zeros(1, 0, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="outside"):
         m.generate(torch.full((1, 2), V), 2)
+
+
+# --- ALiBi and sliding windows (issue 18) -----------------------------------------------------
+WINDOWED = [k for k in KNOBS if k.startswith(("alibi", "window"))]
+
+
+def test_alibi_slopes_follow_the_paper():
+    from models.positions import alibi_slopes
+    assert alibi_slopes(8).tolist() == [2.0 ** -i for i in range(1, 9)]
+    assert alibi_slopes(4).tolist() == [2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8]
+    # 6 heads: the 4-head slopes, then every other slope of 8 heads (2^-1, 2^-3)
+    assert alibi_slopes(6).tolist() == [2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8, 2.0 ** -1, 2.0 ** -3]
+    assert alibi_slopes(1).tolist() == [2.0 ** -8]
+
+
+def _naive_attention(attn, x, window, slopes):
+    """Reference GQA: an explicit loop over heads and queries, softmax over the keys a query
+    may see (window: its last `window` positions), ALiBi's -slope*(q-k) added to the scores."""
+    B, T, C = x.shape
+    H, K, D = attn.n_head, attn.n_kv, attn.head_dim
+    q, k, v = attn.c_attn(x).split([H * D, K * D, K * D], dim=-1)
+    q, k, v = q.view(B, T, H, D), k.view(B, T, K, D), v.view(B, T, K, D)
+    if attn.rotary is not None:
+        q, k = (attn.rotary(t.transpose(1, 2)).transpose(1, 2) for t in (q, k))
+    y = torch.zeros(B, T, H, D, dtype=x.dtype)
+    for h in range(H):
+        kh = h // (H // K)
+        for t in range(T):
+            lo = 0 if window is None else max(0, t - window + 1)
+            s = (k[:, lo:t + 1, kh] @ q[:, t, h].unsqueeze(-1)).squeeze(-1) / D ** 0.5   # (B, n)
+            if slopes is not None:
+                s = s - slopes[h] * (t - torch.arange(lo, t + 1, dtype=x.dtype))
+            y[:, t, h] = (s.softmax(-1).unsqueeze(-1) * v[:, lo:t + 1, kh]).sum(1)
+    return attn.c_proj(y.reshape(B, T, C))
+
+
+@pytest.mark.parametrize("knob", ["alibi_6_heads_mha", "window3_gqa", "window4_mqa_alibi"])
+def test_window_and_alibi_attention_match_a_naive_reference(knob):
+    m = build_knob(knob)
+    attn = m.blocks[0].attn
+    x = torch.randn(2, 11, m.cfg.n_embd, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref = _naive_attention(attn, x, KNOBS[knob].get("window"), attn.alibi)
+    torch.testing.assert_close(attn(x), ref)                         # training path
+    cache = m.new_cache(2).layers[0]
+    got = torch.cat([attn(x[:, :5], cache, 0), attn(x[:, 5:10], cache, 5), attn(x[:, 10:], cache, 10)], 1)
+    torch.testing.assert_close(got, ref)                             # ring / full cache, chunked
+
+
+@pytest.mark.parametrize("knob", WINDOWED)
+def test_windowed_cached_logits_match_full_forward(knob):
+    """Chunks longer than the window at start > 0 (the ring is read before it is overwritten)."""
+    m = build_knob(knob)
+    x = torch.randint(0, V, (2, BLOCK), generator=torch.Generator().manual_seed(9))
+    full = m(x)[0]                                                   # (B, T, V)
+    cache = m.new_cache(2)
+    torch.testing.assert_close(m.next_logits(x[:, :6], cache, 0), full[:, 5])
+    torch.testing.assert_close(m.next_logits(x[:, 6:13], cache, 6), full[:, 12])
+    for t in range(13, BLOCK):
+        torch.testing.assert_close(m.next_logits(x[:, t:t + 1], cache, t), full[:, t])
+
+
+@pytest.mark.parametrize("pos_emb", ["rope", "learn", "alibi"])
+@pytest.mark.parametrize("new_tokens", [8, 2 * BLOCK + 3], ids=["within", "beyond"])
+def test_cached_equals_uncached_local_global(pos_emb, new_tokens):
+    m = local_global(pos_emb)
+    prompt = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(3))
+    cached = m.generate(prompt, new_tokens, temperature=0.0)
+    assert torch.equal(cached, m.generate(prompt, new_tokens, temperature=0.0, use_cache=False))
+    assert len(set(cached[0, 7:].tolist())) > 1
+
+
+def test_a_window_changes_the_model_and_one_of_block_size_does_not():
+    x = torch.randint(0, V, (1, 12), generator=torch.Generator().manual_seed(2))
+    full = build(attn="gqa")
+    assert not torch.allclose(build(attn="gqa", window=3)(x)[0], full(x)[0], atol=1e-6)
+    wide = build(attn="gqa", window=BLOCK)                           # covers every context
+    torch.testing.assert_close(wide(x)[0], full(x)[0])
+    assert wide.blocks[0].attn.cache_len == BLOCK
+    no_slopes = build(attn="gqa", pos_emb="alibi")
+    no_slopes.blocks[0].attn.alibi.zero_()
+    assert not torch.allclose(build(attn="gqa", pos_emb="alibi")(x)[0], no_slopes(x)[0], atol=1e-6)

@@ -1,9 +1,17 @@
 """KV cache: one preallocated buffer set per layer, shared by every layer of the model.
 
 Each attention module says what it caches (`cache_shapes`): GQA/MQA/MHA keep K and V per KV
-head, MLA keeps its compressed latent c_kv and the shared RoPE key. Buffers hold `max_len`
-positions (the model's block_size), so the allocated bytes are exactly
+head, MLA keeps its compressed latent c_kv and the shared RoPE key. A layer's buffers hold
+`max_len` positions (the model's block_size), or fewer for a sliding-window layer (its
+`cache_len`, below), so the allocated bytes are exactly
 `batch * max_len * model.kv_cache_bytes_per_token(dtype)`.
+
+Ring buffers. A sliding-window layer with window W < block_size keeps only its last W positions:
+buffers of W slots per row, position p in slot p % W. A pass reads the ring as it was before
+the pass (`ring_positions` says which position each slot holds; empty slots are negative),
+attends over those keys plus its own fresh ones, then `ring_write` stores the last W of its
+fresh positions (only positions before `ends`, for a right-padded prefill: pads never evict
+a kept entry).
 
 Positions. A forward pass with T new tokens writes them at `start`, which is either
   * an int shared by the whole batch (models/generation.py): the cache holds positions
@@ -25,13 +33,16 @@ from models.positions import position_ids
 
 class KVCache:
     def __init__(self, layer_shapes: list[dict[str, tuple[int, ...]]], batch: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device | str | None = None):
+                 dtype: torch.dtype, device: torch.device | str | None = None,
+                 layer_lens: list[int] | None = None):
         self.batch, self.max_len = batch, max_len
-        # layer_shapes[i][name] is the per-(batch, position) shape, e.g. {"k": (n_kv, hd)}
+        # layer_shapes[i][name] is the per-(batch, position) shape, e.g. {"k": (n_kv, hd)};
+        # layer_lens[i] the positions layer i keeps (default max_len; fewer: a ring buffer)
+        lens = layer_lens if layer_lens is not None else [max_len] * len(layer_shapes)
         self.layers: list[dict[str, torch.Tensor]] = [
-            {name: torch.zeros((batch, max_len, *shape), dtype=dtype, device=device)
+            {name: torch.zeros((batch, n, *shape), dtype=dtype, device=device)
              for name, shape in shapes.items()}
-            for shapes in layer_shapes
+            for shapes, n in zip(layer_shapes, lens)
         ]
         self.length: int | torch.Tensor = 0
 
@@ -50,10 +61,12 @@ class KVCache:
         return view
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
-        """Copy positions [0, length) of row src into row dst (compacting a batch)."""
+        """Copy positions [0, length) of row src into row dst (compacting a batch); a ring
+        buffer of W slots holds them in slots [0, min(length, W))."""
         for layer in self.layers:
             for t in layer.values():
-                t[dst, :length] = t[src, :length]
+                n = min(length, t.size(1))
+                t[dst, :n] = t[src, :n]
 
     @staticmethod
     def write(buf: torch.Tensor, new: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
@@ -73,6 +86,38 @@ class KVCache:
                              f"in a cache of {buf.size(1)} positions")
         buf[:, start:start + T] = new
         return buf[:, :start + T]
+
+
+def _row_starts(start: int | torch.Tensor, batch: int, device) -> torch.Tensor:
+    if isinstance(start, torch.Tensor):
+        return start.to(device)
+    return torch.full((batch,), start, dtype=torch.long, device=device)
+
+
+def ring_positions(start: int | torch.Tensor, slots: int, device) -> torch.Tensor:
+    """The position each slot of a ring of `slots` holds before a pass writing at `start`: the
+    newest p < start with p % slots == s, i.e. positions start-slots .. start-1; negative = empty.
+    (slots,) for an int start, (B, slots) for per-row starts."""
+    st = torch.as_tensor(start, device=device).unsqueeze(-1)                # (1,) or (B, 1)
+    s = torch.arange(slots, device=device)
+    return st - 1 - torch.remainder(st - 1 - s, slots)
+
+
+def ring_write(buf: torch.Tensor, new: torch.Tensor, start: int | torch.Tensor,
+               ends: torch.Tensor | None = None) -> None:
+    """Store new (B, T, ...), the entries of positions start..start+T-1, in the ring buf
+    (B, W, ...): of each row's positions before ends[b] (default start+T) only the last W, at
+    slot p % W. One vectorised select, no host sync: slot s takes the newest such position
+    p, if the pass wrote it (p >= start), and keeps its entry otherwise."""
+    B, W = buf.shape[:2]
+    T = new.size(1)
+    st = _row_starts(start, B, buf.device)                                  # (B,)
+    end = st + T if ends is None else ends.to(buf.device)                   # (B,)
+    p = ring_positions(end, W, buf.device)                                  # (B, W) newest < end
+    j = p - st.unsqueeze(1)                                                 # index into new
+    take = (j >= 0).view(B, W, *([1] * (buf.dim() - 2)))
+    rows = torch.arange(B, device=buf.device).unsqueeze(1)
+    buf.copy_(torch.where(take, new[rows, j.clamp(0, T - 1)], buf))
 
 
 def causal_mask(T: int, start: int | torch.Tensor, device) -> torch.Tensor | None:

@@ -63,6 +63,7 @@ class MLA(nn.Module):
         self.scale = 1.0 / math.sqrt(D + R)
         if R and rs is not None and rs.type == "yarn" and rs.mscale_all_dim:
             self.scale *= yarn_mscale(rs.factor, rs.mscale_all_dim) ** 2   # DeepSeek's convention
+        self.cache_len = model.block_size                           # positions the cache keeps
         self.dropout = dropout
         self.resid_drop = nn.Dropout(dropout)
 
@@ -97,7 +98,9 @@ class MLA(nn.Module):
         return c_kv, None
 
     def forward(self, x: torch.Tensor, cache: dict[str, torch.Tensor] | None = None,
-                start: int | torch.Tensor = 0) -> torch.Tensor:
+                start: int | torch.Tensor = 0, ends: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C) at positions start.. -> (B, T, C). `ends` (a right-padded pass's real
+        lengths) is not needed here: pads sit after a row's positions and are overwritten later."""
         B, T, C = x.shape
         H, Dv = self.n_head, self.v_head_dim
         q_nope, q_rope = self._queries(x, start)
