@@ -1,13 +1,14 @@
 """Per-row cache positions (continuous batching): rows of one batch at different lengths,
 a right-padded batched prefill, and per-row decoding give each row exactly the logits of its
-own full forward pass — for every attention x position type and a heterogeneous stack."""
+own full forward pass — for every attention x position type, a heterogeneous stack, and
+sliding-window (ring-buffer) layers, whose right-padded prefill must not keep the pads."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from models.attention.cache import causal_mask
-from test_generation import CASES, V, BLOCK, build, hetero
+from test_generation import CASES, KNOBS, V, BLOCK, build, build_knob, hetero, local_global
 
 
 def _padded_prefill_then_decode(m, seqs, prefix_lens):
@@ -93,3 +94,28 @@ def test_per_row_mask_shape_and_errors():
         m.next_logits(torch.zeros(2, 2, dtype=torch.long), m.new_cache(2), torch.tensor([0, BLOCK - 1]))
     with pytest.raises(ValueError, match="per-row starts need a cache"):
         m.next_logits(torch.zeros(2, 1, dtype=torch.long), None, torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("model", ["window3_gqa", "window4_mqa_alibi", "local_global_rope",
+                                   "local_global_alibi"])
+def test_per_row_positions_windows(model):
+    """Prompts longer than the window, padded past it (row 2: 1 token + 6 pads over a ring of 3)."""
+    m = local_global(model.rsplit("_", 1)[1]) if model.startswith("local") else build_knob(model)
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(0, V, (n,), generator=g) for n in (BLOCK, 9, 13)]
+    got = _padded_prefill_then_decode(m, seqs, [3, 7, 1])
+    for b, s in enumerate(seqs):
+        full = m(s.unsqueeze(0))[0][0]
+        torch.testing.assert_close(torch.stack(got[b]), full[[3, 7, 1][b] - 1:])
+
+
+def test_copy_row_moves_a_ring_row():
+    m = build_knob("window3_gqa")
+    cache = m.new_cache(3)
+    assert cache.layers[0]["k"].shape[1] == 3                       # W slots, not block_size
+    x = torch.randint(0, V, (1, 6), generator=torch.Generator().manual_seed(2))
+    m.next_logits(x, cache.rows(2, 3), torch.zeros(1, dtype=torch.long))
+    cache.copy_row(2, 0, 6)
+    nxt = torch.tensor([[5]])
+    got = m.next_logits(nxt, cache.rows(0, 1), torch.tensor([6]))
+    torch.testing.assert_close(got, m(torch.cat([x, nxt], 1))[0][:, -1])

@@ -189,6 +189,29 @@ def test_kv_cache_bytes_formula_equals_measured_allocation(dtype):
         assert c.nbytes() / (2 * 16) == mm.kv_cache_bytes_per_token(dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_cache_bytes_with_sliding_windows(dtype):
+    """A windowed layer allocates min(window, block_size) positions; the formula's bytes per
+    token is the bytes of a full block_size context ÷ block_size."""
+    layers = [{"attn": "gqa", "n_head": 4, "n_kv_heads": 2, "window": 4},     # ring of 4
+              {"attn": "mla", "n_head": 4, "q_latent_dim": 12, "kv_latent_dim": 10, "rope_head_dim": 4},
+              {"attn": "mqa", "n_head": 4, "window": 64},                     # >= block: full
+              {"attn": "mha", "n_head": 2, "window": 3}]
+    cfg = ModelConfig.from_dict({"vocab_size": V, "block_size": 16, "n_embd": C, "layers": layers})
+    m = LLM(cfg)
+    elem = torch.empty((), dtype=dtype).element_size()
+    per_row = elem * (2 * 2 * 8 * 4 + (10 + 4) * 16 + 2 * 1 * 8 * 16 + 2 * 2 * 16 * 3)
+    assert m.kv_cache_bytes(dtype) == per_row
+    assert m.kv_cache_bytes_per_token(dtype) == per_row / 16
+    cache = m.new_cache(batch=3, dtype=dtype)
+    assert [layer["k" if "k" in layer else "c_kv"].shape[1] for layer in cache.layers] == [4, 16, 16, 3]
+    assert cache.nbytes() == 3 * 16 * m.kv_cache_bytes_per_token(dtype) == 3 * per_row
+    full = LLM(ModelConfig.from_dict({"vocab_size": V, "block_size": 16, "n_embd": C,
+                                      "layers": [{k: v for k, v in l.items() if k != "window"}
+                                                 for l in layers]}))
+    assert full.kv_cache_bytes(dtype) - m.kv_cache_bytes(dtype) == elem * (2 * 2 * 8 * 12 + 2 * 2 * 16 * 13)
+
+
 def test_sinusoidal_positions_do_not_drown_the_token_embeddings_at_init():
     # the raw sin/cos table (RMS 0.71) is ~35x the N(0, 0.02) token embeddings; unscaled, a
     # 4-layer char model stayed at the unigram loss for 300 steps (docs/sweeps.md)

@@ -14,7 +14,7 @@ from chimera.data.tokenizers import get_tokenizer
 from models import LLM, ModelConfig
 from serve.detokenizer import Detokenizer as TextStream
 from serve.engine import Engine, SamplingParams
-from test_generation import BLOCK, CASES, KNOBS, V, _varied, build, build_knob, hetero
+from test_generation import BLOCK, CASES, KNOBS, V, _varied, build, build_knob, hetero, local_global
 
 ROOT_LAYERS = Path(__file__).resolve().parents[1] / "configs" / "hetero.jsonl"
 
@@ -97,6 +97,20 @@ def test_batched_equals_unbatched_heterogeneous(pos_emb):
     got = run_staggered(Engine(m, max_batch=4), reqs, every=1)
     for rid, (ids, p) in reqs.items():
         assert got[rid] == reference(m, ids, p), rid
+
+
+@pytest.mark.parametrize("pos_emb", ["rope", "alibi"])
+def test_batched_equals_unbatched_local_global(pos_emb):
+    """Windowed (ring-buffer) and full layers, and an MLA layer: rows at different lengths,
+    prompts longer than the windows prefilled in one padded pass, rows moved when one leaves."""
+    m = local_global(pos_emb)
+    reqs = requests()
+    together = Engine(m, max_batch=8).run(reqs)
+    staggered = run_staggered(Engine(m, max_batch=3), reqs, every=1)
+    for rid, (ids, p) in reqs.items():
+        ref = reference(m, ids, p)
+        assert together[rid].token_ids == ref, rid
+        assert staggered[rid] == ref, rid
 
 
 def test_hetero_layer_file_stack():
