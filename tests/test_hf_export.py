@@ -150,6 +150,9 @@ def test_stacks_no_family_fits_are_refused_naming_the_layers():
     with pytest.raises(ValueError, match=r"layers\[1\], layers\[2\]: n_kv_heads=1 but layers\[0\] has "
                                          r"n_kv_heads=2"):
         family_for(kv)
+    windowed = ModelConfig.from_dict({**LLAMA_LIKE, "n_layer": 2, "layers": [{}, {"window": 4}]})
+    with pytest.raises(ValueError, match=r"llama: layers\[1\]: window=4 \(llama has no sliding-window attention\)"):
+        family_for(windowed)
     assert family_for(ModelConfig.from_dict(LLAMA_LIKE)).__name__ == "chimera.hf.llama"
 
 

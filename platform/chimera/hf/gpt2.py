@@ -42,6 +42,8 @@ def misfit(cfg) -> list[str]:
     if cfg.norm != "layernorm":
         why.append(f"norm={cfg.norm} (gpt2 needs layernorm)")
     for i, b in enumerate(cfg.layers):
+        if b.attn.window is not None:
+            why.append(f"layers[{i}]: window={b.attn.window} (gpt2 has no sliding-window attention)")
         a, f = b.attn, b.ffn
         if a.attn == "mla" or a.n_kv_heads != a.n_head:
             why.append(f"layers[{i}]: {a.attn} attention"

@@ -41,6 +41,8 @@ def misfit(cfg) -> list[str]:
     if cfg.norm != "rmsnorm":
         why.append(f"norm={cfg.norm} (llama needs rmsnorm)")
     for i, b in enumerate(cfg.layers):
+        if b.attn.window is not None:
+            why.append(f"layers[{i}]: window={b.attn.window} (llama has no sliding-window attention)")
         if b.attn.attn == "mla":
             why.append(f"layers[{i}]: mla attention (llama needs gqa/mha/mqa)")
         if b.ffn.moe:
