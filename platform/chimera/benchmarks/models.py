@@ -9,6 +9,9 @@ Every ratio is measured side by side in one run, on the same threads, fp32 on CP
   * KV-cached ÷ uncached greedy decoding tokens/s (prompt 16, 256 new tokens, batch 1), with a
     check that both produce identical tokens.
   * KV-cache bytes per token: measured allocation ÷ formula.
+  * Sliding-window KV bytes: a local/global gqa stack (windowed layers and full ones, WINDOW_STACK)
+    — its measured cache allocation ÷ the same stack's without windows, beside the formula's
+    ratio (model.kv_cache_bytes) and the expected sum of min(window, block_size) / block_size.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ MOE_CASES = {
     "moe 64e 1 shared 8 act, up 192": dict(moe=True, n_exp=64, n_shared=1, n_act=8, up_dim=192,
                                            aux_free=True),
 }
+# local/global: 5 gqa layers with a 64-token window, then one full layer (block 256)
+WINDOW_STACK = [dict(attn="gqa", n_kv_heads=2, window=64)] * 5 + [dict(attn="gqa", n_kv_heads=2)]
 DECODE_ATTN = {
     "mha": dict(attn="mha"),
     "gqa": dict(attn="gqa", n_kv_heads=2),
@@ -196,6 +201,18 @@ def run(args: argparse.Namespace) -> int:
                 formula = model.kv_cache_bytes_per_token(dt)
                 rows.append((f"KV bytes/token measured ÷ formula, {label} {str(dt)[6:]}",
                              f"{per_tok / formula:.3f}  ({formula:,} bytes/token)", "= 1"))
+
+        win = ModelConfig.from_dict({**BASE, "vocab_size": 65, "layers": WINDOW_STACK})
+        full = ModelConfig.from_dict({**BASE, "vocab_size": 65, "layers": [
+            {k: v for k, v in layer.items() if k != "window"} for layer in WINDOW_STACK]})
+        (mw, mf), B = (LLM(win).to(dev), LLM(full).to(dev)), 2
+        measured = mw.new_cache(B).nbytes() / mf.new_cache(B).nbytes()
+        formula = mw.kv_cache_bytes() / mf.kv_cache_bytes()
+        blk = win.block_size
+        expect = sum(min(b.attn.window or blk, blk) for b in win.layers) / (blk * win.n_layer)
+        rows.append((f"sliding-window KV bytes measured ÷ no windows, {win.summary()}, block {blk}",
+                     f"{measured:.4f}  (formula {formula:.4f}; {mw.kv_cache_bytes_per_token():,.1f} vs "
+                     f"{mf.kv_cache_bytes_per_token():,} bytes/token fp32)", f"= {expect:.4f}"))
 
     w = max(len(r[0]) for r in rows)
     print(f"| {'measurement'.ljust(w)} | result | target |")
