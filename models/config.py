@@ -104,6 +104,11 @@ FLAGS: tuple[Flag, ...] = (
     Flag("topk_group", int, 1, "moe: each token picks its experts from its best topk_group groups", "ffn"),
     Flag("window", int, None, "sliding-window attention on gqa-family layers: a query sees its last `window` "
          "positions and the layer caches only those (null: full attention; not on mla)", "attn", nullable=True),
+    # --- multi-token prediction (DeepSeek-V3): training-only modules, see models/mtp.py
+    Flag("mtp_depth", int, 0, "multi-token prediction: D sequential MTP modules, module k predicting the token "
+         "k+1 ahead (0: off). Trained with the model, unused at inference", "global"),
+    Flag("mtp_lambda", float, 0.3, "weight of the mean MTP cross-entropy in the training loss (DeepSeek-V3's "
+         "0.3, its value for the first 10T tokens)", "global"),
 )
 
 
@@ -445,6 +450,8 @@ class ModelConfig:
     norm_eps: float | None = GLOBAL_DEFAULTS["norm_eps"]
     rope_theta: float = GLOBAL_DEFAULTS["rope_theta"]
     rope_scaling: RopeScaling | None = GLOBAL_DEFAULTS["rope_scaling"]
+    mtp_depth: int = GLOBAL_DEFAULTS["mtp_depth"]
+    mtp_lambda: float = GLOBAL_DEFAULTS["mtp_lambda"]
 
     def __post_init__(self) -> None:
         # the one place where cross-field rules live; every message names path and values
@@ -474,6 +481,11 @@ class ModelConfig:
             raise ConfigError(f"unknown norm {self.norm!r}; choose one of {', '.join(NORMS)}")
         if len(self.layers) != self.n_layer:
             raise ConfigError(f"n_layer={self.n_layer} but {len(self.layers)} layer configs were given")
+        if not 0 <= self.mtp_depth < self.block_size:
+            raise ConfigError(f"mtp_depth={self.mtp_depth} must be >= 0 (0: off) and < block_size="
+                              f"{self.block_size}")
+        if self.mtp_lambda < 0:
+            raise ConfigError(f"mtp_lambda={self.mtp_lambda} must be >= 0")
         for i, b in enumerate(self.layers):
             w = f"layers[{i}]."
             if not 0.0 <= b.dropout < 1.0:
@@ -516,7 +528,8 @@ class ModelConfig:
                 parts[-1][0] += 1
             else:
                 parts.append([1, s])
-        return " + ".join(f"{n}×[{s}]" for n, s in parts)
+        label = " + ".join(f"{n}×[{s}]" for n, s in parts)
+        return label + (f" + mtp{self.mtp_depth}" if self.mtp_depth else "")
 
     # --- serialisation ---
     def to_dict(self) -> dict[str, Any]:

@@ -4,6 +4,8 @@ final norm -> LM head (tied to the embedding unless cfg.tie_embeddings is false)
     from models import ModelConfig, LLM
     model = LLM(ModelConfig.from_layer_file("configs/hetero.jsonl", n_embd=256))
     logits, loss = model(idx, targets)          # loss includes the MoE balancing terms
+                                                # (and, with mtp_depth, the MTP loss: models/mtp.py)
+    logits, loss, parts = model(idx, targets, parts=True)   # parts: Losses (main, mtp apart)
     out = model.generate(idx, max_new_tokens=50, temperature=0.0)
 """
 from __future__ import annotations
@@ -26,6 +28,19 @@ from models.registry import build_attention, build_ffn
 class ParamCount(NamedTuple):
     total: int
     active: int     # parameters used per token: MoE counts shared + top-k routed experts only
+
+
+class Losses(NamedTuple):
+    """The terms of the training loss, kept apart for logging."""
+    ce: torch.Tensor            # next-token cross-entropy of the main model
+    aux: torch.Tensor           # MoE balancing terms of the main stack
+    mtp: torch.Tensor | None    # mean over depths of the MTP cross-entropies (None: mtp_depth 0)
+    total: torch.Tensor         # what training backpropagates: ce + aux (+ mtp_lambda * mtp + MTP aux)
+
+    @property
+    def main(self) -> torch.Tensor:
+        """ce + aux: the loss of a model without MTP (comparable across runs)."""
+        return self.ce + self.aux
 
 
 class Block(nn.Module):
@@ -58,6 +73,11 @@ class LLM(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight                   # weight tying
+        if cfg.mtp_depth:                                           # training-only: models/mtp.py
+            from models.mtp import MTPModule
+            self.mtp = nn.ModuleList(MTPModule(cfg, Block) for _ in range(cfg.mtp_depth))
+        else:
+            self.mtp = None
         self.reset_parameters()
 
     # --- initialisation -----------------------------------------------------------------------
@@ -81,8 +101,14 @@ class LLM(nn.Module):
     # --- forward ------------------------------------------------------------------------------
     def _trunk(self, idx: torch.Tensor, cache: KVCache | None, start: int | torch.Tensor,
                last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states (B, T, C) and MoE terms; `last` (B,): each row's last real token in a
-        right-padded pass (sliding-window caches keep nothing after it)."""
+        """Final hidden states after ln_f (B, T, C) and MoE terms; `last` (B,): each row's last
+        real token in a right-padded pass (sliding-window caches keep nothing after it)."""
+        h, aux = self._stack(idx, cache, start, last)
+        return self.ln_f(h), aux
+
+    def _stack(self, idx: torch.Tensor, cache: KVCache | None, start: int | torch.Tensor,
+               last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last block's output, before ln_f (B, T, C), and MoE terms (`last`: see _trunk)."""
         B, T = idx.shape
         end = (int(start.max()) if isinstance(start, torch.Tensor) else start) + T
         if end > self.cfg.block_size:
@@ -104,24 +130,41 @@ class LLM(nn.Module):
             aux = aux + a
         if cache is not None:
             cache.length = start + T
-        return self.ln_f(x), aux
+        return x, aux
 
     def forward_with_aux(self, idx: torch.Tensor, targets: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(logits (B, T, V), cross-entropy or None, MoE balancing terms) — kept apart so that
-        evaluation can report the language-model loss without the balancing terms."""
-        h, aux = self._trunk(idx, None, 0)
-        logits = self.lm_head(h)                                    # (B, T, V)
+        evaluation can report the language-model loss without the balancing terms. The main
+        model only: the MTP modules never run here."""
+        logits, ce, aux, _ = self._main(idx, targets)
+        return logits, ce, aux
+
+    def _main(self, idx, targets):
+        h0, aux = self._stack(idx, None, 0)                         # (B, T, C) before ln_f
+        logits = self.lm_head(self.ln_f(h0))                        # (B, T, V)
         ce = None
         if targets is not None:
             ce = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
                                  ignore_index=-1)
-        return logits, ce, aux
+        return logits, ce, aux, h0
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits, ce, aux = self.forward_with_aux(idx, targets)
-        return logits, (ce + aux if ce is not None else None)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, parts: bool = False):
+        """(logits (B, T, V), loss or None); with parts, (logits, loss, Losses) (None without
+        targets). The loss is the training objective: cross-entropy + MoE balancing terms, and
+        with mtp_depth D, + mtp_lambda * mean of the D MTP cross-entropies + the MTP blocks'
+        balancing terms (models/mtp.py). The logits are the main model's either way."""
+        logits, ce, aux, h0 = self._main(idx, targets)
+        losses = None
+        if ce is not None:
+            total, mtp = ce + aux, None
+            if self.mtp is not None:
+                from models.mtp import mtp_losses
+                mtp, mtp_aux = mtp_losses(self, h0, idx, targets)
+                total = total + self.cfg.mtp_lambda * mtp + mtp_aux
+            losses = Losses(ce, aux, mtp, total)
+        loss = losses.total if losses is not None else None
+        return (logits, loss, losses) if parts else (logits, loss)
 
     @torch.no_grad()
     def next_logits(self, idx: torch.Tensor, cache: KVCache | None = None,
@@ -168,9 +211,11 @@ class LLM(nn.Module):
 
     # --- accounting -----------------------------------------------------------------------------
     def num_params(self) -> ParamCount:
+        """Every parameter (MTP modules included: they are trained); active leaves out the MoE
+        experts a token does not use (in the MTP blocks too)."""
         total = sum(p.numel() for p in self.parameters())
         inactive = 0
-        for b in self.cfg.layers:
+        for b in self.cfg.layers + (self.cfg.layers[-1],) * self.cfg.mtp_depth:
             f = b.ffn
             if f.moe:
                 per_expert = self.cfg.n_embd * f.up_dim * (2 if f.gated else 1) + f.up_dim * self.cfg.n_embd
@@ -180,13 +225,18 @@ class LLM(nn.Module):
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward + backward): 6 * active non-embedding params
         (the tied LM head counts, position tables do not) plus each layer's attention term
-        over a full block_size context (PaLM appendix B convention)."""
+        over a full block_size context (PaLM appendix B convention). With mtp_depth D, a
+        training token also passes the D MTP modules: their active parameters (in
+        num_params), D more LM-head matmuls (D * vocab * n_embd) and D more attention terms of
+        the last layer's kind, counted as if every position had a target at every depth."""
         n = self.num_params().active
         if self.pos is not None and self.pos.kind == "learn":
             n -= self.pos.wpe.weight.numel()
         if not self.cfg.tie_embeddings:                             # the lookup table does no matmul
             n -= self.wte.weight.numel()
-        attn = sum(b.attn.attn_flops_per_token(self.cfg.block_size) for b in self.blocks)
+        blocks = list(self.blocks) + ([m.block for m in self.mtp] if self.mtp is not None else [])
+        attn = sum(b.attn.attn_flops_per_token(self.cfg.block_size) for b in blocks)
+        n += self.cfg.mtp_depth * self.lm_head.weight.numel()      # the shared head, once per depth
         return 6 * n + attn
 
     def kv_cache_bytes(self, dtype: torch.dtype = torch.float32) -> int:
@@ -207,11 +257,19 @@ class LLM(nn.Module):
     def moe_layers(self) -> list[tuple[int, nn.Module]]:
         return [(i, b.ffn) for i, b in enumerate(self.blocks) if self.cfg.layers[i].ffn.moe]
 
+    def _named_moes(self) -> list[tuple[str, nn.Module]]:
+        """("layer{i}", MoE) per MoE layer, then ("mtp{k}", MoE) per MTP block with one."""
+        named = [(f"layer{i}", moe) for i, moe in self.moe_layers()]
+        if self.mtp is not None and self.cfg.layers[-1].ffn.moe:
+            named += [(f"mtp{k}", m.block.ffn) for k, m in enumerate(self.mtp, start=1)]
+        return named
+
     def update_moe_biases(self) -> None:
         """Call once per optimizer step: aux-free bias updates (loads all-reduced under DDP)."""
-        for _, moe in self.moe_layers():
+        for _, moe in self._named_moes():
             moe.update_bias()
 
     def moe_stats(self) -> dict[str, dict]:
-        """Per MoE layer: expert load fractions and MaxVio of the last completed step."""
-        return {f"layer{i}": moe.load_stats() for i, moe in self.moe_layers()}
+        """Per MoE layer (and MTP block): expert load fractions and MaxVio of the last
+        completed step."""
+        return {name: moe.load_stats() for name, moe in self._named_moes()}

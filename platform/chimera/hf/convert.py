@@ -81,7 +81,10 @@ def export_hf(checkpoint: str, out: str, overwrite: bool = False) -> str:
     """Write checkpoint (a checkpoint or run dir, local or URI) as an HF folder at `out` (local or
     URI): config.json + model.safetensors + generation_config.json, tokenizer files and
     README.md. A non-empty `out` is refused unless `overwrite`. Returns `out` (resolved); the
-    stack no family fits is a ValueError naming every family's reasons."""
+    stack no family fits is a ValueError naming every family's reasons. A model trained with
+    multi-token prediction (mtp_depth > 0) is exported without its MTP modules (models.mtp
+    drop_mtp; no HF family runs them, and inference never uses them: the logits are the same),
+    which README.md says."""
     from chimera import storage
 
     target = storage.resolve(out)
@@ -95,7 +98,11 @@ def export_hf(checkpoint: str, out: str, overwrite: bool = False) -> str:
         raise ValueError(f"--out {out}: not empty (pass --overwrite to replace what is there)")
     from chimera.checkpoint import load_model
 
+    from models.mtp import drop_mtp
+
     model, tok, meta = load_model(checkpoint)
+    depth = model.cfg.mtp_depth
+    model = drop_mtp(model)
     fam = family_for(model.cfg)
     if storage.is_uri(target):
         stage = Path(tempfile.mkdtemp(prefix="hf-export-"))
@@ -103,7 +110,7 @@ def export_hf(checkpoint: str, out: str, overwrite: bool = False) -> str:
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{Path(target).name}.", dir=Path(target).parent))
     try:
-        _write(fam, model, tok, meta, stage)
+        _write(fam, model, tok, meta, stage, dropped_mtp=depth)
         if storage.is_uri(target):
             storage.upload_dir(stage, target, replace=True)
         else:
@@ -114,7 +121,7 @@ def export_hf(checkpoint: str, out: str, overwrite: bool = False) -> str:
     return target
 
 
-def _write(fam: ModuleType, model, tok, meta: dict, folder: Path) -> None:
+def _write(fam: ModuleType, model, tok, meta: dict, folder: Path, dropped_mtp: int = 0) -> None:
     """save_pretrained + tokenizer files + README.md into `folder`."""
     from transformers import AutoModelForCausalLM
     from chimera.hf.tokenizer import special_ids, write_tokenizer
@@ -136,4 +143,8 @@ def _write(fam: ModuleType, model, tok, meta: dict, folder: Path) -> None:
              "model = AutoModelForCausalLM.from_pretrained(FOLDER)",
              "tok = AutoTokenizer.from_pretrained(FOLDER)", "```", "",
              *(f"{n}\n" for n in notes)]
+    if dropped_mtp:
+        lines.append(f"The checkpoint's {dropped_mtp} multi-token-prediction module(s) (mtp_depth="
+                     f"{dropped_mtp}, training-only) are not exported: {arch} has none, and "
+                     f"next-token logits never use them.\n")
     (folder / "README.md").write_text("\n".join(lines))

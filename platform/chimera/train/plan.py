@@ -47,7 +47,7 @@ def _join(base: str, name: str) -> str:
 
 # model keys added after runs were first named (chimera.hf's knobs): hashed only when not at
 # their default, so a run named before they existed keeps its name (and resumes)
-_LATER_GLOBAL = ("bias", "tie_embeddings", "norm_eps", "rope_theta", "rope_scaling")
+_LATER_GLOBAL = ("bias", "tie_embeddings", "norm_eps", "rope_theta", "rope_scaling", "mtp_depth", "mtp_lambda")
 _LATER_LAYER = ("norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group")
 
 

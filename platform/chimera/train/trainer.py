@@ -10,7 +10,8 @@ the optimizer holds, when lora_rank is set); restore the latest checkpoint (Ray'
 or, in a fresh fine-tuning run, load the `init_from` weights (chimera.train.finetune); wrap for DDP (the context's prepare_model); grad accumulation with `no_sync()` on all but the
 last micro-step; AdamW (fused on CUDA, decay on >=2-D weights only); warmup + cosine lr;
 clipping; bf16 autocast on CUDA (fp16 + GradScaler without bf16), fp32 on CPU. Metrics every
-log_interval, eval every eval_interval (cross-entropy without the MoE terms, which are reported
+log_interval (`loss`: the main next-token loss + MoE terms, also with mtp_depth, whose MTP
+cross-entropy is `mtp_loss` beside it; the optimizer sees both, see models/mtp.py), eval every eval_interval (cross-entropy without the MoE terms, which are reported
 apart with MaxVio per MoE layer, and the same losses in bits per byte of text: val_bpb,
 train_bpb), checkpoints every ckpt_interval, at a new best val loss (also copied to
 <run>/<file_name>_best) and at the end. Rank 0 prints, writes <run>/metrics.jsonl
@@ -241,8 +242,10 @@ class Trainer:
             sync = self.ddp is None or micro == accum - 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 with self.amp():
-                    _, loss = self.model(x, y)
-                self.loss_sum += loss.detach().float()                  # stays on the device
+                    _, loss, parts = self.model(x, y, parts=True)
+                self.loss_sum += parts.main.detach().float()            # stays on the device
+                if parts.mtp is not None:                               # reported apart
+                    self.mtp_sum += parts.mtp.detach().float()
                 scaler.scale(loss / accum).backward()
         scaler.unscale_(opt)
         self.gnorm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(),
@@ -262,6 +265,7 @@ class Trainer:
     def start_timer(self) -> None:
         self.t0, self.steps_since = time.perf_counter(), 0
         self.loss_sum = torch.zeros((), device=self.device)
+        self.mtp_sum = torch.zeros((), device=self.device)
 
     def log_metrics(self) -> dict[str, Any]:
         """Loss (mean over the steps since the last log and over workers), lr, grad norm,
@@ -276,9 +280,13 @@ class Trainer:
         tps = tc.total_batch_size / dt
         m = {"loss": loss_avg, "lr": self.lr, "grad_norm": gnorm, "tokens_per_s": tps,
              "mfu": self.fpt * tps / (self.peak * self.world), "step_time_s": dt}
+        if self.mc.mtp_depth:                # the main LM loss stays `loss`; the MTP one beside it
+            m["mtp_loss"] = all_mean(self.mtp_sum / (self.steps_since * self.accum),
+                                     self.world).item()                 # sync: all-reduce, read
         self.print0(f"step {step}/{tc.max_iters}  loss {loss_avg:.4f}  lr {self.lr:.2e}  "
                     f"gnorm {gnorm:.3f}  {tps:,.0f} tok/s  mfu {100 * m['mfu']:.1f}%  "
-                    f"{1000 * dt:.0f} ms/step")
+                    f"{1000 * dt:.0f} ms/step"
+                    + (f"  mtp {m['mtp_loss']:.4f}" if "mtp_loss" in m else ""))
         return m
 
     def evaluate(self) -> tuple[dict[str, Any], bool]:
