@@ -73,18 +73,22 @@ class LLM(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight                   # weight tying
-        if cfg.mtp_depth:                                           # training-only: models/mtp.py
-            from models.mtp import MTPModule
-            self.mtp = nn.ModuleList(MTPModule(cfg, Block) for _ in range(cfg.mtp_depth))
-        else:
-            self.mtp = None
+        self.mtp = None
         self.reset_parameters()
+        if cfg.mtp_depth:     # training-only (models/mtp.py); built after the main model's init,
+            from models.mtp import MTPModule    # so that a seed draws the same main weights
+            self.mtp = nn.ModuleList(MTPModule(cfg, Block) for _ in range(cfg.mtp_depth))
+            self._init(self.mtp.modules())
 
     # --- initialisation -----------------------------------------------------------------------
     def reset_parameters(self) -> None:
-        """GPT-2 init: N(0, 0.02); residual output projections N(0, 0.02/sqrt(2 n_layer))."""
+        """GPT-2 init: N(0, 0.02); residual output projections N(0, 0.02/sqrt(2 n_layer)).
+        The MTP modules, registered last, are drawn after the main model's weights."""
+        self._init(self.modules())
+
+    def _init(self, modules) -> None:
         resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
-        for m in self.modules():
+        for m in modules:
             if isinstance(m, nn.Linear):
                 std = resid_std if getattr(m, "residual_scale", False) else 0.02
                 nn.init.normal_(m.weight, 0.0, std)
