@@ -207,11 +207,11 @@ class LLM(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
                  use_cache: bool = True, generator: torch.Generator | None = None,
-                 vocab_limit: int | None = None) -> torch.Tensor:
+                 vocab_limit: int | None = None, speculative: bool = False) -> torch.Tensor:
         from models.generation import generate
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
                         top_p=top_p, eos_id=eos_id, use_cache=use_cache, generator=generator,
-                        vocab_limit=vocab_limit)
+                        vocab_limit=vocab_limit, speculative=speculative)
 
     # --- accounting -----------------------------------------------------------------------------
     def num_params(self) -> ParamCount:

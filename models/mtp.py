@@ -14,6 +14,7 @@ RMSNorms, the 2C -> C projection and its block. The modules run only when the mo
 is given targets (training); logits, generation, the KV cache, serving and evaluation never
 touch them, so a model with MTP gives exactly the logits of the same weights without it.
 `drop_mtp` returns that model without the modules (HF export: no HF family has them).
+models/speculative.py uses module 1 as a draft model for greedy self-speculative decoding.
 """
 from __future__ import annotations
 
@@ -38,14 +39,15 @@ class MTPModule(nn.Module):
         self.eh_proj = nn.Linear(2 * C, C, bias=False)
         self.block = block_cls(cfg, cfg.n_layer - 1)               # the last layer's attn / FFN
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, recompute: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, cache: dict | None = None,
+                start: int = 0, recompute: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """h (B, L, C) hidden states, emb (B, L, C) embeddings of the tokens k ahead ->
-        (h^k (B, L, C), MoE balancing term)."""
+        (h^k (B, L, C), MoE balancing term). `cache`/`start`: the block's KV cache layer
+        (speculative decoding, models/speculative.py), as for a Block."""
         x = self.eh_proj(torch.cat([self.hnorm(h), self.enorm(emb)], dim=-1))   # (B, L, C)
         if recompute:
             return checkpoint(self.block, x, use_reentrant=False)
-        return self.block(x)
+        return self.block(x, cache, start)
 
 
 def mtp_losses(model, h0: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor
@@ -61,7 +63,7 @@ def mtp_losses(model, h0: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor
     h, aux, ces = h0, h0.new_zeros(()), []
     for k, module in enumerate(model.mtp, start=1):
         L = T - k                                                   # positions with a target k+1 ahead
-        h, a = module(h[:, :L], model.wte(idx[:, k:]), recompute)   # (B, L, C)
+        h, a = module(h[:, :L], model.wte(idx[:, k:]), recompute=recompute)   # (B, L, C)
         logits = model.lm_head(model.ln_f(h))                       # (B, L, V)
         ces.append(F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
                                    targets[:, k:].reshape(-1), ignore_index=-1))

@@ -274,3 +274,53 @@ def test_training_logs_the_main_loss_and_the_mtp_loss_apart(train_char_data, tmp
     assert model.cfg.mtp_depth == 1 and len(model.mtp) == 1
     assert json.loads((tmp_path / "runs" / "mtp" / "checkpoint_000006" / "config.json")
                       .read_text())["mtp_depth"] == 1
+
+
+# --- self-speculative decoding (models/speculative.py) ----------------------------------------
+def _trained_on_a_cycle(steps: int = 80, **kw) -> LLM:
+    """A tiny MTP model trained on the cycle 0..9: main model and draft both learn it."""
+    m = _model(mtp_depth=1, mtp_lambda=1.0, **kw)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = (torch.arange(17) + torch.randint(0, 10, (8, 1), generator=g)) % 10
+        _, loss = m(x[:, :-1], x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval()
+
+
+def test_speculative_decoding_gives_the_plain_greedy_tokens_and_accepts_drafts():
+    from models.speculative import speculative_generate
+    m = _trained_on_a_cycle()
+    prompt = torch.tensor([[3, 4, 5], [7, 8, 9]])
+    plain = m.generate(prompt, 10, temperature=0.0)
+    spec, stats = speculative_generate(m, prompt, 10)
+    assert torch.equal(spec, plain) and torch.equal(m.generate(prompt, 10, temperature=0.0,
+                                                               speculative=True), plain)
+    assert stats["acceptance_rate"] > 0.5 and stats["main_passes"] < 2 * 10  # fewer passes than tokens
+    assert stats["accepted"] <= stats["drafted"]
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(pos_emb="learn", norm="layernorm"),
+                                dict(attn="mla", q_latent_dim=16, kv_latent_dim=16, rope_head_dim=4),
+                                dict(layers=[{}, {"moe": True, "n_exp": 4, "n_shared": 1, "n_act": 2}])])
+def test_speculative_equals_plain_on_random_models_past_block_size_with_eos(kw):
+    from hf_parity import randomize
+    from models.speculative import speculative_generate
+    m = randomize(_model(mtp_depth=2, **kw)).eval()
+    prompt = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(3))
+    for n, eos, limit in ((20, None, None), (12, 7, 40)):     # 5 + 20 > block_size 16
+        plain = m.generate(prompt, n, temperature=0.0, eos_id=eos, vocab_limit=limit)
+        spec, stats = speculative_generate(m, prompt, n, eos_id=eos, vocab_limit=limit)
+        assert torch.equal(spec, plain), (kw, n, eos)
+        assert stats["drafted"] > 0
+
+
+def test_speculative_refuses_what_it_cannot_do():
+    x = torch.tensor([[1, 2]])
+    with pytest.raises(ValueError, match="mtp_depth=0"):
+        _model().generate(x, 4, temperature=0.0, speculative=True)
+    with pytest.raises(ValueError, match="temperature must be 0"):
+        _model(mtp_depth=1).generate(x, 4, temperature=0.8, speculative=True)

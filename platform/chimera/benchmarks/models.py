@@ -6,6 +6,8 @@ Every ratio is measured side by side in one run, on the same threads, fp32 on CP
     matmul FLOP/s of this device (2048x2048, best of 10), at 6 layers, n_embd 384, 6 heads,
     block 256, batch 8, for vocab 65 and 50304.
   * MoE ÷ dense train-step time at equal active parameters.
+  * mtp_depth 1 ÷ no MTP train-step time, the same model (vocab 65 and 50304): the cost of
+    one multi-token-prediction module (one block of the last layer's kind + the shared head).
   * KV-cached ÷ uncached greedy decoding tokens/s (prompt 16, 256 new tokens, batch 1), with a
     check that both produce identical tokens.
   * KV-cache bytes per token: measured allocation ÷ formula.
@@ -53,7 +55,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{k}", type=int, default=BASE[k],
                        help=f"model size for the MFU rows (default {BASE[k]})")
     p.add_argument("--new_tokens", type=int, default=256, help="decode benchmark: tokens to generate")
-    p.add_argument("--skip", nargs="*", default=[], choices=["mfu", "moe", "decode", "kv"],
+    p.add_argument("--skip", nargs="*", default=[], choices=["mfu", "moe", "mtp", "decode", "kv"],
                    help="sections to leave out")
 
 
@@ -95,6 +97,19 @@ def build(device: str, compile_: bool, **kw) -> tuple[LLM, torch.nn.Module]:
     torch.manual_seed(0)
     model = LLM(cfg).to(device)
     return model, (torch.compile(model) if compile_ else model)
+
+
+def interleaved(fns: dict[str, Callable[[], None]], device: str, repeats: int, warmup: int
+                ) -> dict[str, float]:
+    """Median seconds per case, the cases timed in turn so that drift in machine speed hits
+    all of them alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for f in fns.values():
+        timed(f, device, 1, warmup)
+    for _ in range(repeats):
+        for k, f in fns.items():
+            times[k].append(timed(f, device, 1, 0))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def train_step_fn(model: LLM, run: torch.nn.Module, batch: int, device: str, amp) -> Callable[[], None]:
@@ -162,18 +177,24 @@ def run(args: argparse.Namespace) -> int:
             m, r = build(dev, args.compile, vocab_size=65, **kw)
             fns[label] = train_step_fn(m, r, args.batch_size, dev, amp)
             actives[label] = m.num_params().active
-        # interleave the measurements so drift in machine speed hits all cases alike
-        times = {k: [] for k in fns}
-        for k, f in fns.items():
-            timed(f, dev, 1, args.warmup)
-        for _ in range(args.repeats):
-            for k, f in fns.items():
-                times[k].append(timed(f, dev, 1, 0))
-        td = statistics.median(times["dense"])
+        times = interleaved(fns, dev, args.repeats, args.warmup)
+        td = times["dense"]
         for (label, target) in zip(MOE_CASES, ("≤ 1.15", "≤ 1.35")):
-            tm = statistics.median(times[label])
+            tm = times[label]
             rows.append((f"{label} ÷ dense up 1536 step time", f"{tm / td:.3f}  ({tm * 1e3:,.0f} vs {td * 1e3:,.0f} ms; "
                          f"active {actives[label] / 1e6:.2f}M vs {actives['dense'] / 1e6:.2f}M)", target))
+
+    if "mtp" not in args.skip:
+        for vocab in (65, 50304):
+            fns, params = {}, {}
+            for depth in (0, 1):
+                m, r = build(dev, args.compile, vocab_size=vocab, mtp_depth=depth)
+                fns[depth] = train_step_fn(m, r, args.batch_size, dev, amp)
+                params[depth] = m.num_params().total
+            times = interleaved(fns, dev, args.repeats, args.warmup)
+            rows.append((f"mtp_depth 1 ÷ no MTP train-step time, vocab {vocab}",
+                         f"{times[1] / times[0]:.3f}  ({times[1] * 1e3:,.0f} vs {times[0] * 1e3:,.0f} ms; "
+                         f"params {params[1] / 1e6:.2f}M vs {params[0] / 1e6:.2f}M)", ""))
 
     if "decode" not in args.skip:
         for label, kw in DECODE_ATTN.items():
