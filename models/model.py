@@ -144,7 +144,9 @@ class LLM(nn.Module):
         logits, ce, aux, _ = self._main(idx, targets)
         return logits, ce, aux
 
-    def _main(self, idx, targets):
+    def _main(self, idx: torch.Tensor, targets: torch.Tensor | None):
+        """(logits (B, T, V), ce or None, aux, h0 (B, T, C): the stack's output before ln_f,
+        which the MTP modules start from)."""
         h0, aux = self._stack(idx, None, 0)                         # (B, T, C) before ln_f
         logits = self.lm_head(self.ln_f(h0))                        # (B, T, V)
         ce = None
