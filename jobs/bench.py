@@ -15,7 +15,7 @@ import importlib
 import sys
 
 SUITES = {
-    "models": ("chimera.benchmarks.models", "model MFU, MoE vs dense, KV-cached decoding, KV bytes"),
+    "models": ("chimera.benchmarks.models", "model MFU, MoE vs dense, MTP step cost, KV-cached decoding, KV bytes"),
     "data": ("chimera.benchmarks.data", "preparation and loader throughput"),
     "train": ("chimera.benchmarks.train", "Ray Train overhead, data-parallel efficiency, time to quality"),
     "serve": ("chimera.benchmarks.serve", "Serve overhead, continuous batching, short-behind-long, load"),
