@@ -6,7 +6,8 @@
 Per row, with the main model's KV cache and one for the MTP block: the MTP module drafts token
 n+1 from the main hidden state at n-1 and token n; one main pass over [token n, draft] then
 gives the true token n+1 and, when the draft was right, token n+2 as well. A rejected draft
-costs nothing but its cache entry (overwritten by the next pass). Every token emitted is the
+costs nothing but its cache entry at n+1, which the next pass overwrites (in a sliding-window
+ring that slot stands for position n+1-W, outside every later query's window). Every token emitted is the
 main model's own argmax, so the output is plain greedy decoding's (up to float rounding of a
 2-token pass against 1-token passes, which could only matter at exact ties). Once a row no
 longer fits in block_size the rest is plain decoding (the window rule of models/context.py
@@ -61,7 +62,8 @@ def _row(model, row: torch.Tensor, max_new: int, eos_id, vocab_limit, stats) -> 
     if n + 2 <= window:
         p = next(model.parameters())
         cache = model.new_cache(1)
-        mcache = KVCache([mod.block.attn.cache_shapes()], 1, window, p.dtype, p.device)
+        mcache = KVCache([mod.block.attn.cache_shapes()], 1, window, p.dtype, p.device,
+                         layer_lens=[mod.block.attn.cache_len])
 
         def draft(h: torch.Tensor, toks: torch.Tensor, start: int) -> torch.Tensor:
             """h (1, L, C) main states at start.., toks (1, L) the tokens one ahead of them."""

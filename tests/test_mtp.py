@@ -305,7 +305,8 @@ def test_speculative_decoding_gives_the_plain_greedy_tokens_and_accepts_drafts()
 
 @pytest.mark.parametrize("kw", [dict(), dict(pos_emb="learn", norm="layernorm"),
                                 dict(attn="mla", q_latent_dim=16, kv_latent_dim=16, rope_head_dim=4),
-                                dict(layers=[{}, {"moe": True, "n_exp": 4, "n_shared": 1, "n_act": 2}])])
+                                dict(layers=[{}, {"moe": True, "n_exp": 4, "n_shared": 1, "n_act": 2}]),
+                                dict(layers=[{"window": 4}, {"window": 3}]), dict(pos_emb="alibi")])
 def test_speculative_equals_plain_on_random_models_past_block_size_with_eos(kw):
     from hf_parity import randomize
     from models.speculative import speculative_generate
