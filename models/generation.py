@@ -29,23 +29,16 @@ def check_idx(model, idx) -> torch.Tensor:
 def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
              use_cache: bool = True, generator: torch.Generator | None = None,
-             vocab_limit: int | None = None, speculative: bool = False) -> torch.Tensor:
+             vocab_limit: int | None = None) -> torch.Tensor:
     """Append up to max_new_tokens tokens to idx (B, T); returns (B, T + n).
 
-    speculative (greedy only, a model with mtp_depth >= 1): the MTP module drafts, the model
-    verifies (models/speculative.py); the same tokens, fewer main-model passes.
+    (Self-speculative greedy decoding: model.generate(..., speculative=True), models/speculative.py.)
 
     With eos_id, a row that produced it is padded with eos_id afterwards, and generation stops
     early once every row has finished. With vocab_limit, only ids < vocab_limit are sampled
     (a tokenizer smaller than the model's padded vocabulary; see `limit_vocab`).
     """
     SamplingParams(max_new_tokens, temperature, top_k, top_p)          # ValueError if bad
-    if speculative:
-        if temperature != 0 or not use_cache:
-            raise ValueError("speculative=True is greedy decoding with the KV cache: "
-                             "temperature must be 0 and use_cache True")
-        from models.speculative import speculative_generate
-        return speculative_generate(model, idx, max_new_tokens, eos_id=eos_id, vocab_limit=vocab_limit)[0]
     idx = check_idx(model, idx)
     window = model.cfg.block_size
     was_training = model.training

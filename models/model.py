@@ -210,10 +210,21 @@ class LLM(nn.Module):
                  top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
                  use_cache: bool = True, generator: torch.Generator | None = None,
                  vocab_limit: int | None = None, speculative: bool = False) -> torch.Tensor:
+        """models.generation.generate; speculative (greedy only, mtp_depth >= 1): the MTP module
+        drafts and the model verifies (models/speculative.py): the same tokens, fewer passes."""
+        if speculative:
+            from models.sampling import SamplingParams
+            from models.speculative import speculative_generate
+            SamplingParams(max_new_tokens, temperature, top_k, top_p)      # ValueError if bad
+            if temperature != 0 or not use_cache:
+                raise ValueError("speculative=True is greedy decoding with the KV cache: "
+                                 "temperature must be 0 and use_cache True")
+            return speculative_generate(self, idx, max_new_tokens, eos_id=eos_id,
+                                        vocab_limit=vocab_limit)[0]
         from models.generation import generate
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
                         top_p=top_p, eos_id=eos_id, use_cache=use_cache, generator=generator,
-                        vocab_limit=vocab_limit, speculative=speculative)
+                        vocab_limit=vocab_limit)
 
     # --- accounting -----------------------------------------------------------------------------
     def num_params(self) -> ParamCount:

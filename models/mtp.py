@@ -76,8 +76,7 @@ def drop_mtp(model):
     every other weight (shared ones included). Its logits are the original's."""
     if not model.cfg.mtp_depth:
         return model
-    from models.model import LLM
-    plain = LLM(dataclasses.replace(model.cfg, mtp_depth=0))
+    plain = type(model)(dataclasses.replace(model.cfg, mtp_depth=0))     # models.model.LLM
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("mtp.")}
     plain.load_state_dict(state, strict=True)
     return plain.to(next(model.parameters()).device).train(model.training)
