@@ -18,7 +18,7 @@ SUITES = {
     "models": ("chimera.benchmarks.models", "model MFU, MoE vs dense, MTP step cost, KV-cached decoding, KV bytes"),
     "data": ("chimera.benchmarks.data", "preparation and loader throughput"),
     "train": ("chimera.benchmarks.train", "Ray Train overhead, data-parallel efficiency, time to quality"),
-    "serve": ("chimera.benchmarks.serve", "Serve overhead, continuous batching, short-behind-long, load"),
+    "serve": ("chimera.benchmarks.serve", "Serve overhead, continuous batching, short-behind-long, load, soak with replica kills"),
     "sweep": ("chimera.benchmarks.sweep",
               "Ray Tune overhead, ASHA vs FIFO training steps, evolution vs random search"),
 }

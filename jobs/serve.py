@@ -6,6 +6,12 @@
     python jobs/serve.py --checkpoint runs/base --adapter runs/my_lora   # base + LoRA, merged
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/serve.py --checkpoint ...
     serve run serve.app:build_app checkpoint=runs/my_run            # the same app, Serve's CLI
+    CHIMERA_API_KEY=$(cat key.txt) python jobs/serve.py --checkpoint runs/my_run   # keys required
+    python jobs/serve.py --checkpoint runs/my_run --api_key_file keys.txt --num_replicas 2
+
+API keys never belong on a command line (`ps` shows it, and `ray job submit` records its
+entrypoint): give --api_key_file (on the cluster, a path on the head node, where the job's
+entrypoint runs) or CHIMERA_API_KEY in this process's environment.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /tokenizer_info, POST /tokenize,
 POST /detokenize, POST /generate, GET /v1/models, GET /health (see README).
@@ -44,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pydantic import ValidationError
 
-    from serve.app import AppArgs, build_app, resolve_models, resolve_templates
+    from serve.app import AppArgs, build_app, resolve_keys, resolve_models, resolve_templates
     try:
         if not 0 < args.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {args.port}")
@@ -52,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                               if k not in ("host", "port", "app_name")})
         models = resolve_models(app_args)
         resolve_templates(app_args, [n for n, _ in models])
+        keys = resolve_keys(app_args)
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
         loc = ".".join(str(x) for x in err["loc"])
@@ -74,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         serve.run(build_app(app_args), name=args.app_name, route_prefix="/")
         url = f"http://{args.host}:{args.port}"
         print(f"serving {', '.join(n for n, _ in models)} at {url}  (Ctrl-C to stop)", flush=True)
+        print(f"  API keys: {len(keys.digests)} (every route but /health needs one)" if keys.required
+              else "  API keys: none (anyone who reaches the port may call it)", flush=True)
         for name, path in models:
             print(f"  {name}: {path}" + (f" + adapter {app_args.adapter}" if app_args.adapter else ""),
                   flush=True)

@@ -3,16 +3,21 @@
     api = make_api(get_front)       # FastAPI app; get_front() -> the replica's Frontend
 
 Routes (README "Serving"): POST /generate, POST /v1/completions, POST /v1/chat/completions,
-GET /v1/models, GET /health, GET /tokenizer_info, POST /tokenize, POST /detokenize. The
-request's `model` field (a query parameter for GET /tokenizer_info) picks the model (default:
-the first one). A Frontend talks to each model through a backend with one interface: Remote
-(a model deployment behind a DeploymentHandle: several models, one hop more) or Local (the
-ModelServer inside this very replica: one model, no hop). Response shapes are
-serve/openai.py's; request bodies serve/schemas.py's.
+GET /v1/models, GET /health, GET /tokenizer_info, POST /tokenize, POST /detokenize. With API
+keys configured every route but /health needs `Authorization: Bearer <key>` (serve/auth.py;
+401 otherwise). The request's `model` field (a query parameter for GET /tokenizer_info) picks
+the model (default: the first one). A Frontend talks to each model through a backend of
+serve/backends.py: Remote (a model deployment behind a DeploymentHandle, retried once on
+another replica when its replica dies) or Local (the ModelServer inside this very replica).
+Response shapes are serve/openai.py's; request bodies serve/schemas.py's.
 
 Streams send one SSE event per generated token (`data: {...}`), then `data: [DONE]`; a token
 whose text is held back (a possible stop string, an incomplete character) sends an event with
-empty text, so events = tokens, the count chat benchmarks rely on.
+empty text, so events = tokens, the count chat benchmarks rely on. A stream that cannot finish
+(its replica died, its deadline passed) ends with one error event `data: {"error": {...}}`,
+the body a non-streamed request would get, and no [DONE]: a client can always tell a fault
+from the end. Generation requests have a deadline from their arrival (`timeout_s`): past it
+a 504, or that error event, and the request's calls are closed like a disconnect's.
 
 A client that leaves (Serve cancels the request: asyncio.CancelledError) gives up its model
 calls wherever it is: a backend call being awaited cancels the model server's call (Serve does
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import Any, Callable
 
@@ -33,102 +39,38 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 import serve.openai as oai
+from serve.auth import ApiKeys, RequireKey
+from serve.backends import RETRY_AFTER_S, timed_out, unavailable
 from serve.chat import ChatTemplate
 from serve.messages import Delta, Done, Error, Generation, Prompt
 from serve.schemas import (ChatRequest, CompletionRequest, DetokenizeRequest, GenerateRequest,
                            TokenizeRequest, error_body, validation_error_body)
 
-OVERLOADED = Error(503, "the server is overloaded; retry later", "overloaded_error", None, "overloaded")
+log = logging.getLogger("ray.serve")
 
-
-def unavailable(e: Exception) -> Error:
-    return Error(503, f"the model is unavailable ({type(e).__name__}); retry later",
-                 "server_error", None, "unavailable")
-
-
-class Remote:
-    """A model deployment behind a DeploymentHandle."""
-    def __init__(self, handle):
-        self.h = handle
-
-    async def call(self, method: str, *args):
-        return await getattr(self.h, method).remote(*args)
-
-    async def complete(self, call: Generation) -> Done | Error:
-        from ray.serve.exceptions import BackPressureError
-        resp = self.h.complete.remote(call)
-        try:
-            return await resp
-        except BackPressureError:
-            return OVERLOADED
-        except asyncio.CancelledError:                          # our caller left
-            await self.close(resp)
-            raise
-        except Exception as e:                                  # noqa: BLE001 - replica died
-            return unavailable(e)
-
-    async def open(self, call: Generation):
-        """(first message, stream): the first message is awaited so that errors and overload
-        become a proper status code before any byte of the stream is sent."""
-        from ray.serve.exceptions import BackPressureError
-        gen = self.h.options(stream=True).generate.remote(call)
-        try:
-            return await gen.__anext__(), gen
-        except BackPressureError:           # never assigned: nothing to cancel
-            return OVERLOADED, gen
-        except asyncio.CancelledError:      # our caller left, perhaps once the call was assigned
-            await self.close(gen)
-            raise
-        except Exception as e:                                  # noqa: BLE001 - replica died
-            return unavailable(e), gen
-
-    @staticmethod
-    async def close(call) -> None:
-        """Best-effort cancel of a handle call, streamed or not (idempotent;
-        DeploymentResponse(Generator).cancel re-raises the call's own error, e.g.
-        BackPressureError; the call is over then anyway)."""
-        try:
-            call.cancel()
-        except Exception:                                       # noqa: BLE001
-            pass
-
-
-class Local:
-    """The ModelServer inside this replica: plain calls, no hop."""
-    def __init__(self, server):
-        self.s = server
-
-    async def call(self, method: str, *args):
-        return getattr(self.s, method)(*args)
-
-    async def complete(self, call: Generation) -> Done | Error:
-        return await self.s.complete(call)
-
-    async def open(self, call: Generation):
-        gen = self.s.generate(call)
-        return await gen.__anext__(), gen
-
-    @staticmethod
-    async def close(gen) -> None:
-        """Idempotent; an unfinished generate() runs its finally: the engine frees the row."""
-        try:
-            await gen.aclose()
-        except RuntimeError:                # still running in a task being cancelled
-            pass
+STALL_GRACE_S = 1.0     # past its deadline, a stream whose client stopped reading is cut
 
 
 class Stream(StreamingResponse):
     """An SSE response that owns the backend streams it sends: it closes them however it ends
-    — sent to the end, the client gone, or cancelled before its body started (a body generator
-    that never started never runs its own finally). The body is closed first (its finally
-    stops whatever reads the streams), then the streams."""
-    def __init__(self, body, backend, gens: list):
+    — sent to the end, the client gone, cancelled before its body started (a body generator
+    that never started never runs its own finally), or, `STALL_GRACE_S` past its deadline,
+    stuck sending to a client that stopped reading (the body, which ends a stream at the
+    deadline with an error event, is not even asked then). The body is closed first (its
+    finally stops whatever reads the streams), then the streams."""
+    def __init__(self, body, backend, gens: list, deadline: float | None = None):
         super().__init__(body, media_type="text/event-stream")
-        self.backend, self.gens = backend, gens
+        self.backend, self.gens, self.deadline = backend, gens, deadline
 
     async def __call__(self, scope, receive, send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            if self.deadline is None:
+                await super().__call__(scope, receive, send)
+            else:
+                async with asyncio.timeout_at(self.deadline + STALL_GRACE_S):
+                    await super().__call__(scope, receive, send)
+        except TimeoutError:
+            log.warning("a stream's client stopped reading; cut at its deadline")
         finally:
             await self.close()
 
@@ -146,7 +88,9 @@ def _err(status: int, message: str, param: str | None = None, code: str | None =
 
 
 def _answer(msg: Error) -> JSONResponse:
-    return JSONResponse(msg.body(), status_code=msg.status)
+    retry = RETRY_AFTER_S.get(msg.code) if msg.status == 503 else None
+    return JSONResponse(msg.body(), status_code=msg.status,
+                        headers={"Retry-After": str(retry)} if retry else None)
 
 
 def _sse(obj: Any) -> bytes:
@@ -154,14 +98,30 @@ def _sse(obj: Any) -> bytes:
 
 
 class Frontend:
+    """`keys`: who may call (serve/auth.py; empty: anyone). `timeout_s`: every generation
+    request's deadline, from its arrival (None: none) — past it the client gets 504, or a
+    stream an error event, and the request's batch row is freed."""
     def __init__(self, backends: dict[str, Any], max_new_tokens_cap: int, max_body_bytes: int,
-                 templates: dict[str, str] | None = None):
+                 templates: dict[str, str] | None = None, keys: ApiKeys = ApiKeys(),
+                 timeout_s: float | None = None):
         self.models, self.default = backends, next(iter(backends))
+        self.keys, self.timeout_s = keys, timeout_s
         self.cap, self.max_body = max_new_tokens_cap, max_body_bytes
         self.templates = {n: ChatTemplate((templates or {}).get(n) or ChatTemplate.default().source,
                                           f"the chat template of {n}") for n in backends}
         self.created = int(time.time())
         self._limits: dict[str, int] = {}                       # model -> block_size
+
+    # --- deadlines ------------------------------------------------------------------------------
+    def _deadline(self) -> float | None:
+        return None if self.timeout_s is None else asyncio.get_running_loop().time() + self.timeout_s
+
+    @staticmethod
+    async def _within(aw, deadline: float | None):
+        """`await aw`, or TimeoutError at the deadline (aw cancelled: its calls are closed)."""
+        if deadline is None:
+            return await aw
+        return await asyncio.wait_for(aw, max(0.0, deadline - asyncio.get_running_loop().time()))
 
     # --- input ----------------------------------------------------------------------------------
     async def _parse(self, request: Request, schema: type[BaseModel]) -> BaseModel | JSONResponse:
@@ -276,24 +236,36 @@ class Frontend:
                     "completion_tokens": m.completion_tokens, "finish_reason": m.finish_reason,
                     "timings": {"ttft_s": m.ttft_s, "tokens_per_s": m.tokens_per_s,
                                 "total_s": time.perf_counter() - t0}}
-        if not req.stream:
-            out = await backend.complete(call)
-            return _answer(out) if isinstance(out, Error) else summary(out, out.text)
-        first, gen = await backend.open(call)
+        deadline = self._deadline()
+        try:
+            if not req.stream:
+                out = await self._within(backend.complete(call), deadline)
+                return _answer(out) if isinstance(out, Error) else summary(out, out.text)
+            first, gen = await self._within(backend.open(call), deadline)
+        except TimeoutError:
+            return _answer(timed_out(self.timeout_s))
         if isinstance(first, Error):
             await backend.close(gen)
             return _answer(first)
 
         async def events():
-            async for m in gen:
-                if isinstance(m, Error):
-                    yield _sse(m.body())
+            while True:
+                try:
+                    m = await self._within(gen.__anext__(), deadline)
+                except StopAsyncIteration:
                     break
+                except TimeoutError:
+                    m = timed_out(self.timeout_s)
+                except Exception as e:                          # noqa: BLE001 - replica died
+                    m = unavailable(e)
+                if isinstance(m, Error):            # ends the stream: no [DONE]
+                    yield _sse(m.body())
+                    return
                 # every event: the new text; the last one also the summary (text = delta)
                 yield _sse({"text": m.text, "tokens": m.tokens} if not isinstance(m, Done)
                            else {**summary(m, ""), "text": m.text, "tokens": m.tokens})
             yield _sse("[DONE]")
-        return Stream(events(), backend, [gen])
+        return Stream(events(), backend, [gen], deadline)
 
     async def completions(self, request: Request):
         req = await self._parse(request, CompletionRequest)
@@ -345,18 +317,23 @@ class Frontend:
     # --- running OpenAI requests ----------------------------------------------------------------
     async def _run(self, backend, calls: list[Generation], shape, stream: bool,
                    include_usage: bool, n: int):
-        if not stream:
-            outs = await asyncio.gather(*(backend.complete(c) for c in calls))
-            bad = next((o for o in outs if isinstance(o, Error)), None)
-            return _answer(bad) if bad else shape.response(outs, oai.usage(outs, n))
-        opened = await self._open_all(backend, calls)
+        deadline = self._deadline()
+        try:
+            if not stream:
+                outs = await self._within(asyncio.gather(*(backend.complete(c) for c in calls)),
+                                          deadline)
+                bad = next((o for o in outs if isinstance(o, Error)), None)
+                return _answer(bad) if bad else shape.response(outs, oai.usage(outs, n))
+            opened = await self._within(self._open_all(backend, calls), deadline)
+        except TimeoutError:
+            return _answer(timed_out(self.timeout_s))
         bad = next((f for f, _ in opened if isinstance(f, Error)), None)
         if bad:
             for _, g in opened:
                 await backend.close(g)
             return _answer(bad)
-        return Stream(self._merged(opened, shape, include_usage, n), backend,
-                      [g for _, g in opened])
+        return Stream(self._merged(opened, shape, include_usage, n, deadline), backend,
+                      [g for _, g in opened], deadline)
 
     @staticmethod
     async def _open_all(backend, calls: list[Generation]) -> list[tuple[Any, Any]]:
@@ -371,8 +348,10 @@ class Frontend:
                     await backend.close(t.result()[1])
             raise
 
-    async def _merged(self, opened, shape, include_usage: bool, n: int):
-        """Interleave the choices' streams into SSE chunks (one per token), then [DONE]."""
+    async def _merged(self, opened, shape, include_usage: bool, n: int,
+                      deadline: float | None = None):
+        """Interleave the choices' streams into SSE chunks (one per token), then [DONE]; a
+        failure (a replica died, the deadline passed) ends it with an error event instead."""
         q: asyncio.Queue = asyncio.Queue()
 
         async def pump(i, gen):
@@ -380,12 +359,15 @@ class Frontend:
                 async for m in gen:
                     await q.put((i, m))
             except Exception as e:                              # noqa: BLE001 - ends the stream
-                await q.put((i, Error(500, f"generation failed: {type(e).__name__}", "server_error")))
+                await q.put((i, unavailable(e)))
         tasks = [asyncio.create_task(pump(i, g)) for i, (_, g) in enumerate(opened)]
         finals: list[Done | None] = [None] * len(opened)
         try:
             while any(f is None for f in finals):
-                i, m = await q.get()
+                try:
+                    i, m = await self._within(q.get(), deadline)
+                except TimeoutError:
+                    i, m = -1, timed_out(self.timeout_s)
                 if isinstance(m, Error):
                     yield _sse(m.body())
                     break
@@ -409,6 +391,7 @@ class Frontend:
 def make_api(get_front: Callable[[], Frontend]) -> FastAPI:
     """The FastAPI app; every route asks get_front() for this replica's Frontend."""
     api = FastAPI(title="Chimera", description="KV-cached generation with continuous batching")
+    api.add_middleware(RequireKey, keys=lambda: get_front().keys)
     for method, path, name in (("get", "/health", "health"), ("get", "/v1/models", "list_models"),
                                ("get", "/tokenizer_info", "tokenizer_info"),
                                ("post", "/tokenize", "tokenize"), ("post", "/detokenize", "detokenize"),

@@ -50,3 +50,15 @@ def test_sweep_suite_rejects_bad_flags_before_starting_ray(args, msg):
     out = bench("sweep", *args)
     assert out.returncode == 2, out.stdout + out.stderr
     assert msg in out.stderr
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--soak_requests", "0"], "--soak_requests must be >= 1"),
+    (["--soak_conc", "0"], "--soak_conc must be >= 1"),
+    (["--kills", "-1"], "--kills must be >= 0"),
+    (["--threads", "0"], "--threads must be >= 1"),
+])
+def test_serve_suite_rejects_bad_flags_before_starting_ray(args, msg):
+    out = bench("serve", *args)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert msg in out.stderr

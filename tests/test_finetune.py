@@ -246,7 +246,8 @@ def test_served_base_plus_adapter_answers_as_the_merged_model(tiny_checkpoint, t
 
     from chimera.localcluster import free_port
     from models import lora
-    from serve.frontend import Frontend, Local, make_api
+    from serve.backends import Local
+    from serve.frontend import Frontend, make_api
     from serve.server import ModelServer
     base, tok, _ = ckpt.load_model(tiny_checkpoint)
     m, _, _ = ckpt.load_model(tiny_checkpoint)

@@ -27,7 +27,8 @@ from chimera.data.tokenizers import get_tokenizer
 from models.sampling import SamplingParams
 from serve.driver import EngineDriver
 from serve.engine import Engine
-from serve.frontend import Frontend, Local, Remote, make_api
+from serve.backends import Local, Remote
+from serve.frontend import Frontend, make_api
 from test_generation import build
 
 FOREVER = 10 ** 6                                   # tokens: a leaked row never finishes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,39 @@ def test_chat_template_flag_is_checked_before_serving(tiny_checkpoint, tmp_path)
                        timeout=120)
     assert r.returncode == 2 and "not a valid Jinja2 template" in r.stderr, r.stderr
     assert "Started a local Ray instance" not in r.stderr + r.stdout
+
+
+def test_keys_timeouts_and_colocation_are_checked_before_serving(tiny_checkpoint, tmp_path):
+    """--api_key(_file), CHIMERA_API_KEY, --request_timeout_s and --colocate_ingress: refused
+    with the flag named (exit 2, no Ray), never echoing a key; the app's topology follows."""
+    from serve.app import AppArgs, build_app, resolve_keys, resolve_models
+    ck = str(tiny_checkpoint)
+    keys = tmp_path / "keys.txt"
+    keys.write_text("k-1\n")
+    assert resolve_keys(AppArgs(checkpoint=[ck], api_key=["a", "b"], api_key_file=str(keys))
+                        ).accepts("k-1")
+    assert AppArgs(checkpoint=[ck], api_key="a,b").api_key == ["a", "b"]   # serve run's k=v
+    for bad, msg in (({"colocate_ingress": True, "num_replicas": 2}, "colocate_ingress: only"),
+                     ({"colocate_ingress": True, "max_replicas": 2}, "colocate_ingress: only"),
+                     ({"request_timeout_s": 0}, "request_timeout_s")):
+        with pytest.raises(ValueError, match=msg):
+            AppArgs(checkpoint=[ck], **bad)
+    with pytest.raises(ValueError, match="colocate_ingress: only with one model, got 2"):
+        resolve_models(AppArgs(checkpoint=[f"a={ck}", f"b={ck}"], colocate_ingress=True))
+    # the default: its own front end before the model; colocated: the model's deployment only
+    assert build_app(AppArgs(checkpoint=[ck]))._bound_deployment.name == "Ingress"
+    assert build_app(AppArgs(checkpoint=[f"m={ck}"], colocate_ingress=True)
+                     )._bound_deployment.name == "LLMServer-m"
+    with pytest.raises(ValueError, match="--api_key #1: an API key must be printable") as e:
+        resolve_keys(AppArgs(checkpoint=[ck], api_key=["sec ret"]))
+    assert "sec ret" not in str(e.value)
+    env = {**os.environ, "CHIMERA_API_KEY": "good,bad key"}
+    for args, msg, environ in (
+            (["--api_key_file", str(tmp_path / "none.txt")], "--api_key_file", None),
+            ([], "CHIMERA_API_KEY entry 2", env),
+            (["--colocate_ingress", "--num_replicas", "2"], "colocate_ingress: only", None)):
+        r = subprocess.run([sys.executable, "jobs/serve.py", "--checkpoint", ck, *args], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120, env=environ)
+        assert r.returncode == 2 and msg in r.stderr, r.stderr
+        assert "sec ret" not in r.stderr and "bad key" not in r.stderr
+        assert "Started a local Ray instance" not in r.stderr + r.stdout

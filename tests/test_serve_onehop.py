@@ -31,6 +31,7 @@ def url(ray_cluster, tiny_checkpoint):
     from serve.app import AppArgs, build_app
     port = free_port()
     args = AppArgs(checkpoint=[f"tiny={tiny_checkpoint.parent}"], max_batch=4, num_cpus=0.5,
+                   colocate_ingress=True,
                    health_check_period_s=2)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name="chimera-one", route_prefix="/")

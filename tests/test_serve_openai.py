@@ -64,7 +64,8 @@ def checkpoints(tiny_checkpoint, tmp_path_factory, _tiktoken_cache_copy) -> dict
 def url(checkpoints, tmp_path_factory):
     import uvicorn
 
-    from serve.frontend import Frontend, Local, make_api
+    from serve.backends import Local
+    from serve.frontend import Frontend, make_api
     from serve.server import ModelServer
     template = tmp_path_factory.mktemp("tpl") / "t.jinja"
     template.write_text("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system turns') }}"

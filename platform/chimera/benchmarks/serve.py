@@ -17,6 +17,14 @@ heads) + MLP, n_embd 128, block 1024, batch 2, `--train_iters` steps, in-process
     request alone (median of 3 each). Target <= 1.5.
   * Load: `--requests` requests at concurrency 16, max_new_tokens drawn from 16..256, every
     other one streamed: errors (target 0), p50/p99 latency.
+The rows above serve the model with `colocate_ingress` (the front end inside the model's one
+replica, as measured before it became an option). Then the default deployment — the front end
+in its own deployment before two model replicas, with an API key — gives:
+  * Serve overhead of the default deployment: the same TTFT difference (one Ray call more).
+  * Soak (platform/chimera/benchmarks/serve_soak.py): `--soak_requests` requests at
+    concurrency `--soak_conc`, half streamed, 16-256 tokens, while `--kills` replicas are
+    killed with SIGKILL: outcomes by kind, 0 failed non-streamed requests, none past its
+    deadline, p50/p99, recovery seconds per kill, the surviving replica's RSS after ÷ before.
 Ray runs locally; the model replica gets `--threads` CPUs and torch threads (default: all
 cores but one, left to the HTTP proxy and ingress), the in-process engine the same threads.
 """
@@ -51,12 +59,18 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=300, help="load test: number of requests")
     p.add_argument("--max_batch", type=int, default=16,
                    help="rows of the served replica's running batch")
+    p.add_argument("--soak_requests", type=int, default=1000, help="soak: number of requests")
+    p.add_argument("--soak_conc", type=int, default=32, help="soak: concurrent clients")
+    p.add_argument("--kills", type=int, default=2, help="soak: replicas killed during it (>= 0)")
 
 
 def _check(args) -> str | None:
-    for k in ("threads", "train_iters", "tokens", "requests", "max_batch"):
+    for k in ("threads", "train_iters", "tokens", "requests", "max_batch", "soak_requests",
+              "soak_conc"):
         if getattr(args, k) < 1:
             return f"--{k} must be >= 1"
+    if args.kills < 0:
+        return "--kills must be >= 0"
     return None
 
 
@@ -179,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             serve.run(build_app(AppArgs(checkpoint=[str(ckpt)], max_batch=args.max_batch,
                                         num_cpus=args.threads, max_ongoing_requests=64,
-                                        max_queued_requests=256)), name="bench", route_prefix="/")
+                                        max_queued_requests=256, colocate_ingress=True)),
+                      name="bench", route_prefix="/")
             url = f"http://127.0.0.1:{port}"
             replica: list[float] = []
             with httpx.Client(timeout=600) as c:
@@ -216,6 +231,8 @@ def run(args: argparse.Namespace) -> int:
             rows.append(_short_behind_long(url, 64 if q else 512))
             print(rows[-1], flush=True)
             rows += _load(url, 40 if q else args.requests, 16)
+            serve.delete("bench")
+            rows += _default_deployment(ckpt, args, url, engine_ttft, reps)
         finally:
             serve.shutdown()
             import ray
@@ -225,6 +242,40 @@ def run(args: argparse.Namespace) -> int:
         verdict = "" if ok is None else (" — met" if ok else " — **missed**")
         print(f"| {name} | {res} | {target}{verdict} |")
     return 0
+
+
+def _default_deployment(ckpt: Path, args, url: str, engine_ttft: float, reps: int) -> list[tuple]:
+    """The default app (front end + two model replicas, an API key): its TTFT overhead, then
+    the soak."""
+    import secrets
+
+    import httpx
+    from ray import serve
+
+    from chimera.benchmarks.serve_soak import soak, wait_running
+    from serve.app import AppArgs, build_app
+    key, deadline = secrets.token_urlsafe(24), 120.0
+    serve.run(build_app(AppArgs(checkpoint=[f"soak={ckpt}"], max_batch=args.max_batch,
+                                num_cpus=max(0.5, args.threads / 2), num_replicas=2,
+                                api_key=[key], request_timeout_s=deadline,
+                                max_ongoing_requests=2 * args.max_batch,
+                                max_queued_requests=256)), name="soak", route_prefix="/")
+    wait_running("soak", "LLMServer-soak", 2)
+    with httpx.Client(timeout=600, headers={"Authorization": f"Bearer {key}"}) as c:
+        body = {"prompt": PROMPT, "max_new_tokens": 4, "temperature": 0.0, "stream": True}
+        http = sorted(_post(c, url, body)[0] for _ in range(reps + 2))[1:-1]
+    over = (statistics.median(http) - engine_ttft) * 1e3
+    rows = [("serve overhead, default deployment (front end + 2 replicas): HTTP TTFT - "
+             "in-process TTFT", f"{over:.1f} ms  ({statistics.median(http) * 1e3:.1f} vs "
+             f"{engine_ttft * 1e3:.1f} ms; replicas of {max(0.5, args.threads / 2):g} CPU)",
+             "reported", None)]
+    print(rows[-1], flush=True)
+    q = args.quick
+    rows += soak(url, "soak", "LLMServer-soak", key, n=100 if q else args.soak_requests,
+                 conc=8 if q else args.soak_conc, kills=args.kills, deadline_s=deadline)
+    for r in rows[1:]:
+        print(r, flush=True)
+    return rows
 
 
 def _short_behind_long(url: str, long_tokens: int):
