@@ -128,3 +128,23 @@ def test_a_stream_cut_by_a_replica_kill_ends_with_an_error_event(url):
     assert last["error"]["code"] == "unavailable" and "retry later" in last["error"]["message"]
     assert all("error" not in json.loads(e) for e in events[:-1]) and len(events) >= 4
     wait_running(APP, DEPLOYMENT, 2, {holder.name})
+
+
+def test_evaluation_against_a_server_with_keys(url, monkeypatch):
+    """jobs/eval.py --base_url: the key comes from CHIMERA_API_KEY, for lm-eval's requests and
+    its remote tokenizer alike; without it, or with a wrong one, the error says so."""
+    from chimera.eval.harness import client_key, evaluate_tasks, summarize, task_manager
+    from chimera.eval.run import check_server
+    monkeypatch.delenv("CHIMERA_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="needs an API key and none is in CHIMERA_API_KEY"):
+        check_server(url, ["tiny"], api_key=client_key())
+    monkeypatch.setenv("CHIMERA_API_KEY", "sk-wrong")
+    with pytest.raises(ValueError, match="refused the one in CHIMERA_API_KEY"):
+        check_server(url, ["tiny"], api_key=client_key())
+    monkeypatch.setenv("CHIMERA_API_KEY", f"{KEY},sk-other")
+    assert check_server(url + "/", ["tiny"], api_key=client_key()) == url
+    from pathlib import Path
+    tm = task_manager([str(Path(__file__).resolve().parents[1] / "configs" / "eval")])
+    res = summarize(evaluate_tasks(url, "tiny", 64, ["shakespeare_nextline"], tm, limit=2,
+                                   api_key=client_key()))
+    assert res["shakespeare_nextline"]["n"] == 2

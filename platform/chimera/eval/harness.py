@@ -59,21 +59,37 @@ def check_tasks(tm, names: list[str]) -> list[str]:
     return names
 
 
-def model_args(base_url: str, model: str, block_size: int, num_concurrent: int = 1) -> dict[str, Any]:
-    """local-completions' arguments for a Chimera server at `base_url` serving `model`."""
-    return {"base_url": f"{base_url.rstrip('/')}/v1/completions", "model": model,
+def model_args(base_url: str, model: str, block_size: int, num_concurrent: int = 1,
+               api_key: str | None = None) -> dict[str, Any]:
+    """local-completions' arguments for a Chimera server at `base_url` serving `model`; with
+    `api_key`, both its requests (`header`) and its remote tokenizer's (`auth_token`) carry it."""
+    args = {"base_url": f"{base_url.rstrip('/')}/v1/completions", "model": model,
             "tokenizer_backend": "remote", "tokenized_requests": True,
             "max_length": block_size, "num_concurrent": num_concurrent, "max_retries": 1}
+    if api_key:
+        args.update(auth_token=api_key, header={"Authorization": f"Bearer {api_key}"})
+    return args
+
+
+def client_key() -> str | None:
+    """The API key this process sends to a Chimera server: the first of CHIMERA_API_KEY
+    (the variable a server reads its keys from, serve/auth.py)."""
+    import os
+
+    from serve.auth import ENV_VAR
+    keys = [k.strip() for k in os.environ.get(ENV_VAR, "").split(",") if k.strip()]
+    return keys[0] if keys else None
 
 
 def evaluate_tasks(base_url: str, model: str, block_size: int, tasks: list[str], tm, *,
                    limit: int | float | None = None, num_fewshot: int | None = None,
                    batch_size: int = 1, num_concurrent: int = 1,
-                   log_samples: bool = False) -> dict[str, Any]:
+                   log_samples: bool = False, api_key: str | None = None) -> dict[str, Any]:
     """lm_eval.simple_evaluate of `tasks` on `model` served at `base_url`."""
     import lm_eval
     return lm_eval.simple_evaluate(
-        model="local-completions", model_args=model_args(base_url, model, block_size, num_concurrent),
+        model="local-completions",
+        model_args=model_args(base_url, model, block_size, num_concurrent, api_key),
         tasks=list(tasks), task_manager=tm, limit=limit, num_fewshot=num_fewshot,
         batch_size=batch_size, log_samples=log_samples)
 

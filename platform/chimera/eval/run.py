@@ -66,19 +66,26 @@ def _block_size(ckpt: Path) -> int:
     return int(read_config(ckpt)["block_size"])
 
 
-def check_server(base_url: str, names: list[str], timeout: float = 10.0) -> str:
+def check_server(base_url: str, names: list[str], timeout: float = 10.0,
+                 api_key: str | None = None) -> str:
     """`base_url` without a trailing slash when it is a server that lists every model of
-    `names` at GET /v1/models; ValueError otherwise."""
+    `names` at GET /v1/models (sent `api_key` when given); ValueError otherwise."""
     import httpx
+    auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     u = urlparse(base_url)
     if u.scheme not in ("http", "https") or not u.netloc or u.path.rstrip("/") not in ("",):
         raise ValueError(f"--base_url {base_url!r}: give the server's root, e.g. http://127.0.0.1:8000")
     url = base_url.rstrip("/")
     try:
-        served = [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=timeout).json()["data"]]
+        r = httpx.get(f"{url}/v1/models", timeout=timeout, headers=auth)
+        served = None if r.status_code == 401 else [m["id"] for m in r.json()["data"]]
     except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"--base_url {url}: no Chimera server answers GET /v1/models "
                          f"({type(e).__name__}: {e})") from None
+    if served is None:
+        raise ValueError(f"--base_url {url}: the server needs an API key and "
+                         f"{'refused the one in' if api_key else 'none is in'} CHIMERA_API_KEY "
+                         "(set it to one of the server's keys)")
     missing = [n for n in names if n not in served]
     if missing:
         raise ValueError(f"--base_url {url} does not serve {', '.join(missing)} (it serves "
@@ -87,7 +94,7 @@ def check_server(base_url: str, names: list[str], timeout: float = 10.0) -> str:
     # the server's default model's tokenizer must be every evaluated model's
     infos = {}
     for q in [""] + [f"?model={n}" for n in names]:
-        r = httpx.get(f"{url}/tokenizer_info{q}", timeout=timeout)
+        r = httpx.get(f"{url}/tokenizer_info{q}", timeout=timeout, headers=auth)
         if r.status_code != 200:
             raise ValueError(f"--base_url {url}: GET /tokenizer_info{q} answered {r.status_code} "
                              f"(lm-eval's remote tokenizer needs it: a newer Chimera server)")
@@ -147,7 +154,8 @@ def plan_eval(*, checkpoint: list[str] = (), from_sweep: str | None = None, top_
         tm = task_manager(list(include_path))
         check_tasks(tm, list(tasks))
         if opts.get("base_url"):
-            opts["base_url"] = check_server(opts["base_url"], names)
+            from chimera.eval.harness import client_key
+            opts["base_url"] = check_server(opts["base_url"], names, api_key=client_key())
     elif opts.get("base_url"):
         raise ValueError("--base_url is for --tasks; bits per byte run in this process")
     if out is None:
@@ -228,13 +236,14 @@ def run_eval(job: EvalJob, tm, log: Callable[[str], None] = print) -> dict[str, 
 
 
 def _run_tasks(job: EvalJob, tm, results: dict, log) -> None:
-    from chimera.eval.harness import evaluate_tasks, summarize
+    from chimera.eval.harness import client_key, evaluate_tasks, summarize
 
     def one(url: str, name: str) -> None:
         t0 = time.perf_counter()
         res = evaluate_tasks(url, name, results[name]["block_size"], list(job.tasks), tm,
                              limit=job.limit, num_fewshot=job.num_fewshot,
-                             batch_size=job.batch_size, num_concurrent=job.num_concurrent)
+                             batch_size=job.batch_size, num_concurrent=job.num_concurrent,
+                             api_key=client_key())
         results[name]["tasks"] = summarize(res)
         log(f"{name}: {', '.join(job.tasks)} in {time.perf_counter() - t0:.1f} s")
 
