@@ -199,6 +199,25 @@ ROUTES = {"generate": ("/generate", {"prompt": "abc", "max_new_tokens": FOREVER,
           "generate_plain": ("/generate", {"prompt": "abc", "max_new_tokens": FOREVER})}
 
 
+def asgi_request(path: str, raw: bytes):
+    """(scope, receive) of a POST of `raw` to `path`: the body once, then a client that never
+    says it left (it stays until the request is cancelled)."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "headers": [(b"content-type", b"application/json"),
+                                          (b"content-length", str(len(raw)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    body_sent = False
+
+    async def receive():
+        nonlocal body_sent
+        if not body_sent:
+            body_sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await asyncio.Event().wait()                # the client never says it left: cancelled
+    return scope, receive
+
+
 async def _client_leaves(server, backend: str, route: str, when: str) -> None:
     """POST `route` to the front end's ASGI app and cancel the request (Serve's answer to a
     client that disconnects) at `when`; then the engine must drain."""
@@ -209,24 +228,11 @@ async def _client_leaves(server, backend: str, route: str, when: str) -> None:
     app = make_api(lambda: Frontend({"m": b}, FOREVER, 1 << 16))
     path, body = ROUTES[route]
     raw = json.dumps(body).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-             "root_path": "", "headers": [(b"content-type", b"application/json"),
-                                          (b"content-length", str(len(raw)).encode())],
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    scope, receive = asgi_request(path, raw)
     sent: list[dict] = []
     stalled = asyncio.Event()                       # the send the test cancels the request in
     stall_at = {"first_message_in_flight": None, "before_the_first_byte": "http.response.start",
                 "mid_stream": "http.response.body"}[when]
-    body_sent = False
-
-    async def receive():
-        nonlocal body_sent
-        if not body_sent:
-            body_sent = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        await asyncio.Event().wait()                # the client never says it left: cancelled
-
     async def send(msg):
         sent.append(msg)
         if msg["type"] == stall_at and (stall_at != "http.response.body"

@@ -26,7 +26,7 @@ from ray.exceptions import ActorDiedError
 from serve.auth import ENV_VAR, load_keys
 from serve.backends import Local, Remote
 from serve.frontend import Frontend, make_api
-from test_serve_cancel import FOREVER, _Call, _idle, checkpoint, server  # noqa: F401 - fixtures
+from test_serve_cancel import FOREVER, _idle, asgi_request, checkpoint, server  # noqa: F401
 
 TOKENS = 12
 LETTERS = {"m": "{% for m in messages %}{{ m.content }}{% endfor %}"}   # the vocab is letters only
@@ -239,21 +239,8 @@ def test_a_client_that_stops_reading_is_cut_at_its_deadline(server, backend):
     async def main():
         app = make_api(_fronts(server, 0.3)[backend])
         raw = json.dumps({"prompt": "abc", "max_new_tokens": FOREVER, "stream": True}).encode()
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-                 "method": "POST", "scheme": "http", "path": "/generate",
-                 "raw_path": b"/generate", "query_string": b"", "root_path": "",
-                 "headers": [(b"content-type", b"application/json"),
-                             (b"content-length", str(len(raw)).encode())],
-                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        scope, receive = asgi_request("/generate", raw)
         got = {"body": 0}
-        done = False
-
-        async def receive():
-            nonlocal done
-            if not done:
-                done = True
-                return {"type": "http.request", "body": raw, "more_body": False}
-            await asyncio.Event().wait()
 
         async def send(msg):
             if msg["type"] == "http.response.body":
