@@ -42,7 +42,7 @@ def url(ray_cluster, tiny_checkpoint, tmp_path_factory):
     serve.run(build_app(args), name=APP, route_prefix="/")
     wait_running(APP, DEPLOYMENT, 2)
     yield f"http://127.0.0.1:{port}"
-    serve.delete(APP)
+    serve.shutdown()                 # the next module starts Serve on a port of its own
 
 
 def test_two_replicas_behind_their_own_front_end(url):
