@@ -20,6 +20,11 @@ Each `step()` is schedule -> run -> postprocess, one role per file:
                             conditions, and frees finished rows.
 serve/driver.py runs `step()` from asyncio for the server.
 
+Prefix caching (`prefix_cache_bytes` > 0, serve/prefix_cache.py): a newcomer whose prompt
+window starts with blocks an earlier request prefilled gets their KV entries copied into its
+row and prefills only the rest; tokens and logprobs (echo's prompt logprobs included) equal
+those without it, to float rounding (tests/test_prefix_cache.py).
+
 The context-window rule is model.generate's, models/context.py: a prompt longer than
 block_size keeps its last block_size tokens; past block_size a row re-prefills its last
 block_size tokens every step. So each row's tokens equal `model.generate()` for that request
@@ -37,6 +42,8 @@ from models.sampling import SamplingParams
 from serve.detokenizer import Detokenizer
 from serve.logprobs import TokenLogprob, score
 from serve.model_runner import ModelRunner
+from serve.prefix_cache import DEFAULT_BLOCK_TOKENS, PrefixCache
+from serve.prefix_cache import supports as prefix_cache_supports
 from serve.sampler import Sampler
 from serve.scheduler import Scheduler
 from serve.sequence import Sequence
@@ -66,10 +73,25 @@ class Completion(NamedTuple):
 
 class Engine:
     def __init__(self, model, tokenizer=None, max_batch: int = 16,
-                 max_prefill_tokens: int | None = None):
+                 max_prefill_tokens: int | None = None, prefix_cache_bytes: int = 0,
+                 prefix_block_tokens: int = DEFAULT_BLOCK_TOKENS):
+        """`prefix_cache_bytes` > 0 keeps prompt blocks of `prefix_block_tokens` tokens for
+        later requests that share them (serve/prefix_cache.py), within that many bytes; 0 is
+        off. A model with a sliding-window layer never uses it (`prefix_cache_off` says why)."""
         block = model.cfg.block_size
+        if isinstance(prefix_cache_bytes, bool) or not isinstance(prefix_cache_bytes, int) \
+                or prefix_cache_bytes < 0:
+            raise ValueError(f"prefix_cache_bytes must be an int >= 0 (0: off), "
+                             f"got {prefix_cache_bytes!r}")
         self.scheduler = Scheduler(max_batch, max_prefill_tokens or max(block, 2048), block)
         self.runner = ModelRunner(model, max_batch)
+        self.prefix_cache_off = None if prefix_cache_bytes else "prefix_cache_bytes=0"
+        if prefix_cache_bytes:
+            self.prefix_cache_off = prefix_cache_supports(model)
+            pc = PrefixCache(self.runner.cache, prefix_cache_bytes, prefix_block_tokens,
+                             model.cfg.n_embd)         # checks the values even when bypassed
+            if self.prefix_cache_off is None:
+                self.runner.prefix = pc
         self.sampler = Sampler(getattr(tokenizer, "vocab_size", None))
         self.tok = tokenizer
         self.eot = getattr(tokenizer, "eot_id", None)
@@ -94,12 +116,15 @@ class Engine:
                              f"got {len(ids)} tokens")
         if not generate and prompt_logprobs is None:
             raise ValueError("generate=False needs prompt_logprobs (there is nothing else to do)")
+        keys = []
+        if self.runner.prefix is not None:
+            keys = self.runner.prefix.keys(ids[max(0, len(ids) - self.runner.block):])
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little")
         gen = torch.Generator(device=self.runner.device).manual_seed(seed)
         self.scheduler.add(Sequence(request_id, params, ids, len(ids), gen,
                                     Detokenizer(self.tok, params.stop), first=first,
                                     logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                                    generate=generate))
+                                    generate=generate, prefix_keys=keys))
 
     def cancel(self, request_id: str) -> None:
         """Stop a request; its row is free after the next step starts."""
@@ -115,6 +140,16 @@ class Engine:
     @property
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        """The prefix cache in use (None: off or bypassed)."""
+        return self.runner.prefix
+
+    def prefix_cache_counts(self) -> tuple[int, int]:
+        """(prompt tokens looked up, of them served from the prefix cache) so far."""
+        pc = self.runner.prefix
+        return (0, 0) if pc is None else (pc.queries, pc.hits)
 
     # --- one iteration --------------------------------------------------------------------------
     @torch.no_grad()

@@ -10,6 +10,10 @@ Chimera's own names (tag `model`):
     chimera_serve_running_requests          gauge      rows in the running batch
     chimera_serve_queued_requests           gauge      requests waiting for a batch row
     chimera_serve_step_seconds              histogram  one engine iteration
+    chimera_serve_prefix_cache_queries_total counter   prompt tokens looked up in the prefix
+                                                       cache (serve/prefix_cache.py)
+    chimera_serve_prefix_cache_hits_total   counter    of them, served from it (hits / queries
+                                                       = the hit rate, in tokens as vLLM's)
 
 The same facts under vLLM's names, which serving dashboards (vLLM's Grafana board, Ray Serve
 LLM's) query (tag `model_name`, as vLLM's). Ray refuses ':' in names, so vLLM's
@@ -24,6 +28,8 @@ Serve LLM exports vLLM's metrics under:
     vllm_e2e_request_latency_seconds        histogram  arrival -> last token
     vllm_request_queue_time_seconds         histogram  arrival -> a batch row (admission)
     vllm_request_success_total              counter    finished requests, tag finished_reason
+    vllm_prefix_cache_queries_total         counter    = chimera_serve_prefix_cache_queries_total
+    vllm_prefix_cache_hits_total            counter    = chimera_serve_prefix_cache_hits_total
 Without a Ray replica context (unit tests) they are no-ops (enabled=False).
 """
 from __future__ import annotations
@@ -47,6 +53,12 @@ METRICS = {
     "tokens": ("counter", "chimera_serve_generated_tokens_total", "vllm_generation_tokens_total",
                "generated tokens", None),
     "prompt_tokens": ("counter", None, "vllm_prompt_tokens_total", "prompt tokens", None),
+    "prefix_queries": ("counter", "chimera_serve_prefix_cache_queries_total",
+                       "vllm_prefix_cache_queries_total",
+                       "prompt tokens looked up in the prefix cache", None),
+    "prefix_hits": ("counter", "chimera_serve_prefix_cache_hits_total",
+                    "vllm_prefix_cache_hits_total",
+                    "prompt tokens served from the prefix cache", None),
     "running": ("gauge", "chimera_serve_running_requests", "vllm_num_requests_running",
                 "requests in the running batch", None),
     "queued": ("gauge", "chimera_serve_queued_requests", "vllm_num_requests_waiting",
@@ -80,6 +92,7 @@ class _Both:
 
 class ServeMetrics:
     def __init__(self, model: str, enabled: bool = True):
+        self._prefix_seen = (0, 0)          # the engine's prefix-cache totals exported so far
         if not enabled:
             for attr in METRICS:
                 setattr(self, attr, _Null())
@@ -106,6 +119,13 @@ class ServeMetrics:
 
     def on_step(self, engine, seconds: float) -> None:
         self.step.observe(seconds)
+        queries, hits = engine.prefix_cache_counts()            # totals: export what is new
+        seen_q, seen_h = self._prefix_seen
+        if queries > seen_q:
+            self.prefix_queries.inc(queries - seen_q)
+        if hits > seen_h:
+            self.prefix_hits.inc(hits - seen_h)
+        self._prefix_seen = (queries, hits)
         self.running.set(engine.num_running)
         self.queued.set(engine.num_waiting)
 

@@ -17,13 +17,15 @@ from __future__ import annotations
 import torch
 
 from serve.logprobs import prompt_scores
+from serve.prefix_cache import PrefixCache, waves
 from serve.scheduler import RowMove
 from serve.sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model, max_batch: int):
+    def __init__(self, model, max_batch: int, prefix_cache: PrefixCache | None = None):
         self.model = model.eval()
+        self.prefix = prefix_cache          # serve/prefix_cache.py; None: off
         self.block = model.cfg.block_size
         self.max_batch = max_batch
         self.device = next(model.parameters()).device
@@ -46,30 +48,77 @@ class ModelRunner:
             self.cache.copy_row(m.src, m.dst, m.length)
 
     def _prefill(self, seqs: list[Sequence], row0: int) -> torch.Tensor:
-        """Prefill newcomers into cache rows row0.. (one right-padded batch) -> (m, V)."""
-        windows = [s.tokens[s.feed(self.block).lo:] for s in seqs]   # all start at 0
-        lens = [len(w) for w in windows]
+        """Prefill newcomers into cache rows row0.. -> (m, V). With the prefix cache, each row
+        first takes its cached prefix (serve/prefix_cache.py) and prefills only the rest; rows
+        that share a first block with an earlier newcomer of this step prefill after it (a
+        second wave), so that they find its blocks."""
+        if self.prefix is None:
+            return self._pass(seqs, row0, [0] * len(seqs), [None] * len(seqs))[0]
+        logits: list[torch.Tensor | None] = [None] * len(seqs)
+        order = waves([s.prefix_keys for s in seqs])
+        for w in sorted(set(order)):
+            for run in _runs([i for i, x in enumerate(order) if x == w]):
+                for a, b, starts, cached in self._with_prefixes([seqs[i] for i in run],
+                                                                 row0 + run[0]):
+                    part = [seqs[i] for i in run[a:b]]
+                    out, hidden = self._pass(part, row0 + run[a], starts, cached)
+                    for j, (s, h) in enumerate(zip(part, hidden)):
+                        logits[run[a] + j] = out[j:j + 1]
+                        self.prefix.insert(s.prefix_keys, self.cache, row0 + run[a] + j, h)
+        return torch.cat(logits)
+
+    def _with_prefixes(self, seqs: list[Sequence], row0: int):
+        """Copy each row's cached prefix into its row; yield (a, b, starts, hidden) per group
+        seqs[a:b] that one pass can prefill: its rows start at their prefix's end, and the
+        group's largest start plus its longest rest fits in block_size."""
+        B = self.prefix.B
+        starts, cached, rests = [], [], []
+        for j, s in enumerate(seqs):
+            n = len(s.tokens) - s.feed(self.block).lo                # the window's length
+            blocks = self.prefix.match(s.prefix_keys, s.prompt_logprobs is not None)
+            p = min(len(blocks) * B, n - 1)                          # one token is always fed
+            cached.append(self.prefix.load(blocks, self.cache, row0 + j, p) if p else None)
+            self.prefix.count(n, p)
+            starts.append(p)
+            rests.append(n - p)
+        a = 0
+        for b in range(1, len(seqs) + 1):
+            if b == len(seqs) or max(starts[a:b + 1]) + max(rests[a:b + 1]) > self.block:
+                yield a, b, starts[a:b], cached[a:b]
+                a = b
+
+    def _pass(self, seqs: list[Sequence], row0: int, starts: list[int],
+              cached: list[torch.Tensor | None]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """One right-padded prefill pass over rows row0.. : row i feeds its window from
+        position starts[i] (its cache row holds the positions before) -> logits (m, V) and, for
+        rows that score their prompt, the hidden states (window, C) of the whole window (the
+        cached prefix's, `cached[i]`, then this pass's)."""
+        windows = [s.tokens[s.feed(self.block).lo:] for s in seqs]
+        feeds = [w[p:] for w, p in zip(windows, starts)]
+        lens = [len(f) for f in feeds]
         T = max(lens)
         idx = torch.zeros(len(seqs), T, dtype=torch.long)
         for i, s in enumerate(seqs):
-            idx[i, :lens[i]] = torch.tensor(windows[i])
-            s.cached = lens[i]
+            idx[i, :lens[i]] = torch.tensor(feeds[i])
+            s.cached = len(windows[i])
         idx = idx.to(self.device)
         view = self.cache.rows(row0, row0 + len(seqs))
-        if len(set(lens)) == 1:             # no padding: the plain path of models.generation
+        if len(set(lens)) == 1 and not any(starts):   # the plain path of models.generation
             start, last = 0, None
         else:
-            lens_t = torch.tensor(lens, device=self.device)
-            start, last = torch.zeros_like(lens_t), lens_t - 1
+            start = torch.tensor(starts, device=self.device)
+            last = torch.tensor(lens, device=self.device) - 1
         scored = [i for i, s in enumerate(seqs) if s.prompt_logprobs is not None]
+        hidden: list[torch.Tensor | None] = [None] * len(seqs)
         if not scored:
-            return self.model.next_logits(idx, view, start, last=last)
-        logits, hidden = self.model.next_logits_and_hidden(idx, view, start, last, scored,
-                                                           [lens[i] for i in scored])  # (m, V), [(T, C)]
-        for i, h in zip(scored, hidden):
-            seqs[i].prompt_scores = prompt_scores(h, self.model.lm_head, windows[i],
+            return self.model.next_logits(idx, view, start, last=last), hidden
+        logits, fresh = self.model.next_logits_and_hidden(idx, view, start, last, scored,
+                                                          [lens[i] for i in scored])  # (m, V), [(T, C)]
+        for i, h in zip(scored, fresh):
+            hidden[i] = h if not starts[i] else torch.cat([cached[i], h])
+            seqs[i].prompt_scores = prompt_scores(hidden[i], self.model.lm_head, windows[i],
                                                   seqs[i].prompt_logprobs)
-        return logits
+        return logits, hidden
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One token for each running row (rows 0..n-1) -> (n, V)."""
@@ -89,3 +138,14 @@ class ModelRunner:
         for s, f in zip(seqs, feeds):
             s.cached = s.cached + 1 if f.start else 0     # a slid row's own cache row is unused
         return logits
+
+
+def _runs(rows: list[int]) -> list[list[int]]:
+    """Split increasing row indices into runs of consecutive ones (one cache view each)."""
+    runs: list[list[int]] = []
+    for r in rows:
+        if runs and runs[-1][-1] == r - 1:
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+    return runs

@@ -15,7 +15,9 @@ takes row n; a row's stale entries are never read (models/attention/cache.py mas
 
 Admission, each schedule(): cancelled requests leave first; then waiting requests (health
 checks first, then arrival order) take free rows while their prompts fit in
-max_prefill_tokens (the first always does). Running requests are never preempted: a request
+max_prefill_tokens (the first always does); newcomers that share a first prompt block with
+an earlier newcomer take the rows after the others (the prefix cache's second wave,
+serve/prefix_cache.py `waves`). Running requests are never preempted: a request
 joins between two decode steps and leaves as soon as it is done, so short requests never
 wait for long ones.
 """
@@ -25,6 +27,7 @@ import threading
 import time
 from typing import NamedTuple
 
+from serve.prefix_cache import waves
 from serve.sequence import Sequence
 
 
@@ -106,6 +109,10 @@ class Scheduler:
             s.admitted = time.perf_counter()
             self.running.append(self.waiting.pop(0))
             new.append(s)
+        if new:                             # shared prefixes: one wave after the other
+            order = waves([s.prefix_keys for s in new])
+            new = [s for _, s in sorted(zip(order, new), key=lambda x: x[0])]
+            self.running[len(self.running) - len(new):] = new
         return new
 
     def free_finished(self) -> list[RowMove]:

@@ -33,6 +33,7 @@ class Sequence:
     prompt_logprobs: int | None = None  # score the prompt at prefill (echo), k most likely
     generate: bool = True               # False: score the prompt only, generate nothing
     prompt_scores: list[TokenLogprob | None] | None = None     # set by the prefill
+    prefix_keys: list[bytes] = field(default_factory=list)     # its window's block keys
     arrived: float = field(default_factory=time.perf_counter)
     admitted: float | None = None       # when it took a batch row (the scheduler)
 
