@@ -87,6 +87,9 @@ class AppArgs(BaseModel):
         "one model, one replica: run the HTTP front end inside the model's replica (one Ray "
         "call less per request), but a crash of that replica then cuts its requests with "
         "Serve's plain 500 and truncated streams instead of a 503 / an error event"))
+    prefix_cache_bytes: int = Field(0, ge=0, description=(
+        "bytes per model replica for prompt blocks that later requests sharing the prefix "
+        "reuse (serve/prefix_cache.py; 0: off; models with sliding-window layers never use it)"))
 
     @field_validator("checkpoint", "chat_template", "api_key", mode="before")
     @classmethod
@@ -211,9 +214,10 @@ def build_app(args: AppArgs | dict) -> serve.Application:
         name, path = models[0]
         return ModelIngress.options(**deployment_options(args, name)).bind(
             name, str(path), args.max_batch, threads, health, *front, templates.get(name),
-            adapter, keys, args.request_timeout_s)
+            adapter, keys, args.request_timeout_s, args.prefix_cache_bytes)
     servers = {name: LLMServer.options(**deployment_options(args, name)).bind(
-                   name, str(path), args.max_batch, threads, health, adapter=adapter)
+                   name, str(path), args.max_batch, threads, health, adapter=adapter,
+                   prefix_cache_bytes=args.prefix_cache_bytes)
                for name, path in models}
     per_model = (args.max_ongoing_requests or 2 * args.max_batch) + args.max_queued_requests
     return Ingress.options(
@@ -245,9 +249,10 @@ class ModelIngress:
     def __init__(self, name: str, checkpoint: str, max_batch: int, threads: int,
                  health_timeout_s: float, max_new_tokens_cap: int, max_body_bytes: int,
                  template: str | None = None, adapter: str | None = None,
-                 keys: ApiKeys = ApiKeys(), timeout_s: float | None = None):
+                 keys: ApiKeys = ApiKeys(), timeout_s: float | None = None,
+                 prefix_cache_bytes: int = 0):
         self.server = ModelServer(name, checkpoint, max_batch, threads, health_timeout_s,
-                                  adapter=adapter)
+                                  adapter=adapter, prefix_cache_bytes=prefix_cache_bytes)
         self.front = Frontend({name: Local(self.server)}, max_new_tokens_cap, max_body_bytes,
                               {name: template} if template else None, keys, timeout_s)
 

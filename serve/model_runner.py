@@ -11,6 +11,13 @@ for rows whose sequence no longer fits in block_size, one pass re-prefilling the
 a scratch cache. A newcomer that asked for its prompt to be scored (echo) also gets the
 log-probabilities of every prompt token from the same prefill pass. Which tokens each row feeds is the context-window rule of models/context.py,
 the rule model.generate follows.
+
+With a prefix cache (serve/prefix_cache.py), a newcomer's row first receives the cached blocks
+its window starts with and the prefill feeds only the rest, from that position (per-row
+starts); newcomers sharing a first block with an earlier one prefill in a second pass, after
+the first has stored its blocks, and rows whose starts plus rests would pass block_size in one
+right-padded batch go in further passes. A scored row's prompt logprobs are computed from the
+cached blocks' hidden states followed by its own.
 """
 from __future__ import annotations
 

@@ -38,6 +38,7 @@ Counters (vLLM's): `queries` prompt tokens looked up, `hits` of them served from
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -107,7 +108,7 @@ class PrefixCache:
         out, prev = [], b""
         for a in range(0, len(tokens) - self.B + 1, self.B):
             h = hashlib.sha256(prev)
-            h.update(torch.tensor(tokens[a:a + self.B], dtype=torch.int64).numpy().tobytes())
+            h.update(array("q", tokens[a:a + self.B]).tobytes())
             prev = h.digest()
             out.append(prev)
         return out

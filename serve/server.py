@@ -37,9 +37,11 @@ from serve.metrics import ServeMetrics
 
 class ModelServer:
     def __init__(self, name: str, checkpoint: str, max_batch: int = 16, threads: int = 1,
-                 health_timeout_s: float = 20.0, metrics: bool = True, adapter: str | None = None):
+                 health_timeout_s: float = 20.0, metrics: bool = True, adapter: str | None = None,
+                 prefix_cache_bytes: int = 0):
         """`adapter`: a LoRA checkpoint merged into `checkpoint`'s weights at load
-        (chimera.checkpoint.load_model)."""
+        (chimera.checkpoint.load_model); `prefix_cache_bytes`: the engine's prefix cache
+        (serve/prefix_cache.py; 0: off)."""
         import torch
 
         from chimera.checkpoint import load_model
@@ -48,7 +50,7 @@ class ModelServer:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model, tok, _ = load_model(checkpoint, device, adapter=adapter)
         self.name, self.tok, self.block = name, tok, model.cfg.block_size
-        self.engine = Engine(model, tok, max_batch=max_batch)
+        self.engine = Engine(model, tok, max_batch=max_batch, prefix_cache_bytes=prefix_cache_bytes)
         self.metrics = ServeMetrics(name, enabled=metrics)
         self.driver = EngineDriver(self.engine, on_step=self.metrics.on_step)
         self.health_timeout_s = health_timeout_s

@@ -232,3 +232,34 @@ def test_a_windowed_model_bypasses_the_prefix_cache():
 def test_bad_prefix_cache_values_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
         Engine(model("gqa", "rope"), **kw)
+
+
+def test_a_long_prefix_beside_a_long_rest_prefills_in_two_passes():
+    """A row starting at 48 and a fresh 60-token row cannot share one right-padded pass in a
+    block_size of 64 (48 + 60 > 64): they go in two, and nothing changes."""
+    m = model("gqa", "learn")
+    g = torch.Generator().manual_seed(4)
+    ctx, fresh = (torch.randint(0, V, (n,), generator=g).tolist() for n in (48, 60))
+    reqs = {"warm": (ctx + [1], {"prompt_logprobs": 1, "logprobs": 1})}
+    later = {"hit": (ctx + [2, 3], {"prompt_logprobs": 1, "logprobs": 1}),
+             "fresh": (fresh, {"prompt_logprobs": 1, "logprobs": 1})}
+    ref_eng = Engine(m, max_batch=4)
+    ref = {**run(ref_eng, reqs, "serial"), **run(ref_eng, later, "together")}
+    eng = Engine(m, max_batch=4, prefix_cache_bytes=1 << 22, prefix_block_tokens=B)
+    got = run(eng, reqs, "serial")
+    passes = []
+    inner = eng.runner._pass
+    eng.runner._pass = lambda seqs, *a: passes.append([s.rid for s in seqs]) or inner(seqs, *a)
+    got.update(run(eng, later, "together"))
+    assert_same(ref, got)
+    assert passes[0] == ["hit"] and passes[1] == ["fresh"]
+    assert eng.prefix_cache_counts()[1] == 48
+
+
+def test_the_serving_flag_refuses_a_negative_budget():
+    from pydantic import ValidationError
+
+    from serve.app import AppArgs
+    assert AppArgs(checkpoint=["x"]).prefix_cache_bytes == 0
+    with pytest.raises(ValidationError, match="prefix_cache_bytes"):
+        AppArgs(checkpoint=["x"], prefix_cache_bytes=-1)

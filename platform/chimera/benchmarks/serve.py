@@ -25,6 +25,10 @@ in its own deployment before two model replicas, with an API key — gives:
     concurrency `--soak_conc`, half streamed, 16-256 tokens, while `--kills` replicas are
     killed with SIGKILL: outcomes by kind, 0 failed non-streamed requests, none past its
     deadline, p50/p99, recovery seconds per kill, the surviving replica's RSS after ÷ before.
+Last, the prefix cache (the colocated app again, deployed with and without it):
+  * Prefix cache: multiple-choice scoring (200-token context, 4 endings of 10 tokens) through
+    /v1/completions echo, items/s with ÷ without the prefix cache, over HTTP and in-process
+    (chimera/benchmarks/serve_prefix.py). Target >= 2. `--prefix_only` runs only these rows.
 Ray runs locally; the model replica gets `--threads` CPUs and torch threads (default: all
 cores but one, left to the HTTP proxy and ingress), the in-process engine the same threads.
 """
@@ -62,6 +66,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--soak_requests", type=int, default=1000, help="soak: number of requests")
     p.add_argument("--soak_conc", type=int, default=32, help="soak: concurrent clients")
     p.add_argument("--kills", type=int, default=2, help="soak: replicas killed during it (>= 0)")
+    p.add_argument("--prefix_only", action="store_true",
+                   help="only the prefix-cache rows (multiple-choice echo scoring)")
 
 
 def _check(args) -> str | None:
@@ -172,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
     from ray import serve
 
     from chimera.localcluster import free_port
+    from chimera.benchmarks.serve_prefix import rows as prefix_rows
     from chimera.runtime import init_ray
     from serve.app import AppArgs, build_app
     from chimera.checkpoint import resolve_checkpoint
@@ -191,11 +198,20 @@ def run(args: argparse.Namespace) -> int:
         rows = []
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            serve.run(build_app(AppArgs(checkpoint=[str(ckpt)], max_batch=args.max_batch,
-                                        num_cpus=args.threads, max_ongoing_requests=64,
-                                        max_queued_requests=256, colocate_ingress=True)),
-                      name="bench", route_prefix="/")
             url = f"http://127.0.0.1:{port}"
+
+            def deploy(prefix_cache_bytes: int = 0, checkpoint=ckpt) -> str:
+                serve.run(build_app(AppArgs(checkpoint=[str(checkpoint)], max_batch=args.max_batch,
+                                            num_cpus=args.threads, max_ongoing_requests=64,
+                                            max_queued_requests=256, colocate_ingress=True,
+                                            prefix_cache_bytes=prefix_cache_bytes)),
+                          name="bench", route_prefix="/")
+                return url
+            if args.prefix_only:
+                rows += prefix_rows(ckpt, Path(tmp), SHARED_TEXT.read_text(), args.threads, q,
+                                    deploy)
+                return _table(rows)
+            deploy()
             replica: list[float] = []
             with httpx.Client(timeout=600) as c:
                 body = {"prompt": PROMPT, "max_new_tokens": 4, "temperature": 0.0, "stream": True}
@@ -233,10 +249,16 @@ def run(args: argparse.Namespace) -> int:
             rows += _load(url, 40 if q else args.requests, 16)
             serve.delete("bench")
             rows += _default_deployment(ckpt, args, url, engine_ttft, reps)
+            serve.delete("soak")
+            rows += prefix_rows(ckpt, Path(tmp), SHARED_TEXT.read_text(), args.threads, q, deploy)
         finally:
             serve.shutdown()
             import ray
             ray.shutdown()
+    return _table(rows)
+
+
+def _table(rows) -> int:
     print("\n| measurement | result | target |\n|---|---|---|")
     for name, res, target, ok in rows:
         verdict = "" if ok is None else (" — met" if ok else " — **missed**")
