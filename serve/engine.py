@@ -91,7 +91,7 @@ class Engine:
             pc = PrefixCache(self.runner.cache, prefix_cache_bytes, prefix_block_tokens,
                              model.cfg.n_embd)         # checks the values even when bypassed
             if self.prefix_cache_off is None:
-                self.runner.prefix = pc
+                self.runner.prefix = self.scheduler.prefix = pc
         self.sampler = Sampler(getattr(tokenizer, "vocab_size", None))
         self.tok = tokenizer
         self.eot = getattr(tokenizer, "eot_id", None)

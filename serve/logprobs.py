@@ -43,7 +43,7 @@ def score(logits: torch.Tensor, tokens: list[int], ks: list[int]) -> list[TokenL
     out = []
     for i, t in enumerate(tokens):
         top = tuple(zip(ids[i][:ks[i]], vals[i][:ks[i]]))
-        if all(j != t for j, _ in top):
+        if t not in ids[i][:ks[i]]:
             top += ((t, chosen[i]),)
         out.append(TokenLogprob(t, chosen[i], top))
     return out

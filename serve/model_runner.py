@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from serve.logprobs import prompt_scores
+from serve.logprobs import CHUNK, TokenLogprob, prompt_scores, score
 from serve.prefix_cache import PrefixCache, waves
 from serve.scheduler import RowMove
 from serve.sequence import Sequence
@@ -60,7 +60,7 @@ class ModelRunner:
         that share a first block with an earlier newcomer of this step prefill after it (a
         second wave), so that they find its blocks."""
         if self.prefix is None:
-            return self._pass(seqs, row0, [0] * len(seqs), [None] * len(seqs))[0]
+            return self._pass(seqs, row0, [0] * len(seqs), [(None, None)] * len(seqs))[0]
         logits: list[torch.Tensor | None] = [None] * len(seqs)
         order = waves([s.prefix_keys for s in seqs])
         for w in sorted(set(order)):
@@ -71,7 +71,8 @@ class ModelRunner:
                     out, hidden = self._pass(part, row0 + run[a], starts, cached)
                     for j, (s, h) in enumerate(zip(part, hidden)):
                         logits[run[a] + j] = out[j:j + 1]
-                        self.prefix.insert(s.prefix_keys, self.cache, row0 + run[a] + j, h)
+                        sc = None if h is None else (s.prompt_logprobs, s.prompt_scores)
+                        self.prefix.insert(s.prefix_keys, self.cache, row0 + run[a] + j, h, sc)
         return torch.cat(logits)
 
     def _with_prefixes(self, seqs: list[Sequence], row0: int):
@@ -84,7 +85,8 @@ class ModelRunner:
             n = len(s.tokens) - s.feed(self.block).lo                # the window's length
             blocks = self.prefix.match(s.prefix_keys, s.prompt_logprobs is not None)
             p = min(len(blocks) * B, n - 1)                          # one token is always fed
-            cached.append(self.prefix.load(blocks, self.cache, row0 + j, p) if p else None)
+            cached.append(self.prefix.load(blocks, self.cache, row0 + j, p, s.prompt_logprobs)
+                          if p else (None, None))
             self.prefix.count(n, p)
             starts.append(p)
             rests.append(n - p)
@@ -94,12 +96,12 @@ class ModelRunner:
                 yield a, b, starts[a:b], cached[a:b]
                 a = b
 
-    def _pass(self, seqs: list[Sequence], row0: int, starts: list[int],
-              cached: list[torch.Tensor | None]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    def _pass(self, seqs: list[Sequence], row0: int, starts: list[int], cached: list[tuple]
+              ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """One right-padded prefill pass over rows row0.. : row i feeds its window from
         position starts[i] (its cache row holds the positions before) -> logits (m, V) and, for
         rows that score their prompt, the hidden states (window, C) of the whole window (the
-        cached prefix's, `cached[i]`, then this pass's)."""
+        cached prefix's then this pass's; cached[i] = (prefix hidden, prefix scores known))."""
         windows = [s.tokens[s.feed(self.block).lo:] for s in seqs]
         feeds = [w[p:] for w, p in zip(windows, starts)]
         lens = [len(f) for f in feeds]
@@ -122,10 +124,28 @@ class ModelRunner:
         logits, fresh = self.model.next_logits_and_hidden(idx, view, start, last, scored,
                                                           [lens[i] for i in scored])  # (m, V), [(T, C)]
         for i, h in zip(scored, fresh):
-            hidden[i] = h if not starts[i] else torch.cat([cached[i], h])
-            seqs[i].prompt_scores = prompt_scores(hidden[i], self.model.lm_head, windows[i],
-                                                  seqs[i].prompt_logprobs)
+            k = seqs[i].prompt_logprobs
+            if not starts[i]:
+                hidden[i] = h
+                seqs[i].prompt_scores = prompt_scores(h, self.model.lm_head, windows[i], k)
+            else:
+                hidden[i] = torch.cat([cached[i][0], h])
+                seqs[i].prompt_scores = self._scores(hidden[i], windows[i], k, cached[i][1])
         return logits, hidden
+
+    def _scores(self, hidden: torch.Tensor, ids: list[int], k: int,
+                known: list[TokenLogprob | None]) -> list[TokenLogprob | None]:
+        """serve/logprobs.py prompt_scores' list for a window whose first positions' scores
+        are partly known (the prefix cache's): only the others go through the LM head."""
+        out = known + [None] * (len(ids) - 1 - len(known))            # out[t]: token t+1
+        todo = [t for t in range(len(ids) - 1) if out[t] is None]
+        for a in range(0, len(todo), CHUNK):
+            pos = todo[a:a + CHUNK]
+            rows = hidden[torch.tensor(pos, device=hidden.device)]     # (len(pos), C)
+            for t, sc in zip(pos, score(self.model.lm_head(rows), [ids[t + 1] for t in pos],
+                                        [k] * len(pos))):
+                out[t] = sc
+        return [None] + out
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One token for each running row (rows 0..n-1) -> (n, V)."""

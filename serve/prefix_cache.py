@@ -15,11 +15,13 @@ collision, which would serve another prefix's entries, is not a practical concer
 What a block holds: for every layer, the entries models/attention/cache.py keeps per position
 (GQA/MQA/MHA: k and v, (B, K, D) each; MLA: the latent c_kv (B, Lkv) and the rope key (B, R)),
 copied out of a cache row after its prefill; and, when the request that prefilled it scored its
-prompt (echo), the final hidden states (B, C) of its positions, from which a later scored
-request computes the prefix's prompt logprobs with the LM head exactly as if it had prefilled
-them (the LM head and log-softmax run on the same rows; only the pass that produced the hidden
-states differs, so the scores agree to float rounding). A scored request only reuses blocks
-that hold hidden states.
+prompt (echo), the final hidden states (B, C) of its positions and its prompt scores of the
+block's tokens 1..B-1 (with its k). A later request scored with the same k reuses those
+scores; a block's last position predicts the next block's first token, which its key does not
+cover, so that one score (and every score, for another k) is computed from the stored hidden
+states with the LM head, as if the request had prefilled them (only the pass that produced
+the hidden states differs, so the scores agree to float rounding). A scored request only
+reuses blocks that hold hidden states.
 
 Why reuse is exact: with full (non-windowed) attention the entry of position p depends only on
 tokens 0..p and on p itself, whatever the position type — RoPE rotates keys by their own
@@ -44,6 +46,8 @@ from dataclasses import dataclass
 
 import torch
 
+from serve.logprobs import MAX_LOGPROBS, TokenLogprob
+
 DEFAULT_BLOCK_TOKENS = 16
 
 
@@ -52,10 +56,18 @@ class Block:
     kv: list[dict[str, torch.Tensor]]      # per layer: name -> (B, *per-position shape)
     hidden: torch.Tensor | None            # (B, C) final hidden states, when it was scored
     nbytes: int
+    scores: tuple[int, list[TokenLogprob]] | None = None   # (k, scores of its tokens 1..B-1)
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
+
+
+def _score_bytes(block_tokens: int, k: int) -> int:
+    """What a block's stored prompt scores count against the budget: the numbers they hold
+    (token, logprob and k+1 (id, logprob) pairs per token, 8 bytes each), not Python's
+    object overhead."""
+    return (block_tokens - 1) * (2 + 2 * (k + 1)) * 8
 
 
 def supports(model) -> str | None:
@@ -93,7 +105,8 @@ class PrefixCache:
                              f"off in the engine), got {max_bytes!r}")
         t0 = cache.layers[0][next(iter(cache.layers[0]))]
         per_tok = sum(t[0, 0].numel() for layer in cache.layers for t in layer.values())
-        self.block_bytes = block_tokens * (per_tok + hidden_dim) * t0.element_size()
+        self.block_bytes = (block_tokens * (per_tok + hidden_dim) * t0.element_size()
+                            + _score_bytes(block_tokens, MAX_LOGPROBS))
         if max_bytes < self.block_bytes:
             raise ValueError(f"prefix_cache_bytes={max_bytes} holds no block: one block of "
                              f"{block_tokens} tokens takes up to {self.block_bytes} bytes")
@@ -125,24 +138,42 @@ class PrefixCache:
             self.blocks.move_to_end(k)
         return got
 
+    def expected_hit(self, keys: list[bytes], n: int, coming: set[bytes]) -> int:
+        """Prompt tokens of a window of n tokens that a prefill will likely not feed: its
+        leading blocks cached now or in `coming` (stored by earlier newcomers of the same
+        step). An estimate for the scheduler's prefill budget (no LRU touch)."""
+        m = 0
+        while m < len(keys) and (keys[m] in self.blocks or keys[m] in coming):
+            m += 1
+        return min(m * self.B, n - 1)
+
     def count(self, queried: int, hit: int) -> None:
         self.queries += queried
         self.hits += hit
 
-    @staticmethod
-    def load(blocks: list[Block], cache, row: int, n: int) -> torch.Tensor | None:
-        """Copy positions [0, n) of the chain `blocks` into row `row` of `cache`; returns their
-        hidden states (n, C) when every block holds them (else None)."""
+    def load(self, blocks: list[Block], cache, row: int, n: int, k: int | None = None
+             ) -> tuple[torch.Tensor | None, list[TokenLogprob | None] | None]:
+        """Copy positions [0, n) of the chain `blocks` into row `row` of `cache`. Returns their
+        hidden states (n, C) when every block holds them (else None) and, for a prompt scored
+        with k, the stored score of token t+1 for each position t < n (None where a block did
+        not store it with this k, and at each block's last position: its target lies past the
+        block)."""
         for i, layer in enumerate(cache.layers):
             for name, t in layer.items():
                 t[row, :n] = torch.cat([b.kv[i][name] for b in blocks])[:n]
-        if all(b.hidden is not None for b in blocks):
-            return torch.cat([b.hidden for b in blocks])[:n]
-        return None
+        if not all(b.hidden is not None for b in blocks):
+            return None, None
+        known: list[TokenLogprob | None] = []
+        for b in blocks:
+            got = b.scores[1] if b.scores is not None and b.scores[0] == k else [None] * (self.B - 1)
+            known += got + [None]
+        return torch.cat([b.hidden for b in blocks])[:n], known[:n]
 
-    def insert(self, keys: list[bytes], cache, row: int, hidden: torch.Tensor | None = None) -> None:
+    def insert(self, keys: list[bytes], cache, row: int, hidden: torch.Tensor | None = None,
+               scores: tuple[int, list] | None = None) -> None:
         """Store the full blocks of row `row` (prefilled: positions [0, len(keys) * B) hold its
-        window) that are missing, or that lack hidden states `hidden` (T, C) can give. Room is
+        window) that are missing, or that lack hidden states `hidden` (T, C) can give, with
+        its prompt scores (k, [None, score of token 1, ...]) when it was scored. Room is
         made by evicting other prefixes' blocks, least recently used first, never this chain's
         own: past the budget its deeper blocks are not stored."""
         mine = set(keys)
@@ -153,7 +184,9 @@ class PrefixCache:
             a, b = i * self.B, (i + 1) * self.B
             kv = [{name: t[row, a:b].clone() for name, t in layer.items()} for layer in cache.layers]
             h = None if hidden is None else hidden[a:b].clone()
-            blk = Block(kv, h, sum(_nbytes(t) for d in kv for t in d.values()) + _nbytes(h))
+            sc = None if scores is None else (scores[0], scores[1][a + 1:b])
+            blk = Block(kv, h, sum(_nbytes(t) for d in kv for t in d.values()) + _nbytes(h)
+                        + (0 if sc is None else _score_bytes(self.B, sc[0])), sc)
             if old is not None:
                 self._drop(k)
             while self.nbytes + blk.nbytes > self.max_bytes:

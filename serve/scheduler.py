@@ -15,7 +15,8 @@ takes row n; a row's stale entries are never read (models/attention/cache.py mas
 
 Admission, each schedule(): cancelled requests leave first; then waiting requests (health
 checks first, then arrival order) take free rows while their prompts fit in
-max_prefill_tokens (the first always does); newcomers that share a first prompt block with
+max_prefill_tokens (the first always does; with a prefix cache, the tokens it will not serve
+count: those neither cached nor in an earlier newcomer's full blocks); newcomers that share a first prompt block with
 an earlier newcomer take the rows after the others (the prefix cache's second wave,
 serve/prefix_cache.py `waves`). Running requests are never preempted: a request
 joins between two decode steps and leaves as soon as it is done, so short requests never
@@ -27,7 +28,7 @@ import threading
 import time
 from typing import NamedTuple
 
-from serve.prefix_cache import waves
+from serve.prefix_cache import PrefixCache, waves
 from serve.sequence import Sequence
 
 
@@ -50,10 +51,12 @@ class Plan(NamedTuple):
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, max_prefill_tokens: int, block_size: int):
+    def __init__(self, max_batch: int, max_prefill_tokens: int, block_size: int,
+                 prefix: PrefixCache | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch, self.max_prefill_tokens, self.block = max_batch, max_prefill_tokens, block_size
+        self.prefix = prefix                # its hits are not prefilled: not in the budget
         self.running: list[Sequence] = []   # running[i] holds cache row i
         self.waiting: list[Sequence] = []
         self._lock = threading.Lock()       # add()/cancel() may come from another thread
@@ -99,10 +102,13 @@ class Scheduler:
         return Plan(aborted, moves, self.running[:old], self._admit())
 
     def _admit(self) -> list[Sequence]:
-        new, budget = [], self.max_prefill_tokens
+        new, budget, step_keys = [], self.max_prefill_tokens, set()
         while self.waiting and len(self.running) < self.max_batch:
             s = self.waiting[0]
             n = len(s.tokens) - s.feed(self.block).lo           # the prompt's window
+            if self.prefix is not None:                         # what it will prefill
+                n -= self.prefix.expected_hit(s.prefix_keys, n, step_keys)
+                step_keys.update(s.prefix_keys)
             if new and n > budget:
                 break
             budget -= n

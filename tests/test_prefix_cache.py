@@ -53,6 +53,7 @@ def prompts(seed: int = 3) -> dict[str, tuple[list[int], dict]]:
         "two_blocks": (ctx[:16] + r(2), gen),                     # unscored: blocks w/o hidden
         "all_ctx": (ctx, {**echo, "generate": False}),
         "all_ctx_sampled": (ctx + r(1), {**gen, "seed": 7}),
+        "mid_block_k1": (ctx[:37] + r(2), {"prompt_logprobs": 1}),  # other k: from hidden
         "unrelated": (other, {**echo, **gen}),
         "unrelated_2": (other[:24] + r(9), {**echo, **gen}),
     }
@@ -263,3 +264,21 @@ def test_the_serving_flag_refuses_a_negative_budget():
     assert AppArgs(checkpoint=["x"]).prefix_cache_bytes == 0
     with pytest.raises(ValidationError, match="prefix_cache_bytes"):
         AppArgs(checkpoint=["x"], prefix_cache_bytes=-1)
+
+
+def test_the_prefill_budget_counts_only_what_the_prefix_cache_does_not_serve():
+    """Four prompts sharing 40 tokens (5 blocks) + 3 of their own, a prefill budget of 60:
+    with the prefix cache, one prefills 43 tokens and three 3 each (52): all four start in
+    one step; without it, 43 + 43 > 60: one per step."""
+    m = model("gqa", "rope")
+    g = torch.Generator().manual_seed(6)
+    ctx = torch.randint(0, V, (40,), generator=g).tolist()
+    firsts = []
+    for on in (1 << 22, 0):
+        eng = Engine(m, max_batch=8, max_prefill_tokens=60, prefix_cache_bytes=on,
+                     prefix_block_tokens=B)
+        for i in range(4):
+            eng.add(str(i), ctx + [i, i, i], SamplingParams(1, 0.0), prompt_logprobs=1,
+                    generate=False)
+        firsts.append(len(eng.step()))
+    assert firsts == [4, 1]
