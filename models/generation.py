@@ -5,12 +5,15 @@
 Which tokens each step feeds is the context-window rule of models/context.py (the serving
 engine follows the same rule): the last block_size tokens, re-prefilled every step once the
 sequence no longer fits. Sampling arguments are checked by models/sampling.py SamplingParams.
+A step inside the window runs the decode step of `decode` (models/decode.py: eager, static or
+compiled; None = the device's default); prefills are eager.
 """
 from __future__ import annotations
 
 import torch
 
 import models.context as context
+from models.decode import check_decode, decode_step
 from models.sampling import SamplingParams, limit_vocab, sample_next
 
 
@@ -29,7 +32,7 @@ def check_idx(model, idx) -> torch.Tensor:
 def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
              use_cache: bool = True, generator: torch.Generator | None = None,
-             vocab_limit: int | None = None) -> torch.Tensor:
+             vocab_limit: int | None = None, decode: str | None = None) -> torch.Tensor:
     """Append up to max_new_tokens tokens to idx (B, T); returns (B, T + n).
 
     (Self-speculative greedy decoding: model.generate(..., speculative=True), models/speculative.py.)
@@ -40,13 +43,15 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
     """
     SamplingParams(max_new_tokens, temperature, top_k, top_p)          # ValueError if bad
     idx = check_idx(model, idx)
+    mode = check_decode(decode, idx.device)
+    step = decode_step(model, mode) if use_cache else None
     window = model.cfg.block_size
     was_training = model.training
     model.eval()
     try:
         cache = model.new_cache(idx.size(0)) if use_cache else None
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        seq = idx
+        seq, nxt = idx, None
         for _ in range(max_new_tokens):
             if cache is None:
                 logits = model.next_logits(seq[:, context.next_input(seq.size(1), 0, window).lo:])
@@ -54,7 +59,13 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
                 feed = context.next_input(seq.size(1), cache.length, window)
                 if feed.start == 0:
                     cache.reset()                                   # (re)prefill the window
-                logits = model.next_logits(seq[:, feed.lo:], cache, feed.start)
+                if step is not None and feed.start > 0:             # one token, in the window
+                    pos = torch.full((seq.size(0),), feed.start, device=seq.device)   # (B,)
+                    logits = step(nxt, cache, pos)                  # nxt (B, 1): a fresh tensor
+                    # (a slice of seq would change strides every step: a recompile)
+                    cache.length = feed.start + 1
+                else:
+                    logits = model.next_logits(seq[:, feed.lo:], cache, feed.start)
             nxt = sample_next(limit_vocab(logits, vocab_limit), temperature, top_k, top_p,
                               generator)                            # (B, 1)
             if eos_id is not None:

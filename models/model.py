@@ -57,6 +57,12 @@ class Block(nn.Module):
         y, aux = self.ffn(self.ln_2(x))
         return x + y, aux
 
+    def decode(self, x: torch.Tensor, cache: dict, pos: torch.Tensor,
+               valid: torch.Tensor | None) -> torch.Tensor:
+        """forward's static-shape twin for one token per row (models/decode.py)."""
+        x = x + self.attn.decode(self.ln_1(x), cache, pos, valid)   # (B, 1, C)
+        return x + self.ffn.decode(self.ln_2(x))
+
 
 class LLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -182,6 +188,22 @@ class LLM(nn.Module):
         h, _ = self._trunk(idx, cache, start, last)
         return self._last_logits(h, last)
 
+    @torch.no_grad()
+    def decode_step(self, idx: torch.Tensor, cache: KVCache, pos: torch.Tensor,
+                    valid: torch.Tensor | None = None) -> torch.Tensor:
+        """One token per row with static shapes: idx (B, 1) at positions pos (B,) (each <
+        block_size, in the window: models/context.py) -> logits (B, V). Writes the cache in
+        place and attends over all its slots with masks built from pos, so one traced graph
+        serves every step (models/decode.py compiles it). Rows with valid[b] False write
+        nothing (padding rows); their logits are meaningless. No host sync, no checks: the
+        caller knows the positions. Does not touch cache.length."""
+        x = self.wte(idx)                                           # (B, 1, C)
+        if self.pos is not None:
+            x = x + self.pos(pos.unsqueeze(1))                      # (B, 1, C)
+        for block, layer_cache in zip(self.blocks, cache.layers):
+            x = block.decode(x, layer_cache, pos, valid)
+        return self.lm_head(self.ln_f(x[:, 0]))                     # (B, V)
+
     def _last_logits(self, h: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
         if last is None:
             return self.lm_head(h[:, -1, :])                        # (B, V)
@@ -209,8 +231,9 @@ class LLM(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
                  use_cache: bool = True, generator: torch.Generator | None = None,
-                 vocab_limit: int | None = None, speculative: bool = False) -> torch.Tensor:
-        """models.generation.generate; speculative (greedy only, mtp_depth >= 1): the MTP module
+                 vocab_limit: int | None = None, speculative: bool = False,
+                 decode: str | None = None) -> torch.Tensor:
+        """models.generation.generate (decode: the step's mode, models/decode.py); speculative (greedy only, mtp_depth >= 1): the MTP module
         drafts and the model verifies (models/speculative.py): the same tokens, fewer passes."""
         if speculative:
             from models.sampling import SamplingParams
@@ -224,7 +247,7 @@ class LLM(nn.Module):
         from models.generation import generate
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
                         top_p=top_p, eos_id=eos_id, use_cache=use_cache, generator=generator,
-                        vocab_limit=vocab_limit)
+                        vocab_limit=vocab_limit, decode=decode)
 
     # --- accounting -----------------------------------------------------------------------------
     def num_params(self) -> ParamCount:

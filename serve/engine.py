@@ -74,17 +74,18 @@ class Completion(NamedTuple):
 class Engine:
     def __init__(self, model, tokenizer=None, max_batch: int = 16,
                  max_prefill_tokens: int | None = None, prefix_cache_bytes: int = 0,
-                 prefix_block_tokens: int = DEFAULT_BLOCK_TOKENS):
+                 prefix_block_tokens: int = DEFAULT_BLOCK_TOKENS, decode: str | None = None):
         """`prefix_cache_bytes` > 0 keeps prompt blocks of `prefix_block_tokens` tokens for
         later requests that share them (serve/prefix_cache.py), within that many bytes; 0 is
-        off. A model with a sliding-window layer never uses it (`prefix_cache_off` says why)."""
+        off. A model with a sliding-window layer never uses it (`prefix_cache_off` says why).
+        `decode`: the decode step's mode (models/decode.py; None: the device's default)."""
         block = model.cfg.block_size
         if isinstance(prefix_cache_bytes, bool) or not isinstance(prefix_cache_bytes, int) \
                 or prefix_cache_bytes < 0:
             raise ValueError(f"prefix_cache_bytes must be an int >= 0 (0: off), "
                              f"got {prefix_cache_bytes!r}")
         self.scheduler = Scheduler(max_batch, max_prefill_tokens or max(block, 2048), block)
-        self.runner = ModelRunner(model, max_batch)
+        self.runner = ModelRunner(model, max_batch, decode=decode)
         self.prefix_cache_off = None if prefix_cache_bytes else "prefix_cache_bytes=0"
         if prefix_cache_bytes:
             self.prefix_cache_off = prefix_cache_supports(model)

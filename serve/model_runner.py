@@ -18,11 +18,14 @@ starts); newcomers sharing a first block with an earlier one prefill in a second
 the first has stored its blocks, and rows whose starts plus rests would pass block_size in one
 right-padded batch go in further passes. A scored row's prompt logprobs are computed from the
 cached blocks' hidden states followed by its own.
+The decode pass runs the step of `decode` (models/decode.py: eager, static or compiled;
+None: the device's default), the same as model.generate's.
 """
 from __future__ import annotations
 
 import torch
 
+from models.decode import batch_bucket, check_decode, decode_step
 from serve.logprobs import CHUNK, TokenLogprob, prompt_scores, score
 from serve.prefix_cache import PrefixCache, waves
 from serve.scheduler import RowMove
@@ -30,12 +33,15 @@ from serve.sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model, max_batch: int, prefix_cache: PrefixCache | None = None):
+    def __init__(self, model, max_batch: int, prefix_cache: PrefixCache | None = None,
+                 decode: str | None = None):
         self.model = model.eval()
         self.prefix = prefix_cache          # serve/prefix_cache.py; None: off
         self.block = model.cfg.block_size
         self.max_batch = max_batch
         self.device = next(model.parameters()).device
+        self.decode = check_decode(decode, self.device)
+        self.step = decode_step(model, self.decode)
         self.cache = model.new_cache(max_batch)
         self._scratch = None                # cache rows for windows re-prefilled past block_size
 
@@ -147,15 +153,32 @@ class ModelRunner:
                 out[t] = sc
         return [None] + out
 
+    def _static_decode(self, seqs, feeds, over) -> torch.Tensor:
+        """The static step over the first `batch_bucket` rows; slid rows and padding rows write
+        nothing (valid False) and their logits are dropped or replaced."""
+        n = len(seqs)
+        nb = batch_bucket(n, self.max_batch, self.decode, self.device)
+        pad = nb - n
+        idx = torch.tensor([[s.tokens[-1]] for s in seqs] + [[0]] * pad, device=self.device)
+        pos = torch.tensor([f.start for f in feeds] + [0] * pad, device=self.device)     # (nb,)
+        valid = None
+        if over or pad or self.decode == "compiled":   # compiled: always a mask, one graph
+            valid = torch.tensor([f.start > 0 for f in feeds] + [False] * pad, device=self.device)
+        cache = self.cache if nb == self.max_batch else self.cache.rows(0, nb)
+        return self.step(idx, cache, pos, valid)[:n]                # (n, V)
+
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One token for each running row (rows 0..n-1) -> (n, V)."""
         feeds = [s.feed(self.block) for s in seqs]
         over = [i for i, f in enumerate(feeds) if f.start == 0]    # the window slid
-        # a row in the cache feeds its newest token at its next position; a row past
-        # block_size decodes a dummy position here, its logits come from its window
-        start = torch.tensor([f.start or self.block - 1 for f in feeds], device=self.device)
-        idx = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)     # (n, 1)
-        logits = self.model.next_logits(idx, self.cache.rows(0, len(seqs)), start)  # (n, V)
+        if self.step is None:
+            # a row in the cache feeds its newest token at its next position; a row past
+            # block_size decodes a dummy position here, its logits come from its window
+            start = torch.tensor([f.start or self.block - 1 for f in feeds], device=self.device)
+            idx = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)     # (n, 1)
+            logits = self.model.next_logits(idx, self.cache.rows(0, len(seqs)), start)  # (n, V)
+        else:
+            logits = self._static_decode(seqs, feeds, over)
         if over:
             if self._scratch is None:
                 self._scratch = self.model.new_cache(self.max_batch)

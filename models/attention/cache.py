@@ -23,6 +23,10 @@ Positions. A forward pass with T new tokens writes them at `start`, which is eit
     masked; a right-padded prefill writes pads there, which later tokens overwrite.
 Sliding past block_size is the context-window rule's concern (models/context.py): it resets the cache
 and re-prefills the window.
+
+Static-shape decoding (models/decode.py): one token per row at positions pos (B,) is stored with
+`write_slots` (an in-place index_put_, no slicing, no host sync) and then attends over every slot
+of the buffer with a mask built from pos, so every step has the same shapes.
 """
 from __future__ import annotations
 
@@ -86,6 +90,17 @@ class KVCache:
                              f"in a cache of {buf.size(1)} positions")
         buf[:, start:start + T] = new
         return buf[:, :start + T]
+
+
+def write_slots(buf: torch.Tensor, new: torch.Tensor, slot: torch.Tensor,
+                valid: torch.Tensor | None = None) -> None:
+    """Store new (B, ...) at slot[b] of row b of buf (B, S, ...), in place, with no host sync;
+    a row with valid[b] False keeps its entry (a padding row of a bucketed batch)."""
+    rows = torch.arange(buf.size(0), device=buf.device)                     # (B,)
+    if valid is not None:
+        keep = valid.view(-1, *([1] * (new.dim() - 1)))
+        new = torch.where(keep, new, buf[rows, slot])
+    buf.index_put_((rows, slot), new)
 
 
 def _row_starts(start: int | torch.Tensor, batch: int, device) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention.cache import KVCache, causal_mask, ring_positions, ring_write
+from models.attention.cache import KVCache, causal_mask, ring_positions, ring_write, write_slots
 from models.attention.masks import attention_mask
 from models.config import AttnConfig, ModelConfig
 from models.positions import Rotary, alibi_slopes, position_ids
@@ -101,3 +101,29 @@ class GQA(nn.Module):
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=K != H)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_drop(self.c_proj(y))
+
+    def decode(self, x: torch.Tensor, cache: dict[str, torch.Tensor], pos: torch.Tensor,
+               valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The static-shape step (models/decode.py): x (B, 1, C), row b's token at position
+        pos[b] -> (B, 1, C). Writes k, v into slot pos (a ring: pos % W) in place and attends
+        over all cache_len slots, masked from pos: the shapes never change between steps.
+        A ring is read after the write: the slot overwritten held pos - W, outside the window."""
+        B, _, C = x.shape
+        H, K, D = self.n_head, self.n_kv, self.head_dim
+        q, k, v = self.c_attn(x).split([H * D, K * D, K * D], dim=-1)
+        q = q.view(B, 1, H, D).transpose(1, 2)                      # (B, H, 1, D)
+        k = k.view(B, 1, K, D)
+        if self.rotary is not None:
+            q = self.rotary(q, pos)
+            k = self.rotary(k.transpose(1, 2), pos).transpose(1, 2)
+        if self.window is None:
+            slot, k_pos = pos, torch.arange(self.cache_len, device=x.device)        # (S,)
+        else:
+            slot, k_pos = pos % self.window, ring_positions(pos + 1, self.window, x.device)  # (B, W)
+        write_slots(cache["k"], k[:, 0], slot, valid)
+        write_slots(cache["v"], v.reshape(B, K, D), slot, valid)
+        mask = attention_mask(pos.unsqueeze(1), k_pos, self.window, self.alibi, q.dtype)
+        y = F.scaled_dot_product_attention(
+            q, cache["k"].transpose(1, 2), cache["v"].transpose(1, 2), attn_mask=mask,
+            enable_gqa=K != H)                                      # (B, H, 1, D)
+        return self.c_proj(y.transpose(1, 2).reshape(B, 1, C))

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention.cache import KVCache, causal_mask
+from models.attention.cache import KVCache, causal_mask, write_slots
+from models.attention.masks import attention_mask
 from models.config import AttnConfig, ModelConfig
 from models.norms import make_norm
 from models.positions import Rotary, yarn_mscale
@@ -114,6 +115,20 @@ class MLA(nn.Module):
             y = self._absorbed(q_nope, q_rope, c_kv, k_rope, causal_mask(T, start, x.device))
         y = y.transpose(1, 2).reshape(B, T, H * Dv)
         return self.resid_drop(self.c_proj(y))
+
+    def decode(self, x: torch.Tensor, cache: dict[str, torch.Tensor], pos: torch.Tensor,
+               valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The static-shape step (models/decode.py): x (B, 1, C) at positions pos (B,) ->
+        (B, 1, C); the latents go into slot pos in place, attention covers every slot, masked."""
+        B = x.size(0)
+        q_nope, q_rope = self._queries(x, pos)
+        c_kv, k_rope = self._latents(x, pos)
+        write_slots(cache["c_kv"], c_kv[:, 0], pos, valid)
+        if k_rope is not None:
+            write_slots(cache["k_rope"], k_rope[:, 0], pos, valid)
+        mask = attention_mask(pos.unsqueeze(1), torch.arange(self.cache_len, device=x.device))
+        y = self._absorbed(q_nope, q_rope, cache["c_kv"], cache.get("k_rope"), mask)  # (B, H, 1, Dv)
+        return self.c_proj(y.transpose(1, 2).reshape(B, 1, self.n_head * self.v_head_dim))
 
     def _expanded(self, q_nope, q_rope, c_kv, k_rope) -> torch.Tensor:
         """Training path: per-head K and V, SDPA with a causal mask."""

@@ -24,3 +24,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = self.drop(self.c_proj(self.act(self.c_fc(x))))      # (B, T, C)
         return y, x.new_zeros(())
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """The decode step's FFN (models/decode.py): (B, 1, C) -> (B, 1, C), no aux term."""
+        return self.c_proj(self.act(self.c_fc(x)))

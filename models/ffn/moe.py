@@ -268,6 +268,27 @@ class MoE(nn.Module):
             self._accumulate(counts)
         return self.drop(y.view(B, T, C)), self._aux(flat, counts, scores, B, T)
 
+    def decode(self, x: Tensor) -> Tensor:
+        """The decode step's MoE (models/decode.py): (B, 1, C) -> (B, 1, C), static shapes and
+        no host sync (forward's per-expert loop reads counts on the host). With fewer (token,
+        expert) pairs than experts it gathers the chosen experts' weights (a batch-1 step reads
+        only top_k experts); otherwise every expert runs on every token with zero gates."""
+        B, T, C = x.shape
+        x2 = x.reshape(B * T, C)
+        idx, gates, _ = self.route(x2)                                       # (N, k)
+        N, k, E = x2.size(0), self.top_k, self.n_routed
+        if N * k < E:
+            h = torch.einsum("nc,nkcw->nkw", x2, self.w_up[idx])             # (N, k, W)
+            a = self.act(h) * gates.unsqueeze(-1).to(h.dtype)                # (N, k, H)
+            y = torch.einsum("nkh,nkhc->nc", a, self.w_down[idx])            # (N, C)
+        else:
+            g = gates.new_zeros(N, E).scatter_(1, idx, gates).to(x2.dtype)   # (N, E)
+            h = torch.einsum("nc,ecw->new", x2, self.w_up)                   # (N, E, W)
+            y = torch.einsum("neh,ehc->nc", self.act(h) * g.unsqueeze(-1), self.w_down)
+        if self.n_shared:
+            y = y + self._shared(x2)
+        return y.view(B, T, C)
+
     def _experts_grouped(self, x2, w_up, w_down, tok, counts, g) -> Tensor:
         """GPU path: gather the (N*k, C) rows once, two grouped matmuls, scatter-add back."""
         xs = x2.index_select(0, tok)                                         # (N*k, C)
