@@ -1,12 +1,14 @@
 """Sample from a trained checkpoint, locally (no Ray, no server) — the seed's sampling CLI.
 
     python jobs/sample.py --model_path runs/my_run --prompt "ROMEO:" --max_new_tokens 200 \
-        --temperature 0.8 --top_k 100 [--top_p 0.95] [--seed 1] [--no_kv_cache]
+        --temperature 0.8 --top_k 100 [--top_p 0.95] [--seed 1] [--no_kv_cache] [--decode compiled]
 
 --model_path is a checkpoint dir or a run dir (its best checkpoint). Prints the prompt and its
 continuation on stdout, tokens/s on stderr. The KV-cached path runs serve/engine.py (the
 server's engine, batch of one); --no_kv_cache runs the full-window model every step. With the
-same seed both give the same tokens. A prompt longer than block_size keeps its last
+same seed both give the same tokens. --decode picks the engine's decode step (models/decode.py):
+by default compiled on CUDA and eager on CPU, where torch.compile's seconds of compile time cost
+more than a sample's few hundred tokens save (docs/benchmarks.md). A prompt longer than block_size keeps its last
 block_size tokens; generation stops at max_new_tokens or the tokenizer's end-of-text token.
 """
 from __future__ import annotations
@@ -18,6 +20,9 @@ from dataclasses import replace
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from _paths import setup
+    setup()
+    from models.decode import DECODE_MODES
     p = argparse.ArgumentParser(prog="jobs/sample.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", required=True, help="checkpoint dir or run dir")
@@ -29,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="default: a random seed")
     p.add_argument("--no_kv_cache", action="store_true", help="recompute the window every step")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--decode", choices=DECODE_MODES,
+                   help="decode step: eager, static (static shapes) or compiled (torch.compile of "
+                        "the static step); default: compiled on CUDA, eager on CPU")
     return p
 
 
@@ -72,12 +80,14 @@ def main(argv: list[str] | None = None) -> int:
             new = new[:new.index(tok.eot_id) + 1]
         text = tok.decode([t for t in new if t != tok.eot_id])
     else:
-        done = Engine(model, tok, max_batch=1).run({"s": (ids, params)})["s"]
+        engine = Engine(model, tok, max_batch=1, decode=args.decode)
+        done = engine.run({"s": (ids, params)})["s"]
         new, text = done.token_ids, done.text
     dt = time.perf_counter() - t0
     print(args.prompt + text)
     print(f"{len(new)} tokens in {dt:.2f} s: {len(new) / dt:.1f} tokens/s "
-          f"(KV cache {'off' if args.no_kv_cache else 'on'}, {device}, seed {seed})", file=sys.stderr)
+          f"(KV cache {'off' if args.no_kv_cache else f'on, decode {engine.runner.decode}'}, "
+          f"{device}, seed {seed})", file=sys.stderr)
     return 0
 
 

@@ -38,10 +38,11 @@ from serve.metrics import ServeMetrics
 class ModelServer:
     def __init__(self, name: str, checkpoint: str, max_batch: int = 16, threads: int = 1,
                  health_timeout_s: float = 20.0, metrics: bool = True, adapter: str | None = None,
-                 prefix_cache_bytes: int = 0):
+                 prefix_cache_bytes: int = 0, decode: str | None = None):
         """`adapter`: a LoRA checkpoint merged into `checkpoint`'s weights at load
         (chimera.checkpoint.load_model); `prefix_cache_bytes`: the engine's prefix cache
-        (serve/prefix_cache.py; 0: off)."""
+        (serve/prefix_cache.py; 0: off); `decode`: the engine's decode step (models/decode.py;
+        None: compiled on CUDA, eager on CPU)."""
         import torch
 
         from chimera.checkpoint import load_model
@@ -50,14 +51,16 @@ class ModelServer:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model, tok, _ = load_model(checkpoint, device, adapter=adapter)
         self.name, self.tok, self.block = name, tok, model.cfg.block_size
-        self.engine = Engine(model, tok, max_batch=max_batch, prefix_cache_bytes=prefix_cache_bytes)
+        self.engine = Engine(model, tok, max_batch=max_batch, prefix_cache_bytes=prefix_cache_bytes,
+                             decode=decode)
         self.metrics = ServeMetrics(name, enabled=metrics)
         self.driver = EngineDriver(self.engine, on_step=self.metrics.on_step)
         self.health_timeout_s = health_timeout_s
         self.about = {"id": name, "checkpoint": checkpoint, **({"adapter": adapter} if adapter else {}),
                       "architecture": model.cfg.summary(),
                       "block_size": self.block, "vocab_size": model.cfg.vocab_size,
-                      "tokenizer": tok.name, "device": device, "max_batch": max_batch}
+                      "tokenizer": tok.name, "device": device, "max_batch": max_batch,
+                      "decode": self.engine.runner.decode}
 
     def describe(self) -> dict:
         running, queued = self.driver.load()

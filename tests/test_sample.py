@@ -29,6 +29,15 @@ def test_cached_and_uncached_agree_and_run_dir_means_best(tiny_checkpoint, opts)
     assert "tokens/s (KV cache off" in b.stderr
 
 
+def test_decode_modes_agree(tiny_checkpoint):
+    """--decode static (the static-shape step) prints what the default (eager on CPU) prints."""
+    args = ["--model_path", str(tiny_checkpoint), "--prompt", "KING:", "--max_new_tokens", "70",
+            "--temperature", "0"]
+    a, b = sample(*args), sample(*args, "--decode", "static")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert a.stdout == b.stdout and "decode eager" in a.stderr and "decode static" in b.stderr
+
+
 def test_long_prompt_keeps_the_last_block(tiny_checkpoint):
     r = sample("--model_path", str(tiny_checkpoint), "--prompt", "a" * 100, "--max_new_tokens", "3",
                "--temperature", "0")
@@ -55,6 +64,7 @@ def test_long_prompt_cached_and_uncached_agree(tiny_checkpoint):
     (["--prompt", ""], "--prompt is empty"),
     (["--prompt", "€"], "error: "),
     (["--device", "tpu"], "--device tpu"),
+    (["--decode", "fast"], "argument --decode: invalid choice: 'fast'"),
 ])
 def test_bad_flags_exit_2(tiny_checkpoint, args, msg):
     r = sample("--model_path", str(tiny_checkpoint), *args)
