@@ -10,6 +10,9 @@ Every ratio is measured side by side in one run, on the same threads, fp32 on CP
     one multi-token-prediction module (one block of the last layer's kind + the shared head).
   * KV-cached ÷ uncached greedy decoding tokens/s (prompt 16, 256 new tokens, batch 1), with a
     check that both produce identical tokens.
+  * Bandwidth fraction of batch-1 decoding (eager, static, compiled decode steps side by side)
+    and Peer (tokens/s ÷ transformers generate, batch 1 and 8): chimera/benchmarks/decode.py.
+    `--profile` prints torch.profiler's top ops of the eager and compiled GQA decode steps.
   * KV-cache bytes per token: measured allocation ÷ formula.
   * Sliding-window KV bytes: a local/global gqa stack (windowed layers and full ones, WINDOW_STACK)
     — its measured cache allocation ÷ the same stack's without windows, beside the formula's
@@ -55,8 +58,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{k}", type=int, default=BASE[k],
                        help=f"model size for the MFU rows (default {BASE[k]})")
     p.add_argument("--new_tokens", type=int, default=256, help="decode benchmark: tokens to generate")
-    p.add_argument("--skip", nargs="*", default=[], choices=["mfu", "moe", "mtp", "decode", "kv"],
+    p.add_argument("--skip", nargs="*", default=[],
+                   choices=["mfu", "moe", "mtp", "decode", "bandwidth", "peer", "kv"],
                    help="sections to leave out")
+    p.add_argument("--profile", action="store_true",
+                   help="also print the top ops of the eager and compiled batch-1 decode steps")
 
 
 def _sync(device: str) -> None:
@@ -213,6 +219,14 @@ def run(args: argparse.Namespace) -> int:
                          f"{tu / tc:.2f}  ({args.new_tokens / tc:,.0f} vs {args.new_tokens / tu:,.0f} tok/s; "
                          f"identical tokens: {'yes' if same else 'NO'})", "≥ 6"))
 
+    if "bandwidth" not in args.skip or "peer" not in args.skip:
+        from chimera.benchmarks import decode
+        reps = max(1, args.repeats // 2)
+        if "bandwidth" not in args.skip:
+            rows += decode.bandwidth_rows(BASE, dev, args.new_tokens, reps)
+        if "peer" not in args.skip:
+            rows += decode.peer_rows(BASE, dev, args.new_tokens, reps, ("eager", "compiled"))
+
     if "kv" not in args.skip:
         for label, kw in DECODE_ATTN.items():
             model, _ = build(dev, False, vocab_size=65, **kw)
@@ -235,6 +249,11 @@ def run(args: argparse.Namespace) -> int:
                      f"{measured:.4f}  (formula {formula:.4f}; {mw.kv_cache_bytes_per_token():,.1f} vs "
                      f"{mf.kv_cache_bytes_per_token():,} bytes/token fp32)", f"= {expect:.4f}"))
 
+    if args.profile:
+        from chimera.benchmarks import decode
+        for mode in ("eager", "compiled"):
+            print(f"## profile: 64 batch-1 decode steps, gqa, decode {mode}\n```\n"
+                  f"{decode.profile_table(BASE, dev, mode)}```")
     w = max(len(r[0]) for r in rows)
     print(f"| {'measurement'.ljust(w)} | result | target |")
     print(f"|{'-' * (w + 2)}|---|---|")
