@@ -130,6 +130,7 @@ COMPILED = {"gqa_rope": lambda: build(attn="gqa", n_layer=2),
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)      # 4 graphs per model: 40-100 s of inductor compile each on a loaded 2-core box
 @pytest.mark.parametrize("case", COMPILED)
 def test_compiled_step_gives_the_same_tokens(case):
     """torch.compile of the static step (inductor on CPU): generate and the engine, batch 1
