@@ -24,7 +24,7 @@ import torch
 
 DECODE_MODES = ("eager", "static", "compiled")
 # measured (jobs/bench.py models, docs/benchmarks.md): the fastest correct mode per device type
-# CPU: eager. Compiled steps were ~1.7x faster than eager on the 6L/384 GQA model, but compiling
+# CPU: eager. Compiled steps were ~1.6x faster than eager on the 6L/384 GQA model, but compiling
 # takes 6-20 s on 2 cores, more than a few hundred tokens save; the static step without
 # compiling runs more small ops than eager (masks over every slot) and was slower.
 DEFAULT_DECODE = {"cpu": "eager", "cuda": "compiled"}
