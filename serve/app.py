@@ -34,6 +34,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
 
+from models.decode import DECODE_MODES
 from serve.auth import ApiKeys
 from serve.backends import Local, Remote
 from serve.frontend import Frontend, make_api
@@ -90,11 +91,22 @@ class AppArgs(BaseModel):
     prefix_cache_bytes: int = Field(0, ge=0, description=(
         "bytes per model replica for prompt blocks that later requests sharing the prefix "
         "reuse (serve/prefix_cache.py; 0: off; models with sliding-window layers never use it)"))
+    decode: str | None = Field(None, json_schema_extra={"choices": DECODE_MODES}, description=(
+        "the decode step (models/decode.py): eager, static (fixed shapes) or compiled "
+        "(torch.compile of the static step); default: compiled on CUDA, eager on CPU, where "
+        "compiling costs more than it saves for short generations (docs/benchmarks.md)"))
 
     @field_validator("checkpoint", "chat_template", "api_key", mode="before")
     @classmethod
     def _split(cls, v):
         return [s for s in v.split(",") if s] if isinstance(v, str) else v
+
+    @field_validator("decode")
+    @classmethod
+    def _decode(cls, v):
+        if v is not None and v not in DECODE_MODES:
+            raise ValueError(f"must be one of {', '.join(DECODE_MODES)}, got {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _check(self):
@@ -133,7 +145,8 @@ def add_app_arguments(p) -> list[str]:
                                default=argparse.SUPPRESS, help=f.description)
         else:
             a = p.add_argument(f"--{name}", type=kind, default=argparse.SUPPRESS,
-                               metavar=extra.get("metavar"), help=f.description)
+                               metavar=extra.get("metavar"), choices=extra.get("choices"),
+                               help=f.description)
         if f.default is not None:
             a.doc_default = f.default
     return list(AppArgs.model_fields)
@@ -214,10 +227,10 @@ def build_app(args: AppArgs | dict) -> serve.Application:
         name, path = models[0]
         return ModelIngress.options(**deployment_options(args, name)).bind(
             name, str(path), args.max_batch, threads, health, *front, templates.get(name),
-            adapter, keys, args.request_timeout_s, args.prefix_cache_bytes)
+            adapter, keys, args.request_timeout_s, args.prefix_cache_bytes, args.decode)
     servers = {name: LLMServer.options(**deployment_options(args, name)).bind(
                    name, str(path), args.max_batch, threads, health, adapter=adapter,
-                   prefix_cache_bytes=args.prefix_cache_bytes)
+                   prefix_cache_bytes=args.prefix_cache_bytes, decode=args.decode)
                for name, path in models}
     per_model = (args.max_ongoing_requests or 2 * args.max_batch) + args.max_queued_requests
     return Ingress.options(
@@ -250,9 +263,10 @@ class ModelIngress:
                  health_timeout_s: float, max_new_tokens_cap: int, max_body_bytes: int,
                  template: str | None = None, adapter: str | None = None,
                  keys: ApiKeys = ApiKeys(), timeout_s: float | None = None,
-                 prefix_cache_bytes: int = 0):
+                 prefix_cache_bytes: int = 0, decode: str | None = None):
         self.server = ModelServer(name, checkpoint, max_batch, threads, health_timeout_s,
-                                  adapter=adapter, prefix_cache_bytes=prefix_cache_bytes)
+                                  adapter=adapter, prefix_cache_bytes=prefix_cache_bytes,
+                                  decode=decode)
         self.front = Frontend({name: Local(self.server)}, max_new_tokens_cap, max_body_bytes,
                               {name: template} if template else None, keys, timeout_s)
 

@@ -67,7 +67,8 @@ def test_app_args():
     assert deployment_options(AppArgs(checkpoint=["x"], num_replicas=2), "m")["num_replicas"] == 2
     for bad, msg in (({}, "give --checkpoint"), ({"checkpoint": ["x"], "max_batch": 0}, "max_batch"),
                      ({"checkpoint": ["x"], "min_replicas": 3, "max_replicas": 2}, "min_replicas=3"),
-                     ({"checkpoint": ["x"], "nope": 1}, "nope")):
+                     ({"checkpoint": ["x"], "nope": 1}, "nope"),
+                     ({"checkpoint": ["x"], "decode": "fast"}, "decode\n.*must be one of eager")):
         with pytest.raises(ValidationError, match=msg):
             AppArgs(**bad)
 
