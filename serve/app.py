@@ -165,7 +165,27 @@ def resolve_models(args: AppArgs) -> list[tuple[str, Any]]:
         raise ValueError(f"model names must be unique, got {names}")
     if args.colocate_ingress and len(models) != 1:
         raise ValueError(f"colocate_ingress: only with one model, got {len(models)}")
+    if args.prefix_cache_bytes:
+        for name, path in models:
+            _check_prefix_cache(name, path, args.prefix_cache_bytes)
     return models
+
+
+def _check_prefix_cache(name: str, path, max_bytes: int) -> None:
+    """The replica's own PrefixCache check, here before Serve starts (a budget that holds no
+    block would fail every replica start): the model is built on the meta device, no weights."""
+    import torch
+
+    from chimera.checkpoint import read_config
+    from models import LLM, ModelConfig
+    from serve.prefix_cache import PrefixCache
+    with torch.device("meta"):
+        model = LLM(ModelConfig.from_dict(read_config(path)))
+        cache = model.new_cache(1)
+    try:
+        PrefixCache(cache, max_bytes, hidden_dim=model.cfg.n_embd)
+    except ValueError as e:
+        raise ValueError(f"--prefix_cache_bytes for model {name}: {e}") from None
 
 
 def resolve_keys(args: AppArgs):

@@ -138,6 +138,10 @@ def test_keys_timeouts_and_colocation_are_checked_before_serving(tiny_checkpoint
                      ({"request_timeout_s": 0}, "request_timeout_s")):
         with pytest.raises(ValueError, match=msg):
             AppArgs(checkpoint=[ck], **bad)
+    with pytest.raises(ValueError, match=r"--prefix_cache_bytes for model tiny: "
+                                         r"prefix_cache_bytes=100 holds no block"):
+        resolve_models(AppArgs(checkpoint=[f"tiny={ck}"], prefix_cache_bytes=100))
+    assert resolve_models(AppArgs(checkpoint=[f"tiny={ck}"], prefix_cache_bytes=1 << 24))
     with pytest.raises(ValueError, match="colocate_ingress: only with one model, got 2"):
         resolve_models(AppArgs(checkpoint=[f"a={ck}", f"b={ck}"], colocate_ingress=True))
     # the default: its own front end before the model; colocated: the model's deployment only
